@@ -1,0 +1,397 @@
+//! The control socket: HTTP/1.1 over a Unix socket, JSON in, NDJSON out.
+//!
+//! The server side only translates between HTTP and [`supervisor::Handle`];
+//! an upgrade runs in the supervisor whether or not its client stays
+//! connected, so a client that disconnects mid-upgrade changes nothing.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::{Method, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::protocol::{
+    ErrorKind, ErrorReply, EventKind, Outcome, Reply, Request, Trigger, MAX_REQUEST_BYTES,
+    REQUEST_PATH,
+};
+use crate::supervisor::Handle;
+
+/// A client must send its request within this time.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; more wait in the socket's backlog.
+const MAX_CONNECTIONS: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket {}: {what}", .path.display())]
+    Setup {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot reach the supervisor at {} (is `baton run` running? set --control or BATON_CONTROL)", .path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the supervisor")]
+    Http(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the supervisor sent an unreadable reply: {0}")]
+    BadReply(String),
+}
+
+/// Creates the control socket: its directory is created 0700 if missing,
+/// and must not be writable by others; the socket itself is 0600. A stale
+/// socket file is replaced, a live one is an error.
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let setup = |what: &str, source| ControlError::Setup {
+        path: path.to_owned(),
+        what: what.to_owned(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| setup("creating its directory", e))?;
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| setup("reading its directory", e))?;
+    if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
+        return Err(setup(
+            "its directory is writable by others; choose a private directory",
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        ));
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(setup(
+                    "another baton is running there",
+                    std::io::Error::from(std::io::ErrorKind::AddrInUse),
+                ))
+            }
+            Err(_) => {
+                std::fs::remove_file(path).map_err(|e| setup("removing the stale socket", e))?
+            }
+        }
+    }
+    // Bind with a restrictive umask-independent mode: create, then chmod
+    // before listen() so no client can connect while it is wider.
+    let std_listener = {
+        let sock = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+            .map_err(|e| setup("creating", e))?;
+        let addr = socket2::SockAddr::unix(path).map_err(|e| setup("bad path", e))?;
+        sock.bind(&addr).map_err(|e| setup("binding", e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| setup("setting mode 0600", e))?;
+        sock.listen(128).map_err(|e| setup("listening", e))?;
+        sock.set_nonblocking(true)
+            .map_err(|e| setup("configuring", e))?;
+        std::os::unix::net::UnixListener::from(sock)
+    };
+    UnixListener::from_std(std_listener).map_err(|e| setup("registering", e))
+}
+
+/// Serves control connections until the task is dropped.
+pub async fn serve(listener: UnixListener, handle: Handle, allowed_uids: Vec<u32>) {
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let own_uid = nix::unistd::geteuid().as_raw();
+    loop {
+        let permit = match limit.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("control socket accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let uid = stream.peer_cred().map(|c| c.uid()).ok();
+        let allowed = uid.is_some_and(|u| u == own_uid || u == 0 || allowed_uids.contains(&u));
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = hyper::service::service_fn(move |req| {
+                let handle = handle.clone();
+                async move { Ok::<_, Infallible>(respond(req, handle, allowed, uid).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(REQUEST_READ_TIMEOUT)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+type ReplyBody = http_body_util::Either<Full<Bytes>, ChannelBody>;
+
+fn line(reply: &Reply) -> Bytes {
+    let mut v = serde_json::to_vec(reply).unwrap_or_else(|_| b"{}".to_vec());
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+fn single(status: StatusCode, reply: &Reply) -> Response<ReplyBody> {
+    let mut res = Response::new(http_body_util::Either::Left(Full::new(line(reply))));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    res
+}
+
+fn error(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Response<ReplyBody> {
+    single(
+        status,
+        &Reply::Error(ErrorReply {
+            kind,
+            message: message.into(),
+        }),
+    )
+}
+
+async fn respond(
+    req: hyper::Request<Incoming>,
+    handle: Handle,
+    allowed: bool,
+    uid: Option<u32>,
+) -> Response<ReplyBody> {
+    if !allowed {
+        return error(
+            StatusCode::FORBIDDEN,
+            ErrorKind::Forbidden,
+            format!("uid {uid:?} may not control this supervisor (see control_allow_uids)"),
+        );
+    }
+    if req.uri().path() != REQUEST_PATH {
+        return error(
+            StatusCode::NOT_FOUND,
+            ErrorKind::BadRequest,
+            format!("unknown path; POST {REQUEST_PATH}"),
+        );
+    }
+    if req.method() != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::BadRequest,
+            format!("use POST {REQUEST_PATH}"),
+        );
+    }
+    let body = match tokio::time::timeout(
+        REQUEST_READ_TIMEOUT,
+        Limited::new(req.into_body(), MAX_REQUEST_BYTES).collect(),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorKind::BadRequest,
+                format!("request body larger than {MAX_REQUEST_BYTES} bytes"),
+            )
+        }
+        Ok(Err(e)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
+                format!("reading request: {e}"),
+            )
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorKind::BadRequest,
+                "request body not received in time",
+            )
+        }
+    };
+    let request: Request = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
+                format!("bad request: {e}"),
+            )
+        }
+    };
+    match request {
+        Request::Status => match handle.status().await {
+            Some(s) => single(StatusCode::OK, &Reply::Status(s)),
+            None => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorKind::Stopping,
+                "the supervisor is stopping",
+            ),
+        },
+        Request::Stop => {
+            handle.stop().await;
+            single(StatusCode::OK, &Reply::Stopping)
+        }
+        Request::Upgrade { wait_drain } => upgrade(handle, false, wait_drain).await,
+        Request::Rollback { wait_drain } => upgrade(handle, true, wait_drain).await,
+    }
+}
+
+async fn upgrade(handle: Handle, rollback: bool, wait_drain: bool) -> Response<ReplyBody> {
+    // Subscribe before asking, so no event of this upgrade is missed.
+    let mut events = handle.subscribe();
+    let id = match handle.upgrade(Trigger::Control, rollback).await {
+        Ok(id) => id,
+        Err(e) => {
+            let status = match e.kind {
+                ErrorKind::Busy | ErrorKind::Stopping => StatusCode::CONFLICT,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            return single(status, &Reply::Error(e));
+        }
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let mut draining = std::collections::BTreeSet::new();
+        let mut outcome: Option<Outcome> = None;
+        loop {
+            let ev = match events.recv().await {
+                Ok(ev) => ev,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!("control stream missed {n} events");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            };
+            if ev.upgrade != Some(id) {
+                continue;
+            }
+            match &ev.kind {
+                EventKind::Draining { .. } => {
+                    draining.insert(ev.generation);
+                }
+                EventKind::Exited { .. } => {
+                    draining.remove(&ev.generation);
+                }
+                EventKind::UpgradeSucceeded | EventKind::UpgradeFailed { .. } => {
+                    let (success, reason, stderr_tail) = match &ev.kind {
+                        EventKind::UpgradeFailed {
+                            reason,
+                            stderr_tail,
+                        } => (false, Some(reason.clone()), stderr_tail.clone()),
+                        _ => (true, None, Vec::new()),
+                    };
+                    outcome = Some(Outcome {
+                        upgrade: id,
+                        success,
+                        active: None,
+                        elapsed_ms: ev.elapsed_ms.unwrap_or(0),
+                        reason,
+                        stderr_tail,
+                        config_error: false,
+                    });
+                }
+                _ => {}
+            }
+            // A closed client just stops the stream; the upgrade goes on.
+            if tx.send(line(&Reply::Event(ev))).await.is_err() {
+                return;
+            }
+            if outcome.is_some() && (!wait_drain || draining.is_empty()) {
+                break;
+            }
+        }
+        if let Some(mut outcome) = outcome {
+            outcome.active = handle.status().await.and_then(|s| s.active);
+            let _ = tx.send(line(&Reply::Done(outcome))).await;
+        }
+    });
+    let mut res = Response::new(http_body_util::Either::Right(ChannelBody(rx)));
+    res.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    res
+}
+
+/// A response body fed line by line from a channel.
+pub struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+// ----- client ---------------------------------------------------------------
+
+/// Sends one request and calls `on_reply` for every reply line as it
+/// arrives (so `baton upgrade` can print phases live).
+pub async fn request(
+    path: &Path,
+    req: &Request,
+    mut on_reply: impl FnMut(Reply),
+) -> Result<(), ControlError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ControlError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ControlError::Http(e.into()))?;
+    let conn = tokio::spawn(conn);
+    let body = serde_json::to_vec(req).map_err(|e| ControlError::Http(e.into()))?;
+    let http_req = hyper::Request::post(REQUEST_PATH)
+        .header(hyper::header::HOST, "baton")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| ControlError::Http(e.into()))?;
+    let res = sender
+        .send_request(http_req)
+        .await
+        .map_err(|e| ControlError::Http(e.into()))?;
+    let mut body = res.into_body();
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ControlError::Http(e.into()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let reply: Reply = serde_json::from_slice(&line).map_err(|e| {
+                ControlError::BadReply(format!("{e}: {}", String::from_utf8_lossy(&line)))
+            })?;
+            on_reply(reply);
+        }
+    }
+    conn.abort();
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! Active readiness checks (`http:`, `tcp`, `exec:`, `delay:`). `notify`
+//! needs no task: the supervisor reacts to `READY=1` itself.
+//!
+//! `http` and `tcp` go to the generation's private probe listener (fd named
+//! `baton-probe`), which only that generation holds, so a probe can never
+//! be answered by the old generation sharing the public sockets.
+
+use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
+use std::time::Duration;
+
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::sys;
+
+/// Pause between attempts.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// One attempt's limit.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Consecutive non-2xx HTTP answers that fail the candidate: the app is
+/// up and says it is unhealthy, so waiting for the full timeout is moot.
+pub const HTTP_FAILURE_THRESHOLD: u32 = 3;
+
+/// Probes `GET path` until a 2xx (Ok) or `HTTP_FAILURE_THRESHOLD`
+/// consecutive non-2xx answers (Err). Connection errors just retry: the
+/// overall ready timeout bounds the wait.
+pub async fn http(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let mut bad = 0;
+    loop {
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, http_once(addr, path)).await {
+            Ok(Ok(code)) if (200..300).contains(&code) => return Ok(format!("http {path} {code}")),
+            Ok(Ok(code)) => {
+                bad += 1;
+                if bad >= HTTP_FAILURE_THRESHOLD {
+                    return Err(format!(
+                        "health check GET {path} answered {code} {bad} times in a row"
+                    ));
+                }
+            }
+            Ok(Err(_)) | Err(_) => bad = 0,
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
+async fn http_once(
+    addr: SocketAddr,
+    path: &str,
+) -> Result<u16, Box<dyn std::error::Error + Send + Sync>> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::USER_AGENT, "baton-probe")
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())?;
+    let res = sender.send_request(req).await;
+    conn.abort();
+    Ok(res?.status().as_u16())
+}
+
+/// Ready once the app has accepted a connection on the probe listener:
+/// the kernel completes the handshake by itself, so a successful connect
+/// proves nothing; the listener's accept queue emptying does.
+pub async fn tcp(addr: SocketAddr, listener: BorrowedFd<'_>) -> Result<String, String> {
+    loop {
+        // Held open until the app accepts it.
+        if let Ok(Ok(_stream)) =
+            tokio::time::timeout(ATTEMPT_TIMEOUT, TcpStream::connect(addr)).await
+        {
+            loop {
+                match sys::tcp_accept_queue_len(listener) {
+                    Ok(0) => return Ok("tcp accept".into()),
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(e) => return Err(format!("reading probe listener state: {e}")),
+                }
+            }
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
+/// Runs `sh -c COMMAND` until it exits 0. The command gets
+/// `BATON_GENERATION`, `BATON_PID` and, when there is one,
+/// `BATON_PROBE_ADDR`.
+pub async fn exec(command: &str, env: &[(String, String)]) -> Result<String, String> {
+    loop {
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(command)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        match cmd.status().await {
+            Ok(s) if s.success() => return Ok(format!("exec {command:?} exited 0")),
+            Ok(_) => {}
+            Err(e) => return Err(format!("cannot run readiness command {command:?}: {e}")),
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn serve_status(code: u16) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let resp =
+                    format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = s.write_all(resp.as_bytes()).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn http_ok_and_unhealthy() {
+        assert!(http(serve_status(204).await, "/healthz").await.is_ok());
+        let err = http(serve_status(500).await, "/healthz").await.unwrap_err();
+        assert!(err.contains("500"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn tcp_waits_for_accept() {
+        let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = std_l.local_addr().unwrap();
+        let copy = std_l.try_clone().unwrap();
+        use std::os::fd::AsFd;
+        let probe = tokio::spawn(async move { tcp(addr, copy.as_fd()).await });
+        // Nobody accepts yet: the probe must still be waiting.
+        tokio::task::yield_now().await;
+        assert!(!probe.is_finished());
+        let (_conn, _) = tokio::task::spawn_blocking(move || std_l.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(probe.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn exec_until_zero() {
+        assert!(exec("test \"$X\" = 1", &[("X".into(), "1".into())])
+            .await
+            .is_ok());
+    }
+}

@@ -1,0 +1,247 @@
+//! The control protocol's messages. Transport: HTTP/1.1 over the control
+//! Unix socket; `POST /v1/request` with one JSON [`Request`] as the body,
+//! answered by newline-delimited JSON [`Reply`] values (one for `status`
+//! and `stop`, a stream of events ending in `done` for `upgrade` and
+//! `rollback`). See docs/protocol.md.
+
+use serde::{Deserialize, Serialize};
+
+pub const REQUEST_PATH: &str = "/v1/request";
+/// Larger request bodies are refused (413): requests are tiny.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    /// Re-read the configuration and start a new generation from it.
+    Upgrade {
+        /// Keep streaming until the replaced generations have exited.
+        #[serde(default)]
+        wait_drain: bool,
+    },
+    /// Start the previous successful release as a new generation.
+    Rollback {
+        #[serde(default)]
+        wait_drain: bool,
+    },
+    /// Drain every generation and exit.
+    Stop,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Status(Status),
+    Event(Event),
+    /// Last line of an upgrade or rollback stream.
+    Done(Outcome),
+    /// Answer to `stop`: draining has begun.
+    Stopping,
+    Error(ErrorReply),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request itself is malformed (bad JSON, unknown field, too big).
+    BadRequest,
+    /// Another upgrade or rollback is in progress.
+    Busy,
+    /// The supervisor is stopping.
+    Stopping,
+    /// The configuration file could not be used.
+    Config,
+    /// Nothing to roll back to.
+    NoPrevious,
+    /// The client's uid is not allowed.
+    Forbidden,
+}
+
+/// How an upgrade ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub upgrade: u64,
+    pub success: bool,
+    /// The generation that is active at the end (the new one on success).
+    pub active: Option<u64>,
+    pub elapsed_ms: u64,
+    pub reason: Option<String>,
+    /// Last lines the failed candidate wrote to stderr.
+    #[serde(default)]
+    pub stderr_tail: Vec<String>,
+    /// True when the configuration was at fault (the CLI exits 2).
+    #[serde(default)]
+    pub config_error: bool,
+}
+
+/// A lifecycle event, published only once it is true.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Wall-clock time, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    pub generation: u64,
+    /// The upgrade this event belongs to, if any (its candidate's number).
+    pub upgrade: Option<u64>,
+    /// Milliseconds since that upgrade was requested.
+    pub elapsed_ms: Option<u64>,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    UpgradeRequested {
+        trigger: Trigger,
+    },
+    /// The process was exec'd.
+    Spawned {
+        pid: i32,
+        dir: String,
+    },
+    SpawnFailed {
+        error: String,
+    },
+    Ready {
+        pid: i32,
+        via: String,
+    },
+    /// The generation is the one restarted on crash and kept on stop;
+    /// with shared sockets it is the only one accepting new connections.
+    Active {
+        pid: Option<i32>,
+    },
+    /// The drain signal was sent to the generation's process group.
+    Draining {
+        pid: i32,
+        signal: String,
+    },
+    /// The drain timeout expired; SIGKILL was sent to the process group.
+    Killed {
+        pid: i32,
+    },
+    Exited {
+        pid: i32,
+        status: String,
+    },
+    Restarting {
+        delay_ms: u64,
+        restarts: u32,
+    },
+    Status {
+        text: String,
+    },
+    Stopping {
+        pid: i32,
+    },
+    UpgradeSucceeded,
+    UpgradeFailed {
+        reason: String,
+        stderr_tail: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    Start,
+    Control,
+    Signal,
+    Rollback,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub version: String,
+    pub uptime_ms: u64,
+    pub stopping: bool,
+    pub sockets: Vec<SocketStatus>,
+    pub active: Option<u64>,
+    /// The candidate of the upgrade in progress, if any.
+    pub upgrading: Option<u64>,
+    pub generations: Vec<GenerationStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketStatus {
+    pub name: String,
+    pub address: String,
+    pub fd: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GenState {
+    /// Spawned (or restarting), not yet ready.
+    Starting,
+    /// Passed its readiness check; about to become active.
+    Ready,
+    /// The generation receiving new traffic.
+    Active,
+    /// Told to stop; finishing in-flight work.
+    Draining,
+    /// Gone after serving or draining.
+    Exited,
+    /// A candidate that never became ready (its process is gone).
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationStatus {
+    pub number: u64,
+    pub state: GenState,
+    /// Main pid, while running.
+    pub pid: Option<i32>,
+    /// Every live process in the generation's process group.
+    pub pids: Vec<i32>,
+    pub dir: String,
+    pub command: Vec<String>,
+    pub uptime_ms: Option<u64>,
+    pub status_text: Option<String>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_json() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"upgrade"}"#).unwrap();
+        assert_eq!(r, Request::Upgrade { wait_drain: false });
+        let r: Request = serde_json::from_str(r#"{"cmd":"rollback","wait_drain":true}"#).unwrap();
+        assert_eq!(r, Request::Rollback { wait_drain: true });
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"upgrade","force":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{}"#).is_err());
+    }
+
+    #[test]
+    fn event_json_is_flat() {
+        let e = Event {
+            time_ms: 1,
+            generation: 2,
+            upgrade: Some(2),
+            elapsed_ms: Some(5),
+            kind: EventKind::Ready {
+                pid: 10,
+                via: "notify".into(),
+            },
+        };
+        let v = serde_json::to_value(Reply::Event(e.clone())).unwrap();
+        assert_eq!(v["type"], "event");
+        assert_eq!(v["event"], "ready");
+        assert_eq!(v["pid"], 10);
+        let back: Reply = serde_json::from_value(v).unwrap();
+        assert_eq!(back, Reply::Event(e));
+    }
+}

@@ -1,0 +1,388 @@
+//! The only module with `unsafe`: fork/exec and the few syscalls std, nix
+//! and socket2 don't wrap. Everything it hands out is an `OwnedFd` or a
+//! plain value; nothing outside this file touches raw descriptors.
+//!
+//! The child side of [`spawn`] runs between `fork` and `execve` in a
+//! multi-threaded process, where another thread may hold the allocator's or
+//! any other lock. It therefore only calls async-signal-safe functions and
+//! writes into memory prepared before the fork; it never allocates.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// Where the child's stdio comes from.
+pub(crate) struct Stdio<'a> {
+    pub stdin: BorrowedFd<'a>,
+    /// `None` keeps the supervisor's own stdout.
+    pub stdout: Option<BorrowedFd<'a>>,
+    pub stderr: BorrowedFd<'a>,
+}
+
+/// Credentials the child switches to before exec (needs root).
+pub(crate) struct Credentials {
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+    pub groups: Vec<libc::gid_t>,
+}
+
+/// Everything [`spawn`] needs, prepared (and allocated) before the fork.
+pub(crate) struct SpawnPlan<'a> {
+    pub program: &'a CStr,
+    pub argv: &'a [CString],
+    /// Environment without `LISTEN_PID`, which is written after the fork.
+    pub env: &'a [CString],
+    pub cwd: &'a CStr,
+    /// Become fds 3, 4, … in this order, without close-on-exec.
+    pub fds: &'a [BorrowedFd<'a>],
+    pub stdio: Stdio<'a>,
+    /// Sent to the child if the supervisor dies (`PR_SET_PDEATHSIG`).
+    pub parent_death_signal: Option<libc::c_int>,
+    pub credentials: Option<&'a Credentials>,
+}
+
+/// A started child: its pid and a pidfd to wait on.
+pub(crate) struct Spawned {
+    pub pid: libc::pid_t,
+    pub pidfd: OwnedFd,
+}
+
+/// What failed in the child before exec, reported over the error pipe.
+#[derive(Debug, Clone, Copy)]
+#[repr(u8)]
+pub(crate) enum ChildStage {
+    Fds = 1,
+    ProcessGroup = 2,
+    ParentDeath = 3,
+    Groups = 4,
+    Gid = 5,
+    Uid = 6,
+    Chdir = 7,
+    Exec = 8,
+}
+
+impl ChildStage {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Fds,
+            2 => Self::ProcessGroup,
+            3 => Self::ParentDeath,
+            4 => Self::Groups,
+            5 => Self::Gid,
+            6 => Self::Uid,
+            7 => Self::Chdir,
+            _ => Self::Exec,
+        }
+    }
+
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Self::Fds => "setting up descriptors",
+            Self::ProcessGroup => "creating the process group",
+            Self::ParentDeath => "setting the parent-death signal",
+            Self::Groups => "setting supplementary groups",
+            Self::Gid => "setting the group id",
+            Self::Uid => "setting the user id",
+            Self::Chdir => "changing to the working directory",
+            Self::Exec => "executing the program",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SpawnError {
+    #[error("preparing to start the process")]
+    Prepare(#[source] io::Error),
+    #[error("{} failed", .stage.describe())]
+    Child {
+        stage: ChildStage,
+        #[source]
+        source: io::Error,
+    },
+}
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+
+/// Fork and exec `plan`. Returns once the child has exec'd (or failed to):
+/// the error pipe is close-on-exec, so EOF on it means exec succeeded.
+pub(crate) fn spawn(plan: &SpawnPlan<'_>) -> Result<Spawned, SpawnError> {
+    // All allocation happens here, before the fork.
+    let mut argv: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    // "LISTEN_PID=" + up to 20 digits + NUL; digits are written in the child.
+    let mut listen_pid = [0u8; 32];
+    listen_pid[..LISTEN_PID_PREFIX.len()].copy_from_slice(LISTEN_PID_PREFIX);
+    let mut envp: Vec<*const libc::c_char> = plan.env.iter().map(|e| e.as_ptr()).collect();
+    if !plan.fds.is_empty() {
+        envp.push(listen_pid.as_ptr().cast());
+    }
+    envp.push(std::ptr::null());
+    let groups: &[libc::gid_t] = plan.credentials.map_or(&[], |c| c.groups.as_slice());
+
+    // Sources in the order they are placed: stdin, stdout, stderr, then 3.. .
+    let mut sources: Vec<RawFd> = Vec::with_capacity(3 + plan.fds.len());
+    sources.push(plan.stdio.stdin.as_raw_fd());
+    sources.push(plan.stdio.stdout.map_or(1, |fd| fd.as_raw_fd()));
+    sources.push(plan.stdio.stderr.as_raw_fd());
+    sources.extend(plan.fds.iter().map(|fd| fd.as_raw_fd()));
+    let mut scratch: Vec<RawFd> = vec![-1; sources.len()];
+
+    let (err_read, err_write) = pipe_cloexec().map_err(SpawnError::Prepare)?;
+    let parent_pid = std::process::id() as libc::pid_t;
+
+    // SAFETY: fork is safe to call; in the child we only run `child_after_fork`,
+    // which is restricted to async-signal-safe calls on pre-allocated memory.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(SpawnError::Prepare(io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        let ctx = ChildContext {
+            sources: &sources,
+            scratch: &mut scratch,
+            listen_pid: &mut listen_pid,
+            parent_pid,
+            program: plan.program,
+            argv: &argv,
+            envp: &envp,
+            cwd: plan.cwd,
+            parent_death_signal: plan.parent_death_signal,
+            credentials: plan.credentials.map(|c| (c.uid, c.gid)),
+            groups,
+            err_fd: err_write.as_raw_fd(),
+        };
+        child_after_fork(ctx);
+    }
+    drop(err_write);
+
+    // Open the pidfd before anything can reap the child, so it names it.
+    let pidfd = pidfd_open(pid);
+    let report = read_child_report(&err_read);
+    match (report, pidfd) {
+        (None, Ok(pidfd)) => Ok(Spawned { pid, pidfd }),
+        (Some((stage, errno)), _) => {
+            reap_blocking(pid);
+            Err(SpawnError::Child {
+                stage,
+                source: io::Error::from_raw_os_error(errno),
+            })
+        }
+        (None, Err(e)) => {
+            // Cannot watch it: do not leave an unsupervised process behind.
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            reap_blocking(pid);
+            Err(SpawnError::Prepare(e))
+        }
+    }
+}
+
+struct ChildContext<'a> {
+    sources: &'a [RawFd],
+    scratch: &'a mut [RawFd],
+    listen_pid: &'a mut [u8; 32],
+    parent_pid: libc::pid_t,
+    program: &'a CStr,
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+    cwd: &'a CStr,
+    parent_death_signal: Option<libc::c_int>,
+    credentials: Option<(libc::uid_t, libc::gid_t)>,
+    groups: &'a [libc::gid_t],
+    err_fd: RawFd,
+}
+
+/// Runs in the child between fork and exec: async-signal-safe calls only,
+/// no allocation, no locks. Never returns.
+fn child_after_fork(ctx: ChildContext<'_>) -> ! {
+    let fail = |stage: ChildStage| -> ! {
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let mut msg = [0u8; 5];
+        msg[0] = stage as u8;
+        msg[1..].copy_from_slice(&errno.to_ne_bytes());
+        // SAFETY: write and _exit are async-signal-safe; msg is on our stack.
+        unsafe {
+            libc::write(ctx.err_fd, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127);
+        }
+    };
+
+    // SAFETY (whole block): only async-signal-safe libc calls, on memory
+    // allocated before the fork and owned by this (single-threaded) child.
+    unsafe {
+        // Signals: clear the mask and restore SIGPIPE (Rust ignores it, and
+        // ignored dispositions survive exec). Handled ones reset at exec.
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+
+        // Own process group, so signals can reach the whole generation.
+        if libc::setpgid(0, 0) != 0 {
+            fail(ChildStage::ProcessGroup);
+        }
+
+        if let Some(sig) = ctx.parent_death_signal {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) != 0 {
+                fail(ChildStage::ParentDeath);
+            }
+            // The supervisor may have died before prctl took effect.
+            if libc::getppid() != ctx.parent_pid {
+                libc::_exit(1);
+            }
+        }
+
+        // Move every source above the target range first, so placing one
+        // never clobbers another; the copies are close-on-exec.
+        let floor = ctx.sources.len() as libc::c_int;
+        for (i, &src) in ctx.sources.iter().enumerate() {
+            let high = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, floor.max(3));
+            if high < 0 {
+                fail(ChildStage::Fds);
+            }
+            ctx.scratch[i] = high;
+        }
+        // dup2 clears close-on-exec on the target, which is what we want.
+        for (target, &high) in ctx.scratch.iter().enumerate() {
+            if libc::dup2(high, target as libc::c_int) < 0 {
+                fail(ChildStage::Fds);
+            }
+        }
+
+        if let Some((uid, gid)) = ctx.credentials {
+            if libc::setgroups(ctx.groups.len(), ctx.groups.as_ptr()) != 0 {
+                fail(ChildStage::Groups);
+            }
+            if libc::setgid(gid) != 0 {
+                fail(ChildStage::Gid);
+            }
+            if libc::setuid(uid) != 0 {
+                fail(ChildStage::Uid);
+            }
+        }
+
+        if libc::chdir(ctx.cwd.as_ptr()) != 0 {
+            fail(ChildStage::Chdir);
+        }
+
+        write_decimal(
+            &mut ctx.listen_pid[LISTEN_PID_PREFIX.len()..],
+            libc::getpid(),
+        );
+        libc::execve(ctx.program.as_ptr(), ctx.argv.as_ptr(), ctx.envp.as_ptr());
+        fail(ChildStage::Exec);
+    }
+}
+
+/// Writes `n` as NUL-terminated decimal into `buf`, without allocating.
+fn write_decimal(buf: &mut [u8], n: libc::pid_t) {
+    let mut digits = [0u8; 20];
+    let mut len = 0;
+    let mut v = n.unsigned_abs();
+    loop {
+        digits[len] = b'0' + (v % 10) as u8;
+        len += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[i] = digits[len - 1 - i];
+    }
+    buf[len] = 0;
+}
+
+fn read_child_report(fd: &OwnedFd) -> Option<(ChildStage, i32)> {
+    let mut msg = [0u8; 5];
+    let mut got = 0;
+    while got < msg.len() {
+        // SAFETY: reading into a stack buffer within its bounds.
+        let n = unsafe {
+            libc::read(
+                fd.as_raw_fd(),
+                msg[got..].as_mut_ptr().cast(),
+                msg.len() - got,
+            )
+        };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        if n <= 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    (got == msg.len()).then(|| {
+        let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
+        (ChildStage::from_u8(msg[0]), errno)
+    })
+}
+
+/// Reaps a child known to have exited or be exiting (failed before exec).
+fn reap_blocking(pid: libc::pid_t) {
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+}
+
+fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    Ok((r, w))
+}
+
+fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us (close-on-exec by
+    // default for pidfds) and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Registers a pidfd with tokio so its exit can be awaited.
+pub(crate) fn async_pidfd(pidfd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd keeps its descriptor open and unchanged for as long
+    // as it lives, and the AsyncFd owns it for exactly that long.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
+}
+
+/// Accept-queue length of a TCP listener (`tcpi_unacked` in TCP_INFO),
+/// used to learn whether an app has accepted a probe connection.
+pub(crate) fn tcp_accept_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: tcp_info is plain data; zeroed is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: info and len point to valid, writable memory of the given size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_unacked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_without_allocation() {
+        let mut buf = [0xffu8; 12];
+        write_decimal(&mut buf, 40213);
+        assert_eq!(&buf[..6], b"40213\0");
+        write_decimal(&mut buf, 7);
+        assert_eq!(&buf[..2], b"7\0");
+    }
+}
