@@ -1,1 +1,634 @@
+//! Helpers for baton's end-to-end tests: run the real `baton` binary in a
+//! temp dir on OS-chosen loopback ports, wait on its log lines and events
+//! (never on fixed sleeps), drive load against it, and print everything
+//! useful when a test fails.
+//!
+//! Binaries are taken from the workspace's target directory; build them
+//! first (`cargo build --workspace --bins`), which the README's test
+//! command does.
+#![allow(clippy::unwrap_used)]
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Upper bound for any single wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Path of a workspace binary (`baton`, `hello`, `test-socketfd`).
+pub fn bin(name: &str) -> PathBuf {
+    // target/debug/deps/e2e-HASH -> target/debug
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --workspace --bins` before the tests",
+        path.display()
+    );
+    path
+}
+
+/// Path of a file in the repository.
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join(rel)
+}
+
+/// Locks, ignoring poisoning: a panicking test must still print logs.
+fn relock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Lines captured from a child's output, with a way to wait for one.
+#[derive(Clone, Default)]
+pub struct Lines(Arc<(Mutex<Vec<String>>, Condvar)>);
+
+impl Lines {
+    fn capture(self, stream: impl Read + Send + 'static) -> JoinHandle<()> {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                let (lock, cv) = &*self.0;
+                relock(lock).push(line);
+                cv.notify_all();
+            }
+        })
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        relock(&self.0 .0).clone()
+    }
+
+    pub fn text(&self) -> String {
+        self.all().join("\n")
+    }
+
+    /// Number of lines containing every one of `needles`.
+    pub fn count(&self, needles: &[&str]) -> usize {
+        self.all()
+            .iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+
+    /// Waits until `count(needles) >= n`; panics after `timeout`.
+    pub fn wait_for(&self, needles: &[&str], n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.0;
+        let mut guard = relock(lock);
+        loop {
+            let c = guard
+                .iter()
+                .filter(|l| needles.iter().all(|x| l.contains(x)))
+                .count();
+            if c >= n {
+                return;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let so_far = guard.join("\n");
+                drop(guard);
+                panic!(
+                    "timed out waiting for {n} line(s) with {needles:?}; output so far:\n{so_far}"
+                );
+            }
+            guard = cv
+                .wait_timeout(guard, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// A running `baton run`, killed (with everything it started) on drop.
+pub struct Baton {
+    pub dir: tempfile::TempDir,
+    pub control: PathBuf,
+    pub child: Option<Child>,
+    pub args: Vec<String>,
+    pub stdout: Lines,
+    pub stderr: Lines,
+}
+
+impl Baton {
+    /// Starts `baton run ARGS` in a fresh temp dir (which is also its cwd)
+    /// and waits until generation 1 is active.
+    pub fn start(args: &[&str]) -> Self {
+        let b = Self::spawn(tempfile::tempdir().unwrap(), args);
+        b.wait_active(1);
+        b
+    }
+
+    /// Starts `baton run ARGS` in `dir` without waiting.
+    pub fn spawn(dir: tempfile::TempDir, args: &[&str]) -> Self {
+        let control = dir.path().join("ctl/control.sock");
+        let mut full = vec![
+            "--control".to_owned(),
+            control.display().to_string(),
+            "run".into(),
+        ];
+        full.extend(args.iter().map(|s| s.to_string()));
+        let mut child = Command::new(bin("baton"))
+            .args(&full)
+            .current_dir(dir.path())
+            .env("BATON_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = Lines::default();
+        let stderr = Lines::default();
+        stdout.clone().capture(child.stdout.take().unwrap());
+        stderr.clone().capture(child.stderr.take().unwrap());
+        Self {
+            dir,
+            control,
+            child: Some(child),
+            args: full,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits for the log line saying generation `n` is active.
+    pub fn wait_active(&self, n: u64) {
+        self.stderr
+            .wait_for(&["generation active", &format!("generation={n} ")], 1, WAIT);
+    }
+
+    /// Runs a CLI subcommand against this supervisor.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.control, args)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            describe_output(&out)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The bound address of listener `name`.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        let s = self.status();
+        let sock = s["sockets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == name)
+            .unwrap_or_else(|| panic!("no socket {name} in {s}"));
+        sock["address"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Status of generation `n`.
+    pub fn generation(&self, n: u64) -> serde_json::Value {
+        let s = self.status();
+        s["generations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["number"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("no generation {n} in {s}"))
+    }
+
+    /// Runs `baton upgrade` and asserts its exit code.
+    pub fn upgrade_expect(&self, extra: &[&str], code: i32) -> Output {
+        let mut args = vec!["upgrade"];
+        args.extend_from_slice(extra);
+        let out = self.cli(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "baton upgrade: expected exit {code}\n{}\n--- baton log:\n{}",
+            describe_output(&out),
+            self.stderr.text()
+        );
+        out
+    }
+
+    /// Waits for baton to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "baton did not exit in {timeout:?}; log:\n{}",
+                self.stderr.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything baton printed, for failure messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "command: baton {}\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.args.join(" "),
+            self.stdout.text(),
+            self.stderr.text()
+        )
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        if let Some(mut child) = self.child.take() {
+            if child.try_wait().ok().flatten().is_none() {
+                // SIGTERM drains (the apps exit via their drain); then make sure.
+                let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+pub fn cli(control: &Path, args: &[&str]) -> Output {
+    Command::new(bin("baton"))
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+pub fn describe_output(out: &Output) -> String {
+    format!(
+        "exit: {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+// ----- HTTP client -----------------------------------------------------------
+
+#[derive(Debug)]
+pub enum HttpError {
+    Connect(std::io::Error),
+    /// The connection closed or failed before any byte of the response.
+    BeforeResponse(std::io::Error),
+    /// It failed in the middle of the response.
+    Midway(String),
+}
+
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+    pub close: bool,
+}
+
+/// Sends `GET path` on `stream` and reads one response.
+pub fn roundtrip(
+    stream: &mut TcpStream,
+    path: &str,
+    keep_alive: bool,
+) -> Result<Response, HttpError> {
+    let conn = if keep_alive { "keep-alive" } else { "close" };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: {conn}\r\n\r\n");
+    stream
+        .write_all(req.as_bytes())
+        .map_err(HttpError::BeforeResponse)?;
+    let mut reader = BufReader::new(&mut *stream);
+    let mut status_line = String::new();
+    match reader.read_line(&mut status_line) {
+        Ok(0) => {
+            return Err(HttpError::BeforeResponse(
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ))
+        }
+        Ok(_) => {}
+        Err(e) => return Err(HttpError::BeforeResponse(e)),
+    }
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| HttpError::Midway(format!("bad status line {status_line:?}")))?;
+    let mut len = 0usize;
+    let mut close = !keep_alive;
+    loop {
+        let mut h = String::new();
+        let n = reader
+            .read_line(&mut h)
+            .map_err(|e| HttpError::Midway(e.to_string()))?;
+        if n == 0 {
+            return Err(HttpError::Midway("eof in headers".into()));
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let lower = h.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+        if lower.starts_with("connection:") && lower.contains("close") {
+            close = true;
+        }
+    }
+    let mut body = vec![0u8; len];
+    reader
+        .read_exact(&mut body)
+        .map_err(|e| HttpError::Midway(e.to_string()))?;
+    Ok(Response {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        close,
+    })
+}
+
+/// One `GET` on a fresh connection.
+pub fn get(addr: SocketAddr, path: &str) -> Result<Response, HttpError> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(HttpError::Connect)?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    roundtrip(&mut s, path, false)
+}
+
+/// The `version=` field of a hello/fake response body.
+pub fn version_of(body: &str) -> String {
+    body.split_whitespace()
+        .find_map(|f| f.strip_prefix("version="))
+        .unwrap_or("")
+        .to_owned()
+}
+
+// ----- load ------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A new connection for every request.
+    NewConnection,
+    /// Requests reuse a persistent connection.
+    KeepAlive,
+}
+
+#[derive(Default)]
+struct Counters {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    /// Requests re-sent because a reused keep-alive connection was closed
+    /// by the server before answering: every HTTP client does this for
+    /// idempotent requests (RFC 9112 section 9.3.1); not failures.
+    retried: AtomicU64,
+}
+
+/// Background clients hammering `GET /` until stopped.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+    errors: Arc<Mutex<Vec<String>>>,
+    last_body: Arc<Mutex<String>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+pub struct LoadReport {
+    pub ok: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub errors: Vec<String>,
+}
+
+impl Load {
+    /// Starts `clients` threads per mode. Each stops by itself after
+    /// `max` even if never told to.
+    pub fn start(addr: SocketAddr, modes: &[Mode], clients: usize, max: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(Counters::default());
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let last_body = Arc::new(Mutex::new(String::new()));
+        let mut threads = Vec::new();
+        for &mode in modes {
+            for _ in 0..clients {
+                let (stop, counters, errors, last_body) = (
+                    stop.clone(),
+                    counters.clone(),
+                    errors.clone(),
+                    last_body.clone(),
+                );
+                threads.push(std::thread::spawn(move || {
+                    client_loop(addr, mode, max, &stop, &counters, &errors, &last_body)
+                }));
+            }
+        }
+        let load = Self {
+            stop,
+            counters,
+            errors,
+            last_body,
+            threads,
+        };
+        load.wait_requests(10);
+        load
+    }
+
+    pub fn ok(&self) -> u64 {
+        self.counters.ok.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more requests have succeeded (proves traffic flows).
+    pub fn wait_requests(&self, n: u64) {
+        let target = self.ok() + n;
+        let deadline = Instant::now() + WAIT;
+        while self.ok() < target {
+            assert!(
+                Instant::now() < deadline,
+                "load made no progress: {:?}",
+                relock(&self.errors)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn last_body(&self) -> String {
+        relock(&self.last_body).clone()
+    }
+
+    pub fn finish(self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        LoadReport {
+            ok: self.counters.ok.load(Ordering::Relaxed),
+            failed: self.counters.failed.load(Ordering::Relaxed),
+            retried: self.counters.retried.load(Ordering::Relaxed),
+            errors: relock(&self.errors).clone(),
+        }
+    }
+}
+
+impl LoadReport {
+    /// Connections refused or not established at all.
+    pub fn connect_errors(&self) -> usize {
+        self.errors
+            .iter()
+            .filter(|e| e.starts_with("connect:"))
+            .count()
+    }
+
+    pub fn assert_no_failures(&self) {
+        assert!(
+            self.failed == 0,
+            "{} of {} requests failed; first errors: {:?}",
+            self.failed,
+            self.ok + self.failed,
+            &self.errors[..self.errors.len().min(10)]
+        );
+        assert!(self.ok > 0, "no request succeeded");
+    }
+}
+
+fn client_loop(
+    addr: SocketAddr,
+    mode: Mode,
+    max: Duration,
+    stop: &AtomicBool,
+    c: &Counters,
+    errors: &Mutex<Vec<String>>,
+    last_body: &Mutex<String>,
+) {
+    let deadline = Instant::now() + max;
+    let mut conn: Option<TcpStream> = None;
+    let record_err = |e: String| {
+        c.failed.fetch_add(1, Ordering::Relaxed);
+        let mut errs = relock(errors);
+        if errs.len() < 100 {
+            errs.push(e);
+        }
+    };
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let keep = mode == Mode::KeepAlive;
+        let reused = conn.is_some();
+        let mut stream = match conn.take() {
+            Some(s) => s,
+            None => match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    s
+                }
+                Err(e) => {
+                    record_err(format!("connect: {e}"));
+                    continue;
+                }
+            },
+        };
+        match roundtrip(&mut stream, "/", keep) {
+            Ok(r) if r.status == 200 => {
+                c.ok.fetch_add(1, Ordering::Relaxed);
+                *relock(last_body) = r.body;
+                if keep && !r.close {
+                    conn = Some(stream);
+                }
+            }
+            Ok(r) => record_err(format!("status {}: {}", r.status, r.body)),
+            Err(HttpError::BeforeResponse(_)) if reused => {
+                // Stale keep-alive connection: retry on a new one.
+                c.retried.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => record_err(format!("{e:?}")),
+        }
+    }
+}
+
+// ----- processes -------------------------------------------------------------
+
+/// Pids of live (non-zombie) processes whose process group is `pgid`.
+pub fn group_members(pgid: i32) -> Vec<i32> {
+    procs()
+        .into_iter()
+        .filter(|p| p.pgrp == pgid && p.state != 'Z')
+        .map(|p| p.pid)
+        .collect()
+}
+
+pub struct ProcInfo {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgrp: i32,
+    pub state: char,
+}
+
+pub fn procs() -> Vec<ProcInfo> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+        out.push(ProcInfo {
+            pid,
+            state: f[0].chars().next().unwrap_or('?'),
+            ppid: f[1].parse().unwrap_or(0),
+            pgrp: f[2].parse().unwrap_or(0),
+        });
+    }
+    out
+}
+
+/// Zombie children of `pid`.
+pub fn zombies_of(pid: i32) -> Vec<i32> {
+    procs()
+        .into_iter()
+        .filter(|p| p.ppid == pid && p.state == 'Z')
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Writes an executable shell script.
+pub fn write_script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}

@@ -1,1 +1,8 @@
+//! End-to-end tests: the real `baton` binary, real sockets on OS-chosen
+//! loopback ports, temp dirs, and the example apps. See tests/lib.rs.
+#![allow(clippy::unwrap_used)]
 
+mod cutover;
+mod failures;
+mod lifecycle;
+mod protocol;

@@ -128,6 +128,7 @@ pub fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -477,10 +478,14 @@ pub fn format_status(s: &Status) -> String {
             g.restarts,
             g.dir
         );
-        if let Some(t) = &g.status_text {
-            let _ = write!(out, "  ({t})");
-        } else if let (None, Some(e)) = (g.pid, &g.last_exit) {
-            let _ = write!(out, "  ({e})");
+        match (g.pid, &g.status_text, &g.last_exit) {
+            (None, _, Some(exit)) => {
+                let _ = write!(out, "  ({exit})");
+            }
+            (Some(_), Some(text), _) => {
+                let _ = write!(out, "  ({text})");
+            }
+            _ => {}
         }
         out.push('\n');
     }

@@ -249,6 +249,10 @@ fn child_after_fork(ctx: ChildContext<'_>) -> ! {
                 fail(ChildStage::Fds);
             }
         }
+        // Everything above the placed range closes at exec: our own fds are
+        // close-on-exec already, but baton may have inherited open ones
+        // from whoever started it, and those must not reach the app.
+        cloexec_from(floor);
 
         if let Some((uid, gid)) = ctx.credentials {
             if libc::setgroups(ctx.groups.len(), ctx.groups.as_ptr()) != 0 {
@@ -272,6 +276,34 @@ fn child_after_fork(ctx: ChildContext<'_>) -> ! {
         );
         libc::execve(ctx.program.as_ptr(), ctx.argv.as_ptr(), ctx.envp.as_ptr());
         fail(ChildStage::Exec);
+    }
+}
+
+/// Marks every fd >= `first` close-on-exec. Child-side: syscalls only.
+unsafe fn cloexec_from(first: libc::c_int) {
+    // SAFETY: close_range only changes descriptor flags in this process.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc == 0 {
+        return;
+    }
+    // Kernels before 5.11: walk the descriptor table up to the limit.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: getrlimit writes into the struct we own.
+    let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur.min(65536) as libc::c_int
+    } else {
+        1024
+    };
+    for fd in first..max {
+        // SAFETY: fcntl on a closed fd just fails with EBADF.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
 }
 

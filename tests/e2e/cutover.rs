@@ -1,0 +1,138 @@
+//! Upgrades under continuous load: zero failed requests, and responses
+//! switch to the new version after each upgrade.
+
+use std::time::Duration;
+
+use baton_e2e::*;
+
+const UPGRADES: usize = 20;
+
+fn upgrades_under_load(command: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("VERSION"), "v0").unwrap();
+    let mut args = vec![
+        "--listen",
+        "http=127.0.0.1:0",
+        "--drain-timeout",
+        "10s",
+        "--",
+    ];
+    args.extend_from_slice(command);
+    let baton = Baton::spawn(dir, &args);
+    baton.wait_active(1);
+    let addr = baton.addr("http");
+    let load = Load::start(
+        addr,
+        &[Mode::NewConnection, Mode::KeepAlive],
+        2,
+        Duration::from_secs(240),
+    );
+    for i in 1..=UPGRADES {
+        let version = format!("v{i}");
+        std::fs::write(baton.path("VERSION"), &version).unwrap();
+        let out = baton.upgrade_expect(&[], 0);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("upgrade succeeded"), "{text}");
+        // The old generation has exited (upgrade waits for the drain), so
+        // every new request reaches the new version.
+        let r = get(addr, "/").unwrap_or_else(|e| panic!("GET after upgrade {i}: {e:?}"));
+        assert_eq!(
+            version_of(&r.body),
+            version,
+            "after upgrade {i}: {}",
+            r.body
+        );
+        load.wait_requests(20);
+    }
+    let report = load.finish();
+    eprintln!(
+        "{UPGRADES} upgrades: {} requests ok, {} failed, {} keep-alive retries",
+        report.ok, report.failed, report.retried
+    );
+    report.assert_no_failures();
+    let s = baton.status();
+    assert_eq!(s["active"], UPGRADES as u64 + 1);
+}
+
+#[test]
+fn rust_example_twenty_upgrades_under_load() {
+    upgrades_under_load(&[bin("hello").to_str().unwrap()]);
+}
+
+#[test]
+fn python_example_twenty_upgrades_under_load() {
+    let script = repo_path("examples/python/hello.py");
+    upgrades_under_load(&["python3", script.to_str().unwrap()]);
+}
+
+#[test]
+fn sighup_upgrades() {
+    let baton = Baton::start(&[
+        "--listen",
+        "http=127.0.0.1:0",
+        "--",
+        bin("hello").to_str().unwrap(),
+    ]);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(baton.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    baton.wait_active(2);
+}
+
+#[test]
+fn symlinked_release_is_honoured_and_rollback_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    for v in ["v1", "v2"] {
+        let rel = dir.path().join("releases").join(v);
+        std::fs::create_dir_all(&rel).unwrap();
+        std::fs::write(rel.join("VERSION"), v).unwrap();
+        write_script(
+            &rel.join("bin/server"),
+            &format!("exec {} \"$@\"", bin("hello").display()),
+        );
+    }
+    let current = dir.path().join("current");
+    std::os::unix::fs::symlink("releases/v1", &current).unwrap();
+    let baton = Baton::spawn(
+        dir,
+        &[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--cwd",
+            "current",
+            "--",
+            "./bin/server",
+        ],
+    );
+    baton.wait_active(1);
+    let addr = baton.addr("http");
+    assert_eq!(version_of(&get(addr, "/").unwrap().body), "v1");
+    let load = Load::start(addr, &[Mode::NewConnection], 2, Duration::from_secs(60));
+
+    // Deploy: repoint `current` atomically, then upgrade.
+    let tmp = baton.path("current.tmp");
+    std::os::unix::fs::symlink("releases/v2", &tmp).unwrap();
+    std::fs::rename(&tmp, baton.path("current")).unwrap();
+    baton.upgrade_expect(&[], 0);
+    assert_eq!(version_of(&get(addr, "/").unwrap().body), "v2");
+    assert!(baton.generation(2)["dir"]
+        .as_str()
+        .unwrap()
+        .ends_with("releases/v2"));
+
+    let out = baton.cli(&["rollback"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(version_of(&get(addr, "/").unwrap().body), "v1");
+    let g3 = baton.generation(3);
+    assert!(g3["dir"].as_str().unwrap().ends_with("releases/v1"), "{g3}");
+    assert_eq!(g3["state"], "active");
+
+    // Nothing older than v1 succeeded: a second rollback is refused.
+    let out = baton.cli(&["rollback"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe_output(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no previous"));
+    load.wait_requests(10);
+    load.finish().assert_no_failures();
+}
