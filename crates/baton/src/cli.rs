@@ -313,14 +313,14 @@ async fn upgrade(path: PathBuf, rollback: bool, args: UpgradeArgs) -> u8 {
                 if !args.json {
                     println!(
                         "{:>9}  {}",
-                        format!("+{:.3}s", ev.elapsed_ms.unwrap_or(0) as f64 / 1000.0),
+                        format!("+{:.3}s", ev.elapsed_us.unwrap_or(0) as f64 / 1e6),
                         describe_event(ev.generation, &ev.kind)
                     );
                 }
             }
             Reply::Done(o) => {
                 if !args.json {
-                    let secs = o.elapsed_ms as f64 / 1000.0;
+                    let secs = o.elapsed_us as f64 / 1e6;
                     if o.success {
                         println!(
                             "{what} succeeded: generation {} is active ({secs:.3}s)",

@@ -72,9 +72,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
             .map_err(|e| setup("creating its directory", e))?;
     }
     let meta = std::fs::metadata(dir).map_err(|e| setup("reading its directory", e))?;
-    if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
+    // Anyone who can write the directory could replace the socket file.
+    let own = nix::unistd::geteuid().as_raw();
+    if meta.mode() & 0o002 != 0 || (meta.uid() != own && meta.uid() != 0) {
         return Err(setup(
-            "its directory is writable by others; choose a private directory",
+            "its directory is writable by others or owned by another user; choose a private directory",
             std::io::Error::from(std::io::ErrorKind::PermissionDenied),
         ));
     }
@@ -304,7 +306,7 @@ async fn upgrade(handle: Handle, rollback: bool, wait_drain: bool) -> Response<R
                         upgrade: id,
                         success,
                         active: None,
-                        elapsed_ms: ev.elapsed_ms.unwrap_or(0),
+                        elapsed_us: ev.elapsed_us.unwrap_or(0),
                         reason,
                         stderr_tail,
                         config_error: false,

@@ -71,7 +71,8 @@ pub struct Outcome {
     pub success: bool,
     /// The generation that is active at the end (the new one on success).
     pub active: Option<u64>,
-    pub elapsed_ms: u64,
+    /// Microseconds from the request to success or failure.
+    pub elapsed_us: u64,
     pub reason: Option<String>,
     /// Last lines the failed candidate wrote to stderr.
     #[serde(default)]
@@ -84,13 +85,13 @@ pub struct Outcome {
 /// A lifecycle event, published only once it is true.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// Wall-clock time, milliseconds since the Unix epoch.
-    pub time_ms: u64,
+    /// Wall-clock time, microseconds since the Unix epoch.
+    pub time_us: u64,
     pub generation: u64,
     /// The upgrade this event belongs to, if any (its candidate's number).
     pub upgrade: Option<u64>,
-    /// Milliseconds since that upgrade was requested.
-    pub elapsed_ms: Option<u64>,
+    /// Microseconds since that upgrade was requested.
+    pub elapsed_us: Option<u64>,
     #[serde(flatten)]
     pub kind: EventKind,
 }
@@ -228,10 +229,10 @@ mod tests {
     #[test]
     fn event_json_is_flat() {
         let e = Event {
-            time_ms: 1,
+            time_us: 1,
             generation: 2,
             upgrade: Some(2),
-            elapsed_ms: Some(5),
+            elapsed_us: Some(5),
             kind: EventKind::Ready {
                 pid: 10,
                 via: "notify".into(),

@@ -240,10 +240,10 @@ pub struct Supervisor {
     notify_task: AbortHandle,
 }
 
-fn now_ms() -> u64 {
+fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 impl Supervisor {
@@ -345,10 +345,10 @@ impl Supervisor {
     fn emit_in(&self, gen: u64, upgrade: Option<(u64, Instant)>, kind: EventKind) {
         log_event(gen, &kind);
         let _ = self.events.send(Event {
-            time_ms: now_ms(),
+            time_us: now_us(),
             generation: gen,
             upgrade: upgrade.map(|u| u.0),
-            elapsed_ms: upgrade.map(|u| u.1.elapsed().as_millis() as u64),
+            elapsed_us: upgrade.map(|u| u.1.elapsed().as_micros() as u64),
             kind,
         });
     }
