@@ -358,7 +358,13 @@ impl FileConfig {
         toml::from_str(text).map_err(|e| {
             // toml's message is multi-line (with a caret drawing); keep it to
             // one line: "line L, column C: message".
-            let msg = e.message().to_owned();
+            let msg = e
+                .message()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(": ");
             match e.span() {
                 Some(span) => {
                     let (line, col) = line_col(text, span.start);

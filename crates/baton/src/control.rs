@@ -102,7 +102,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         sock.bind(&addr).map_err(|e| setup("binding", e))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| setup("setting mode 0600", e))?;
-        sock.listen(128).map_err(|e| setup("listening", e))?;
+        sock.listen(1024).map_err(|e| setup("listening", e))?;
         sock.set_nonblocking(true)
             .map_err(|e| setup("configuring", e))?;
         std::os::unix::net::UnixListener::from(sock)
@@ -132,18 +132,24 @@ pub async fn serve(listener: UnixListener, handle: Handle, allowed_uids: Vec<u32
         let handle = handle.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let svc = hyper::service::service_fn(move |req| {
-                let handle = handle.clone();
-                async move { Ok::<_, Infallible>(respond(req, handle, allowed, uid).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .header_read_timeout(REQUEST_READ_TIMEOUT)
-                .timer(hyper_util::rt::TokioTimer::new())
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            serve_connection(stream, handle, allowed.then_some(()).ok_or(uid)).await;
         });
     }
+}
+
+/// Serves one control connection. `access` is `Err(uid)` for a peer that
+/// may not control the supervisor: it gets a 403 for whatever it asks.
+pub async fn serve_connection(stream: UnixStream, handle: Handle, access: Result<(), Option<u32>>) {
+    let svc = hyper::service::service_fn(move |req| {
+        let handle = handle.clone();
+        async move { Ok::<_, Infallible>(respond(req, handle, access).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .header_read_timeout(REQUEST_READ_TIMEOUT)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }
 
 type ReplyBody = http_body_util::Either<Full<Bytes>, ChannelBody>;
@@ -177,10 +183,9 @@ fn error(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Res
 async fn respond(
     req: hyper::Request<Incoming>,
     handle: Handle,
-    allowed: bool,
-    uid: Option<u32>,
+    access: Result<(), Option<u32>>,
 ) -> Response<ReplyBody> {
-    if !allowed {
+    if let Err(uid) = access {
         return error(
             StatusCode::FORBIDDEN,
             ErrorKind::Forbidden,
@@ -356,7 +361,7 @@ impl Body for ChannelBody {
 pub async fn request(
     path: &Path,
     req: &Request,
-    mut on_reply: impl FnMut(Reply),
+    on_reply: impl FnMut(Reply),
 ) -> Result<(), ControlError> {
     let stream = UnixStream::connect(path)
         .await
@@ -364,6 +369,15 @@ pub async fn request(
             path: path.to_owned(),
             source,
         })?;
+    request_on(stream, req, on_reply).await
+}
+
+/// [`request`] over an already connected stream.
+pub async fn request_on(
+    stream: UnixStream,
+    req: &Request,
+    mut on_reply: impl FnMut(Reply),
+) -> Result<(), ControlError> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| ControlError::Http(e.into()))?;
@@ -396,4 +410,176 @@ pub async fn request(
     }
     conn.abort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Event, Status};
+    use crate::supervisor::Command;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn status() -> Status {
+        Status {
+            pid: 1,
+            version: "t".into(),
+            uptime_ms: 0,
+            stopping: false,
+            sockets: vec![],
+            active: Some(6),
+            upgrading: None,
+            generations: vec![],
+        }
+    }
+
+    /// A control connection served in memory, with a fake supervisor that
+    /// answers status and accepts upgrades as generation 7.
+    fn serve_fake(
+        access: Result<(), Option<u32>>,
+    ) -> (UnixStream, tokio::sync::broadcast::Sender<Event>) {
+        let (client, server) = UnixStream::pair().unwrap();
+        let (handle, mut commands, events) = Handle::detached();
+        tokio::spawn(serve_connection(server, handle, access));
+        tokio::spawn(async move {
+            while let Some(cmd) = commands.recv().await {
+                match cmd {
+                    Command::Status(r) => drop(r.send(status())),
+                    Command::Upgrade { reply, .. } => drop(reply.send(Ok(7))),
+                    Command::Stop(r) => drop(r.send(())),
+                }
+            }
+        });
+        (client, events)
+    }
+
+    async fn raw(request: &[u8], access: Result<(), Option<u32>>) -> String {
+        let (mut client, _events) = serve_fake(access);
+        client.write_all(request).await.unwrap();
+        let mut out = String::new();
+        let _ = client.read_to_string(&mut out).await;
+        out
+    }
+
+    fn post(body: &str) -> Vec<u8> {
+        format!(
+            "POST /v1/request HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn status_round_trip() {
+        let (client, _events) = serve_fake(Ok(()));
+        let mut replies = Vec::new();
+        request_on(client, &Request::Status, |r| replies.push(r))
+            .await
+            .unwrap();
+        assert_eq!(replies, vec![Reply::Status(status())]);
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_clear_errors() {
+        let out = raw(&post("{not json"), Ok(())).await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        assert!(out.contains("\"kind\":\"bad_request\""), "{out}");
+        let out = raw(&post(r#"{"cmd":"upgrade","force":true}"#), Ok(())).await;
+        assert!(
+            out.starts_with("HTTP/1.1 400") && out.contains("force"),
+            "{out}"
+        );
+        let big = format!(
+            r#"{{"cmd":"status","x":"{}"}}"#,
+            "a".repeat(MAX_REQUEST_BYTES)
+        );
+        let out = raw(&post(&big), Ok(())).await;
+        assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+        let out = raw(b"GET /v1/request HTTP/1.1\r\nhost: x\r\n\r\n", Ok(())).await;
+        assert!(out.starts_with("HTTP/1.1 405"), "{out}");
+        let out = raw(
+            b"POST /other HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
+            Ok(()),
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+        let out = raw(b"\x00\x01garbage\r\n\r\n", Ok(())).await;
+        assert!(out.is_empty() || out.starts_with("HTTP/1.1 400"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn other_users_are_refused() {
+        let out = raw(&post(r#"{"cmd":"stop"}"#), Err(Some(1234))).await;
+        assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+        assert!(out.contains("forbidden") && out.contains("1234"), "{out}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stalled_client_is_dropped() {
+        let (mut client, _events) = serve_fake(Ok(()));
+        client
+            .write_all(b"POST /v1/request HTTP/1.1\r\nhost:")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        // With time paused, the header timeout fires as soon as all is idle.
+        let read =
+            tokio::time::timeout(Duration::from_secs(60), client.read_to_string(&mut out)).await;
+        assert!(read.is_ok(), "connection not closed");
+    }
+
+    #[tokio::test]
+    async fn upgrade_streams_until_the_old_generation_exited() {
+        let (client, events) = serve_fake(Ok(()));
+        let emit = move |generation: u64, kind: EventKind| {
+            let _ = events.send(Event {
+                time_us: 0,
+                generation,
+                upgrade: Some(7),
+                elapsed_us: Some(1),
+                kind,
+            });
+        };
+        let task = tokio::spawn(async move {
+            let mut replies = Vec::new();
+            request_on(client, &Request::Upgrade { wait_drain: true }, |r| {
+                replies.push(r)
+            })
+            .await
+            .unwrap();
+            replies
+        });
+        // Let the server subscribe and ask before events flow.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        emit(
+            7,
+            EventKind::Ready {
+                pid: 2,
+                via: "notify".into(),
+            },
+        );
+        emit(
+            6,
+            EventKind::Draining {
+                pid: 1,
+                signal: "SIGTERM".into(),
+            },
+        );
+        emit(7, EventKind::UpgradeSucceeded);
+        emit(
+            6,
+            EventKind::Exited {
+                pid: 1,
+                status: "exit status 0".into(),
+            },
+        );
+        let replies = task.await.unwrap();
+        assert_eq!(replies.len(), 5, "{replies:?}");
+        match replies.last().unwrap() {
+            Reply::Done(o) => {
+                assert!(o.success);
+                assert_eq!(o.upgrade, 7);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -76,6 +76,18 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// A handle with no supervisor behind it: the commands arrive on the
+    /// returned receiver. For driving the control server in tests.
+    pub fn detached() -> (Self, mpsc::Receiver<Command>, broadcast::Sender<Event>) {
+        let (commands, rx) = mpsc::channel(64);
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let handle = Self {
+            commands,
+            events: events.clone(),
+        };
+        (handle, rx, events)
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
