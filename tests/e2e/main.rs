@@ -4,5 +4,6 @@
 
 mod cutover;
 mod failures;
+mod hardening;
 mod lifecycle;
 mod protocol;

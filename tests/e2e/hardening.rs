@@ -1,0 +1,550 @@
+//! Faults, resource hygiene, security and supervisor death: each fault
+//! under continuous load, zero failed requests wherever a healthy
+//! generation exists.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use baton_e2e::*;
+
+fn fake_config(env: &str, extra: &str) -> String {
+    format!(
+        r#"command = ["{}"]
+ready_timeout = "5s"
+drain_timeout = "5s"
+{extra}
+
+[env]
+FAKE_VERSION = "good"
+{env}
+
+[[listen]]
+name = "http"
+address = "127.0.0.1:0"
+"#,
+        bin("test-socketfd").display()
+    )
+}
+
+fn start(env: &str, extra: &str, flags: &[&str]) -> Baton {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("baton.toml"), fake_config(env, extra)).unwrap();
+    let mut args = vec!["--config", "baton.toml"];
+    args.extend_from_slice(flags);
+    Baton::spawn(dir, &args)
+}
+
+fn reconfigure(baton: &Baton, env: &str, extra: &str) {
+    std::fs::write(baton.path("baton.toml"), fake_config(env, extra)).unwrap();
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Decision (docs/guarantees.md): a candidate that crashes right after
+/// READY=1 is already the active generation; it is restarted with backoff
+/// from the same release while the old one finishes draining. Connections
+/// arriving meanwhile wait in the queue; only requests the crashing
+/// process had accepted are lost with it.
+#[test]
+fn candidate_crashing_right_after_ready_is_restarted_without_refusals() {
+    let baton = start("", "", &[]);
+    baton.wait_active(1);
+    let addr = baton.addr("http");
+    // Crash once: the wrapper arms the crash only on its first run.
+    let wrapper = baton.path("crash-once.sh");
+    write_script(
+        &wrapper,
+        &format!(
+            "if [ ! -e crashed ]; then touch crashed; export FAKE_CRASH_AFTER_READY_MS=20; fi\nexec {}",
+            bin("test-socketfd").display()
+        ),
+    );
+    let conf = fake_config("", "").replacen(
+        &format!("command = [\"{}\"]", bin("test-socketfd").display()),
+        &format!("command = [\"{}\"]", wrapper.display()),
+        1,
+    );
+    std::fs::write(baton.path("baton.toml"), conf).unwrap();
+    let load = Load::start(addr, &[Mode::NewConnection], 2, Duration::from_secs(60));
+    baton.upgrade_expect(&["--no-wait-drain"], 0);
+    baton
+        .stderr
+        .wait_for(&["restarting generation", "generation=2 "], 1, WAIT);
+    baton
+        .stderr
+        .wait_for(&["generation active", "generation=2 "], 2, WAIT);
+    load.wait_requests(50);
+    let report = load.finish();
+    assert_eq!(report.connect_errors(), 0, "{:?}", report.errors);
+    assert!(
+        report.failed <= 2,
+        "only requests in flight on the crashed process may fail: {:?}",
+        report.errors
+    );
+    assert_eq!(baton.generation(2)["restarts"], 1);
+}
+
+#[test]
+fn slow_in_flight_request_on_the_old_generation_completes() {
+    let baton = start("FAKE_SLOW_MS = \"1500\"", "", &[]);
+    baton.wait_active(1);
+    let addr = baton.addr("http");
+    // Pin a connection to generation 1 (the only one), then start a slow
+    // request on it and upgrade while it runs.
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let first = roundtrip(&mut conn, "/", true).unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(first.body.contains("generation=1"));
+    let slow = std::thread::spawn(move || roundtrip(&mut conn, "/slow", false).map(|r| r.body));
+    baton.upgrade_expect(&["--no-wait-drain"], 0);
+    let body = slow
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("slow request failed: {e:?}"));
+    assert_eq!(body.trim(), "slow done");
+    baton.stderr.wait_for(
+        &["generation exited", "generation=1 ", "exit status 0"],
+        1,
+        WAIT,
+    );
+}
+
+#[test]
+fn crash_looping_generation_backs_off_capped_and_keeps_sockets() {
+    let baton = start(
+        "FAKE_EXIT_AT_START = \"1\"",
+        "restart_backoff_max = \"400ms\"",
+        &[],
+    );
+    baton
+        .stderr
+        .wait_for(&["restarting generation", "generation=1 "], 6, WAIT);
+    let s = baton.status();
+    let g = &s["generations"][0];
+    assert!(g["restarts"].as_u64().unwrap() >= 5, "{s}");
+    assert!(
+        g["last_exit"].as_str().unwrap().contains("exit status 1"),
+        "{s}"
+    );
+    let delays: Vec<u64> = baton
+        .stderr
+        .all()
+        .iter()
+        .filter(|l| l.contains("restarting generation"))
+        .filter_map(|l| l.split("delay_ms=").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(delays.iter().all(|d| *d <= 400), "{delays:?}");
+    assert!(delays.contains(&400), "backoff reaches its cap: {delays:?}");
+    // The socket still accepts connections into its queue.
+    let addr = baton.addr("http");
+    std::net::TcpStream::connect(addr).expect("listener must stay open");
+    // A fixed release can be deployed over the crash loop.
+    reconfigure(&baton, "", "");
+    baton.upgrade_expect(&[], 0);
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+}
+
+#[test]
+fn fifty_sighups_in_a_second_run_one_upgrade_at_a_time_and_the_last_wins() {
+    let baton = start("FAKE_READY_DELAY_MS = \"100\"", "", &[]);
+    baton.wait_active(1);
+    let addr = baton.addr("http");
+    let load = Load::start(
+        addr,
+        &[Mode::NewConnection, Mode::KeepAlive],
+        1,
+        Duration::from_secs(60),
+    );
+    for _ in 0..50 {
+        signal(baton.pid(), nix::sys::signal::Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Wait until no upgrade runs and none is pending.
+    wait_until("upgrades to settle", WAIT, || {
+        let s = baton.status();
+        s["upgrading"].is_null()
+            && baton.stderr.count(&["upgrade succeeded"]) + baton.stderr.count(&["upgrade failed"])
+                == baton.stderr.count(&["generation requested"]) - 1
+    });
+    let lines = baton.stderr.all();
+    // Upgrades never overlap: each request is followed by its outcome
+    // before the next request.
+    let mut open = false;
+    for l in &lines {
+        if l.contains("generation requested") && !l.contains("Start") {
+            assert!(!open, "two upgrades at once:\n{}", lines.join("\n"));
+            open = true;
+        }
+        if l.contains("upgrade succeeded") || l.contains("upgrade failed") {
+            open = false;
+        }
+    }
+    // The last SIGHUP is followed by an upgrade start: the newest deploy wins.
+    let last_hup = lines
+        .iter()
+        .rposition(|l| l.contains("SIGHUP: upgrade requested"))
+        .unwrap();
+    let last_start = lines
+        .iter()
+        .rposition(|l| l.contains("generation requested"))
+        .unwrap();
+    let last_coalesced = lines
+        .iter()
+        .rposition(|l| l.contains("running the upgrade requested by SIGHUP"));
+    assert!(
+        last_start > last_hup || last_coalesced.is_some_and(|c| c > last_hup),
+        "the last SIGHUP did not lead to an upgrade:\n{}",
+        lines.join("\n")
+    );
+    let upgrades = baton.stderr.count(&["upgrade succeeded"]);
+    assert!((2..=50).contains(&upgrades), "{upgrades} upgrades");
+    assert_eq!(baton.stderr.count(&["upgrade failed"]), 0);
+    load.finish().assert_no_failures();
+}
+
+#[test]
+fn upgrade_while_stopping_is_refused() {
+    let baton = start("FAKE_IGNORE_TERM = \"1\"", "", &["--drain-timeout", "3s"]);
+    baton.wait_active(1);
+    signal(baton.pid(), nix::sys::signal::Signal::SIGTERM);
+    baton
+        .stderr
+        .wait_for(&["stopping: draining every generation"], 1, WAIT);
+    let out = baton.cli(&["upgrade"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe_output(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopping"));
+}
+
+#[test]
+fn control_client_disconnecting_mid_upgrade_changes_nothing() {
+    let baton = start("", "", &[]);
+    baton.wait_active(1);
+    reconfigure(&baton, "FAKE_READY_DELAY_MS = \"800\"", "");
+    let mut client = std::process::Command::new(bin("baton"))
+        .arg("--control")
+        .arg(&baton.control)
+        .arg("upgrade")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    baton
+        .stderr
+        .wait_for(&["generation started", "generation=2 "], 1, WAIT);
+    client.kill().unwrap();
+    client.wait().unwrap();
+    baton.wait_active(2);
+    baton
+        .stderr
+        .wait_for(&["generation exited", "generation=1 "], 1, WAIT);
+    assert_eq!(baton.status()["active"], 2);
+}
+
+#[test]
+fn hundred_upgrades_leak_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    std::fs::write(
+        dir.path().join("baton.toml"),
+        fake_config(
+            &format!("TEST_SOCKETFD_REPORT = \"{}\"", report.display()),
+            "",
+        ),
+    )
+    .unwrap();
+    let baton = Baton::spawn(dir, &["--config", "baton.toml"]);
+    baton.wait_active(1);
+    let pid = baton.pid();
+    // Warm up (lazily allocated buffers, thread pools), then measure.
+    for _ in 0..5 {
+        baton.upgrade_expect(&[], 0);
+    }
+    let fds_before = fd_count(pid);
+    let rss_before = rss_kb(pid);
+    for _ in 0..100 {
+        baton.upgrade_expect(&[], 0);
+    }
+    assert!(zombies_of(pid as i32).is_empty(), "zombies left");
+    assert_eq!(fd_count(pid), fds_before, "supervisor fds grew");
+    let rss_after = rss_kb(pid);
+    assert!(
+        rss_after <= rss_before + 2048,
+        "supervisor RSS grew from {rss_before} kB to {rss_after} kB"
+    );
+    // The newest child holds exactly the declared descriptors.
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let fds: Vec<i64> = r["fds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["fd"].as_i64().unwrap())
+        .collect();
+    assert_eq!(fds, vec![0, 1, 2, 3], "{r}");
+    assert_eq!(r["env"]["BATON_GENERATION"], "106");
+    // Only the active generation runs.
+    let running: Vec<_> = baton.status()["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| !g["pid"].is_null())
+        .map(|g| g["number"].clone())
+        .collect();
+    assert_eq!(running, vec![serde_json::json!(106)]);
+    eprintln!(
+        "after 105 upgrades: {} fds, RSS {rss_before} -> {rss_after} kB",
+        fds_before
+    );
+}
+
+#[test]
+fn control_socket_is_private() {
+    let baton = start("", "", &[]);
+    baton.wait_active(1);
+    let mode = std::fs::metadata(&baton.control)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let dir_mode = std::fs::metadata(baton.control.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(
+        dir_mode & 0o022,
+        0,
+        "control directory writable by others: {dir_mode:o}"
+    );
+
+    // A world-writable directory is refused before anything starts.
+    let open = tempfile::tempdir().unwrap();
+    let shared = open.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = std::process::Command::new(bin("baton"))
+        .arg("--control")
+        .arg(shared.join("c.sock"))
+        .args([
+            "run",
+            "--listen",
+            "http=127.0.0.1:0",
+            "--",
+            bin("hello").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", describe_output(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("writable by others"));
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Creates (once) the unprivileged user and extra group the tests use.
+fn test_user() -> (u32, u32, u32) {
+    let run = |cmd: &[&str]| {
+        let _ = std::process::Command::new(cmd[0]).args(&cmd[1..]).output();
+    };
+    run(&["groupadd", "--system", "baton-extra"]);
+    run(&[
+        "useradd",
+        "--system",
+        "--no-create-home",
+        "--shell",
+        "/usr/sbin/nologin",
+        "--user-group",
+        "baton-test",
+    ]);
+    run(&["usermod", "-aG", "baton-extra", "baton-test"]);
+    let user = nix::unistd::User::from_name("baton-test")
+        .unwrap()
+        .expect("user baton-test");
+    let extra = nix::unistd::Group::from_name("baton-extra")
+        .unwrap()
+        .expect("group baton-extra");
+    (user.uid.as_raw(), user.gid.as_raw(), extra.gid.as_raw())
+}
+
+#[test]
+fn other_uids_are_refused_unless_allowed() {
+    if !is_root() {
+        eprintln!("skipped: needs root to act as another uid");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("baton.toml"),
+        fake_config("", "control_allow_uids = [65533]"),
+    )
+    .unwrap();
+    let baton = Baton::spawn(dir, &["--config", "baton.toml"]);
+    baton.wait_active(1);
+    // Open the file system path so only SO_PEERCRED stands in the way.
+    std::fs::set_permissions(baton.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        baton.control.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(&baton.control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let as_uid = |uid: u32| {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(bin("baton"))
+            .arg("--control")
+            .arg(&baton.control)
+            .arg("status")
+            .uid(uid)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let out = as_uid(65534);
+    assert_eq!(out.status.code(), Some(2), "{}", describe_output(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("may not control"),
+        "{}",
+        describe_output(&out)
+    );
+    let out = as_uid(65533);
+    assert!(out.status.success(), "{}", describe_output(&out));
+}
+
+#[test]
+fn runs_generations_as_the_configured_user_and_group() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let (uid, gid, extra_gid) = test_user();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    std::fs::set_permissions(&out_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let report = out_dir.join("report.json");
+    // A privileged port, bound by baton as root before the app starts.
+    let port = (600..1000)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free privileged port");
+    let listen = format!("http=127.0.0.1:{port}");
+    let env = format!("TEST_SOCKETFD_REPORT={}", report.display());
+    let fake = bin("test-socketfd");
+    let baton = Baton::spawn(
+        dir,
+        &[
+            "--listen",
+            &listen,
+            "--user",
+            "baton-test",
+            "--env",
+            &env,
+            "--",
+            fake.to_str().unwrap(),
+        ],
+    );
+    baton.wait_active(1);
+    wait_until("report", WAIT, || report.exists());
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["uid"], uid, "{r}");
+    assert_eq!(r["gid"], gid, "{r}");
+    let groups: Vec<u64> = r["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_u64().unwrap())
+        .collect();
+    assert!(
+        groups.contains(&(extra_gid as u64)) && groups.contains(&(gid as u64)),
+        "{groups:?}"
+    );
+    assert!(!groups.contains(&0), "root group kept: {groups:?}");
+    let resp = get(format!("127.0.0.1:{port}").parse().unwrap(), "/").unwrap();
+    assert_eq!(resp.status, 200);
+}
+
+/// Decision (docs/guarantees.md): if baton dies, even by SIGKILL, each
+/// generation receives its drain signal (parent-death signal) and exits,
+/// so no unsupervised app keeps holding the ports.
+#[test]
+fn apps_drain_and_exit_when_the_supervisor_is_killed() {
+    // An app that records the signal it got, so the test sees the drain
+    // signal itself (not, say, a broken stderr pipe).
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("got-signal");
+    write_script(
+        &dir.path().join("app.sh"),
+        &format!(
+            "trap 'echo TERM > {}; exit 0' TERM\nwhile :; do sleep 0.05; done",
+            mark.display()
+        ),
+    );
+    let mut baton = Baton::spawn(
+        dir,
+        &[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready",
+            "delay:10ms",
+            "--",
+            "./app.sh",
+        ],
+    );
+    baton.wait_active(1);
+    let addr = baton.addr("http");
+    let app = baton.generation(1)["pid"].as_i64().unwrap() as i32;
+    signal(baton.pid(), nix::sys::signal::Signal::SIGKILL);
+    baton.wait_exit(WAIT);
+    wait_until("the app to get its drain signal", WAIT, || mark.exists());
+    assert_eq!(std::fs::read_to_string(&mark).unwrap().trim(), "TERM");
+    wait_until("the app to exit", WAIT, || group_members(app).is_empty());
+    // The port is free again for a restarted baton.
+    std::net::TcpListener::bind(addr).expect("port released");
+}
+
+#[test]
+fn many_concurrent_and_stalled_control_clients() {
+    let baton = start("", "", &[]);
+    baton.wait_active(1);
+    // Stalled clients that never finish their request.
+    let stalled: Vec<_> = (0..8)
+        .map(|_| {
+            use std::io::Write;
+            let mut s = std::os::unix::net::UnixStream::connect(&baton.control).unwrap();
+            s.write_all(b"POST /v1/request HTTP/1.1\r\nhost: x\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    // Many clients at once all get answers.
+    let control = baton.control.clone();
+    let threads: Vec<_> = (0..40)
+        .map(|_| {
+            let control = control.clone();
+            std::thread::spawn(move || cli(&control, &["status", "--json"]))
+        })
+        .collect();
+    for t in threads {
+        let out = t.join().unwrap();
+        assert!(out.status.success(), "{}", describe_output(&out));
+    }
+    drop(stalled);
+    assert_eq!(baton.status()["active"], 1);
+}
