@@ -1,1 +1,419 @@
-fn main(){}
+//! `test-socketfd`: a fake baton child for end-to-end tests. It reports exactly
+//! what it received and can misbehave on request.
+//!
+//! At start it builds a JSON report (pid, ppid, pgid, sid, uid, gid, groups,
+//! cwd, argv, env, listen_fds/listen_fdnames/listen_pid, and every open fd with
+//! its readlink target, cloexec flag and socket info). Then it serves HTTP on
+//! every LISTEN_FDS fd (TCP or Unix; only when LISTEN_PID is its own pid):
+//! `GET /` -> `version=.. generation=.. pid=..`, `GET /healthz`, `GET /report`
+//! (the start-up report), `GET /slow`.
+//!
+//! Environment:
+//! - `TEST_SOCKETFD_REPORT=<path>`: write the report there (atomically, via `<path>.tmp`).
+//! - `FAKE_VERSION=<v>`: version shown by `GET /` (default `fake`).
+//! - `FAKE_STDERR_LINES=<n>`: print `fake: stderr line i` for i in 1..=n at start.
+//! - `FAKE_EXIT_AT_START=<code>`: exit with `code` right after the report, before serving.
+//! - `FAKE_HEALTH_STATUS=<code>`: status of `GET /healthz` (default 200).
+//! - `FAKE_SLOW_MS=<ms>`: `GET /slow` sleeps that long, then answers `slow done` (default 0).
+//! - `FAKE_READY_DELAY_MS=<ms>`: wait before sending READY=1 (default 0).
+//! - `FAKE_STATUS=<s>`: STATUS= sent with READY=1 (default `fake serving`).
+//! - `FAKE_NEVER_READY=1`: serve, but never send READY=1.
+//! - `FAKE_CRASH_AFTER_READY_MS=<ms>`: exit(3) that long after READY=1.
+//! - `FAKE_IGNORE_TERM=1`: ignore SIGTERM (keep serving until SIGKILL).
+//! - `FAKE_NOTIFY_FORGE=1`: never send READY=1 itself; instead spawn a copy of
+//!   itself (`FAKE_ROLE=forger`) in a new process group that sends READY=1 to
+//!   NOTIFY_SOCKET from another pid, which the supervisor must ignore.
+//!
+//! On SIGTERM (unless ignored): print `fake: draining`, stop accepting, let
+//! in-flight requests finish (cap 30 s), exit 0.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::env;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
+use nix::unistd;
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::signal::unix::{signal, SignalKind};
+
+const DRAIN_CAP: Duration = Duration::from_secs(30);
+
+fn env_num<T: FromStr>(key: &str) -> Option<T> {
+    env::var(key).ok().and_then(|v| v.trim().parse().ok())
+}
+
+fn env_flag(key: &str) -> bool {
+    env::var(key).is_ok_and(|v| v == "1")
+}
+
+/// Hand-rolled sd_notify: one datagram to NOTIFY_SOCKET ('@' = abstract name).
+fn notify(msg: &str) {
+    let Some(path) = env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let send = || -> std::io::Result<usize> {
+        let sock = UnixDatagram::unbound()?;
+        match path.as_bytes().strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(msg.as_bytes(), &addr)
+            }
+            None => sock.send_to(msg.as_bytes(), &path),
+        }
+    };
+    if let Err(e) = send() {
+        eprintln!("fake: notify failed: {e}");
+    }
+}
+
+/// Socket facts from /proc/self/net: inode -> (is tcp, listening). nix's
+/// getsockopt(SO_ACCEPTCONN) needs an `AsFd`, which an arbitrary inherited fd
+/// number cannot give without unsafe code; the kernel tables say the same.
+fn sock_tables() -> HashMap<u64, (bool, bool)> {
+    let mut out = HashMap::new();
+    for file in ["tcp", "tcp6", "unix"] {
+        let tcp = file != "unix";
+        let text = std::fs::read_to_string(format!("/proc/self/net/{file}")).unwrap_or_default();
+        for row in text.lines().skip(1) {
+            let r: Vec<&str> = row.split_whitespace().collect();
+            // Column 3 is `st` for tcp (0A = LISTEN) and `Flags` for unix
+            // (0x10000 = __SO_ACCEPTCON); the inode is column 9 resp. 6.
+            let listening = r.get(3).is_some_and(|v| {
+                if tcp {
+                    *v == "0A"
+                } else {
+                    u32::from_str_radix(v, 16).is_ok_and(|f| f & 0x10000 != 0)
+                }
+            });
+            if let Some(Ok(inode)) = r.get(if tcp { 9 } else { 6 }).map(|i| i.parse()) {
+                out.insert(inode, (tcp, listening));
+            }
+        }
+    }
+    out
+}
+
+fn socket_info(fd: i32, target: &str, tables: &HashMap<u64, (bool, bool)>) -> Value {
+    let inode = target
+        .strip_prefix("socket:[")
+        .and_then(|s| s.strip_suffix(']'));
+    let (is_tcp, listening) = inode
+        .and_then(|i| tables.get(&i.parse().ok()?).copied())
+        .unwrap_or((false, false));
+    let addr = getsockname::<SockaddrStorage>(fd).ok();
+    let kind = match addr.as_ref().and_then(|a| a.family()) {
+        Some(AddressFamily::Inet | AddressFamily::Inet6) if is_tcp => "tcp",
+        Some(AddressFamily::Unix) => "unix",
+        _ => "other",
+    };
+    let local_addr = addr.map(|a| a.to_string());
+    json!({ "kind": kind, "local_addr": local_addr, "listening": listening })
+}
+
+fn fd_list() -> Vec<Value> {
+    let tables = sock_tables();
+    // Collect the listing first so the directory's own fd is closed before we
+    // inspect entries; its number then fails readlink and is skipped.
+    let mut fds: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    fds.sort_unstable();
+    fds.into_iter()
+        .filter_map(|fd| {
+            let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+            let target = target.to_string_lossy().into_owned();
+            let cloexec = fcntl(fd, FcntlArg::F_GETFD)
+                .ok()
+                .map(|f| FdFlag::from_bits_truncate(f).contains(FdFlag::FD_CLOEXEC));
+            let socket = target
+                .starts_with("socket:")
+                .then(|| socket_info(fd, &target, &tables));
+            Some(json!({ "fd": fd, "target": target, "socket": socket, "cloexec": cloexec }))
+        })
+        .collect()
+}
+
+fn build_report() -> Value {
+    let lossy = |s: std::ffi::OsString| s.to_string_lossy().into_owned();
+    let env_map: serde_json::Map<String, Value> = env::vars_os()
+        .map(|(k, v)| (lossy(k), Value::String(lossy(v))))
+        .collect();
+    let groups: Vec<u32> = unistd::getgroups()
+        .map(|g| g.iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_default();
+    json!({
+        "pid": unistd::getpid().as_raw(),
+        "ppid": unistd::getppid().as_raw(),
+        "pgid": unistd::getpgid(None).ok().map(|p| p.as_raw()),
+        "sid": unistd::getsid(None).ok().map(|p| p.as_raw()),
+        "uid": unistd::getuid().as_raw(),
+        "gid": unistd::getgid().as_raw(),
+        "groups": groups,
+        "cwd": env::current_dir().ok().map(|p| p.to_string_lossy().into_owned()),
+        "argv": env::args_os().map(lossy).collect::<Vec<_>>(),
+        "env": env_map,
+        "listen_fds": env::var("LISTEN_FDS").ok(),
+        "listen_fdnames": env::var("LISTEN_FDNAMES").ok(),
+        "listen_pid": env::var("LISTEN_PID").ok(),
+        "fds": fd_list(),
+    })
+}
+
+fn write_atomic(path: &str, data: &str) -> std::io::Result<()> {
+    let tmp = format!("{path}.tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+/// Takes the LISTEN_FDS sockets, but only when LISTEN_PID names this process
+/// (listenfd alone would also accept a missing LISTEN_PID). Needs a runtime
+/// context; inherited sockets are blocking, tokio needs non-blocking ones.
+fn take_listeners() -> std::io::Result<Vec<Listener>> {
+    let mut out = Vec::new();
+    if env_num::<u32>("LISTEN_PID") != Some(std::process::id()) {
+        return Ok(out);
+    }
+    let mut fds = listenfd::ListenFd::from_env();
+    for i in 0..fds.len() {
+        if let Ok(Some(l)) = fds.take_tcp_listener(i) {
+            l.set_nonblocking(true)?;
+            out.push(Listener::Tcp(tokio::net::TcpListener::from_std(l)?));
+        } else if let Ok(Some(l)) = fds.take_unix_listener(i) {
+            l.set_nonblocking(true)?;
+            out.push(Listener::Unix(tokio::net::UnixListener::from_std(l)?));
+        } else {
+            eprintln!("fake: fd {} is not a stream listener, skipping", 3 + i);
+        }
+    }
+    Ok(out)
+}
+
+struct State {
+    root: Bytes,
+    report: Bytes,
+    health: StatusCode,
+    slow: Duration,
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    st: Arc<State>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let text = |status, body: &'static [u8]| (status, "text/plain", Bytes::from_static(body));
+    let (status, ctype, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") => (StatusCode::OK, "text/plain", st.root.clone()),
+        (&Method::GET, "/healthz") if st.health == StatusCode::OK => text(st.health, b"ok\n"),
+        (&Method::GET, "/healthz") => text(st.health, b"unhealthy\n"),
+        (&Method::GET, "/report") => (StatusCode::OK, "application/json", st.report.clone()),
+        (&Method::GET, "/slow") => {
+            tokio::time::sleep(st.slow).await;
+            text(StatusCode::OK, b"slow done\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, b"not found\n"),
+    };
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    Ok(resp)
+}
+
+fn serve_conn<S>(stream: S, watcher: Watcher, st: Arc<State>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| handle(req, st.clone()));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::spawn(async move {
+        let _ = watcher.watch(conn).await;
+    });
+}
+
+async fn accept_loop(l: Listener, g: Arc<GracefulShutdown>, st: Arc<State>) {
+    loop {
+        let res = match &l {
+            Listener::Tcp(l) => l
+                .accept()
+                .await
+                .map(|(s, _)| serve_conn(s, g.watcher(), st.clone())),
+            Listener::Unix(l) => l
+                .accept()
+                .await
+                .map(|(s, _)| serve_conn(s, g.watcher(), st.clone())),
+        };
+        if let Err(e) = res {
+            eprintln!("fake: accept error: {e}"); // e.g. EMFILE: back off, don't spin
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Starts the forger: a copy of this program in its own process group.
+fn spawn_forger() {
+    let exe = match env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return eprintln!("fake: cannot find own exe: {e}"),
+    };
+    let child = std::process::Command::new(exe)
+        .env("FAKE_ROLE", "forger")
+        .env_remove("TEST_SOCKETFD_REPORT")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .process_group(0)
+        .spawn();
+    match child {
+        // Reap it in the background so it does not linger as a zombie.
+        Ok(mut c) => drop(std::thread::spawn(move || c.wait())),
+        Err(e) => eprintln!("fake: cannot spawn forger: {e}"),
+    }
+}
+
+/// Sends READY=1, or forges it, or never does, per the FAKE_* variables.
+async fn readiness(sent_ready: Arc<AtomicBool>) {
+    if env_flag("FAKE_NOTIFY_FORGE") {
+        spawn_forger();
+        return;
+    }
+    if env_flag("FAKE_NEVER_READY") {
+        eprintln!("fake: never sending READY=1");
+        return;
+    }
+    let delay = Duration::from_millis(env_num("FAKE_READY_DELAY_MS").unwrap_or(0));
+    tokio::time::sleep(delay).await;
+    let status = env::var("FAKE_STATUS").unwrap_or_else(|_| "fake serving".to_string());
+    notify(&format!("READY=1\nSTATUS={status}\n"));
+    sent_ready.store(true, Ordering::SeqCst);
+    eprintln!("fake: ready");
+    if let Some(ms) = env_num("FAKE_CRASH_AFTER_READY_MS") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        eprintln!("fake: crashing with exit code 3");
+        std::process::exit(3);
+    }
+}
+
+async fn run(listeners: Vec<Listener>, st: Arc<State>) -> std::io::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let graceful = Arc::new(GracefulShutdown::new());
+    let pid = std::process::id();
+    eprintln!("fake: pid={pid} serving {} listeners", listeners.len());
+    let mut tasks = Vec::new();
+    for l in listeners {
+        tasks.push(tokio::spawn(accept_loop(l, graceful.clone(), st.clone())));
+    }
+    let sent_ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(readiness(sent_ready.clone()));
+
+    loop {
+        term.recv().await;
+        if !env_flag("FAKE_IGNORE_TERM") {
+            break;
+        }
+        eprintln!("fake: ignoring SIGTERM");
+    }
+    eprintln!("fake: draining");
+    if sent_ready.load(Ordering::SeqCst) {
+        notify("STOPPING=1\n");
+    }
+    for t in &tasks {
+        t.abort(); // drops the listener: stop accepting
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    if let Ok(g) = Arc::try_unwrap(graceful) {
+        if tokio::time::timeout(DRAIN_CAP, g.shutdown()).await.is_err() {
+            eprintln!("fake: drain cap reached");
+        }
+    }
+    eprintln!("fake: drained, exiting");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    if env::var("FAKE_ROLE").is_ok_and(|r| r == "forger") {
+        notify("READY=1\nSTATUS=forged\n");
+        eprintln!("fake: forger pid={} sent READY=1", std::process::id());
+        // Stay alive briefly so the sender pid is still valid when it is checked.
+        std::thread::sleep(Duration::from_secs(2));
+        return ExitCode::SUCCESS;
+    }
+
+    // Before anything opens fds or touches the environment.
+    let report = build_report().to_string();
+    if let Ok(path) = env::var("TEST_SOCKETFD_REPORT") {
+        if let Err(e) = write_atomic(&path, &report) {
+            eprintln!("fake: cannot write report to {path}: {e}");
+        }
+    }
+    for i in 1..=env_num::<u32>("FAKE_STDERR_LINES").unwrap_or(0) {
+        eprintln!("fake: stderr line {i}");
+    }
+    if let Some(code) = env_num::<i32>("FAKE_EXIT_AT_START") {
+        eprintln!("fake: exiting at start with {code}");
+        std::process::exit(code);
+    }
+
+    let pid = std::process::id();
+    let version = env::var("FAKE_VERSION").unwrap_or_else(|_| "fake".to_string());
+    let generation = env::var("BATON_GENERATION").unwrap_or_else(|_| "0".to_string());
+    let health = env_num::<u16>("FAKE_HEALTH_STATUS")
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::OK);
+    let st = Arc::new(State {
+        root: Bytes::from(format!(
+            "version={version} generation={generation} pid={pid}\n"
+        )),
+        report: Bytes::from(report),
+        health,
+        slow: Duration::from_millis(env_num("FAKE_SLOW_MS").unwrap_or(0)),
+    });
+    // Single-threaded: listenfd edits the environment, which is only sound
+    // while no other thread runs; one thread is plenty for tests anyway.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fake: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Taking the fds marks them cloexec, so the forger cannot inherit them.
+    let res = rt.block_on(async { run(take_listeners()?, st).await });
+    if let Err(e) = res {
+        eprintln!("fake: {e}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
