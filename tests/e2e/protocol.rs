@@ -177,3 +177,53 @@ fn env_clear_passes_only_configured_and_protocol_variables() {
         ]
     );
 }
+
+/// Every readiness check gates a real upgrade: `tcp` (the app accepted on
+/// the probe listener), `exec:` (a command exits 0) and `delay:`.
+#[test]
+fn tcp_exec_and_delay_readiness_gate_upgrades() {
+    let fake = bin("test-socketfd");
+    for (ready, via) in [
+        ("tcp", "tcp accept"),
+        ("exec:test \"$BATON_GENERATION\" -ge 1", "exec"),
+        ("delay:50ms", "delay 50ms"),
+    ] {
+        let baton = Baton::start(&[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready",
+            ready,
+            "--",
+            fake.to_str().unwrap(),
+        ]);
+        let out = baton.upgrade_expect(&[], 0);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("generation 2 ready ({via}")),
+            "{ready}: {text}"
+        );
+        assert_eq!(get(baton.addr("http"), "/").unwrap().status, 200);
+    }
+}
+
+#[test]
+fn unix_listener_serves_through_upgrades() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("app.sock");
+    let listen = format!("app=unix:{}", sock.display());
+    let hello = bin("hello");
+    let baton = Baton::spawn(dir, &["--listen", &listen, "--", hello.to_str().unwrap()]);
+    baton.wait_active(1);
+    let ask = || {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(ask().contains("generation=1"));
+    baton.upgrade_expect(&[], 0);
+    assert!(ask().contains("generation=2"));
+}

@@ -41,6 +41,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process; boxing `Run` would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Cmd {
     /// Bind the sockets, start the app and supervise it
     Run(RunArgs),

@@ -126,6 +126,10 @@ fn stopping_error() -> ErrorReply {
     }
 }
 
+/// A readiness check in progress; resolves to how it passed or why not.
+type ReadyCheck =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>;
+
 /// Internal events from the tasks the supervisor started.
 #[derive(Debug)]
 enum Internal {
@@ -1017,9 +1021,7 @@ impl Supervisor {
             crate::config::ListenAddr::Tcp(a) => Some(*a),
             crate::config::ListenAddr::Unix(_) => None,
         });
-        let check: Option<
-            std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>,
-        > = match &config.ready {
+        let check: Option<ReadyCheck> = match &config.ready {
             ReadySpec::Notify => None,
             ReadySpec::Http(path) => {
                 let path = path.clone();
