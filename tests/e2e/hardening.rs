@@ -159,6 +159,13 @@ fn crash_looping_generation_backs_off_capped_and_keeps_sockets() {
     reconfigure(&baton, "", "");
     baton.upgrade_expect(&[], 0);
     assert_eq!(get(addr, "/").unwrap().status, 200);
+    // The crash-looping generation ended with the cutover; no restart is
+    // left pending for it.
+    let g1 = baton.generation(1);
+    assert_eq!(g1["state"], "exited", "{g1}");
+    let restarts = g1["restarts"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(600)); // longer than the capped backoff
+    assert_eq!(baton.generation(1)["restarts"].as_u64().unwrap(), restarts);
 }
 
 #[test]
@@ -547,4 +554,53 @@ fn many_concurrent_and_stalled_control_clients() {
     }
     drop(stalled);
     assert_eq!(baton.status()["active"], 1);
+}
+
+/// Workers that outlive their group leader are killed at the drain
+/// timeout, on upgrade and on stop: nothing is left behind.
+#[test]
+fn group_members_outliving_their_leader_are_killed_after_the_drain_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    write_script(
+        &dir.path().join("app.sh"),
+        "(trap '' TERM; exec sleep 300) &\ntrap 'exit 0' TERM\nwhile :; do sleep 0.05; done",
+    );
+    let mut baton = Baton::spawn(
+        dir,
+        &[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready",
+            "delay:10ms",
+            "--drain-timeout",
+            "1s",
+            "--",
+            "./app.sh",
+        ],
+    );
+    baton.wait_active(1);
+    let first = baton.generation(1)["pid"].as_i64().unwrap() as i32;
+    wait_until("the worker to start", WAIT, || {
+        group_members(first).len() >= 2
+    });
+    baton.upgrade_expect(&[], 0);
+    wait_until("generation 1's worker to be killed", WAIT, || {
+        group_members(first).is_empty()
+    });
+    assert!(baton
+        .stderr
+        .text()
+        .contains("killing processes left in the group"));
+
+    let second = baton.generation(2)["pid"].as_i64().unwrap() as i32;
+    wait_until("the worker to start", WAIT, || {
+        group_members(second).len() >= 2
+    });
+    let out = baton.cli(&["stop"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(baton.wait_exit(WAIT), 0);
+    assert!(
+        group_members(second).is_empty(),
+        "worker left behind after stop"
+    );
 }

@@ -214,6 +214,11 @@ struct Generation {
     upgrade: Option<(u64, Instant)>,
     /// A candidate that failed: ends as `Failed`, not `Exited`.
     failed: bool,
+    /// Process group of the last process, kept while any member may live
+    /// (workers can outlive their leader).
+    pgid: Option<i32>,
+    /// When a draining group gets SIGKILL.
+    drain_deadline: Option<Instant>,
     finished_at: Option<Instant>,
 }
 
@@ -332,7 +337,7 @@ impl Supervisor {
         self.start_first();
         tokio::pin!(shutdown);
         let mut shutdown_done = false;
-        while !(self.stopping && self.all_exited()) {
+        while !(self.stopping && self.all_exited() && !self.reap_leftover_groups()) {
             tokio::select! {
                 // Commands and internal events are both cancel-safe mpsc
                 // receives; shutdown is polled once.
@@ -342,6 +347,10 @@ impl Supervisor {
                     shutdown_done = true;
                     self.stop();
                 }
+                // Stopping, leaders gone, but group members (workers) may
+                // still finish: their exits are not ours to see, so look.
+                () = tokio::time::sleep(Duration::from_millis(50)),
+                    if self.stopping && self.all_exited() => {}
             }
         }
         self.kill_leftovers();
@@ -351,6 +360,30 @@ impl Supervisor {
 
     fn all_exited(&self) -> bool {
         self.generations.values().all(|g| g.process.is_none())
+    }
+
+    /// Forgets process groups that have emptied, SIGKILLs those past their
+    /// drain deadline; true while any remains.
+    fn reap_leftover_groups(&mut self) -> bool {
+        let now = Instant::now();
+        let mut any = false;
+        for g in self.generations.values_mut() {
+            let Some(pgid) = g.pgid else { continue };
+            if !group_alive(pgid) {
+                g.pgid = None;
+                continue;
+            }
+            if g.process.is_none() && g.drain_deadline.is_none_or(|d| now >= d) {
+                tracing::warn!(
+                    generation = g.number,
+                    pgid,
+                    "killing processes left in the generation's group"
+                );
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            }
+            any = true;
+        }
+        any
     }
 
     fn emit(&self, gen: u64, kind: EventKind) {
@@ -459,12 +492,18 @@ impl Supervisor {
             (self.config.clone(), Ok(prev))
         } else {
             let config = self.source.load().map_err(|e| config_error(&e))?;
-            if config.listen != self.config.listen {
+            let fixed = [
+                ("listeners", config.listen != self.config.listen),
+                ("backlog", config.backlog != self.config.backlog),
+                ("control socket", config.control != self.config.control),
+            ];
+            if let Some((what, _)) = fixed.iter().find(|(_, changed)| *changed) {
                 return Err(ErrorReply {
                     kind: ErrorKind::Config,
-                    message: "the configuration changes the listeners; listeners are fixed for \
-                              baton's lifetime (restart baton to change them)"
-                        .into(),
+                    message: format!(
+                        "the configuration changes the {what}, which is fixed for baton's \
+                         lifetime; restart baton to change it"
+                    ),
                 });
             }
             let config = Arc::new(config);
@@ -539,6 +578,8 @@ impl Supervisor {
                 tasks: Vec::new(),
                 upgrade,
                 failed: false,
+                pgid: None,
+                drain_deadline: None,
                 finished_at: None,
             },
         );
@@ -625,15 +666,21 @@ impl Supervisor {
         let release = self.generations[&n].release.clone();
         if is_candidate {
             let up = self.upgrade.take().expect("candidate implies upgrade");
+            // Every other generation still in service: the old active one,
+            // even if it is between crash restarts (then it just ends).
             let older: Vec<u64> = self
                 .generations
                 .values()
-                .filter(|g| g.number != n && g.process.is_some() && g.state != GenState::Draining)
+                .filter(|g| {
+                    g.number != n
+                        && matches!(
+                            g.state,
+                            GenState::Starting | GenState::Ready | GenState::Active
+                        )
+                })
                 .map(|g| g.number)
                 .collect();
-            debug_assert!(
-                old.is_none_or(|o| older.contains(&o) || self.generations[&o].process.is_none())
-            );
+            debug_assert!(old.is_none_or(|o| older.contains(&o)));
             for o in older {
                 self.begin_drain(o, Some((up.id, up.started)));
             }
@@ -652,6 +699,10 @@ impl Supervisor {
     }
 
     fn remember_release(&mut self, release: Release) {
+        // An upgrade to the same release is no new step to roll back from.
+        if self.releases.last() == Some(&release) {
+            return;
+        }
         self.releases.push(release);
         if self.releases.len() > RELEASES_KEPT {
             self.releases.remove(0);
@@ -744,6 +795,7 @@ impl Supervisor {
         let pid = p.pid;
         let signal = gen.config.drain_signal.0;
         let timeout = gen.config.drain_timeout;
+        gen.drain_deadline = Some(Instant::now() + timeout);
         if let Err(e) = killpg(Pid::from_raw(pid), signal) {
             tracing::warn!(generation = n, pid, "sending {signal} failed: {e}");
         }
@@ -770,6 +822,19 @@ impl Supervisor {
         if alive {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
             self.emit(n, EventKind::Killed { pid });
+        } else if self
+            .generations
+            .get(&n)
+            .is_some_and(|g| g.pgid == Some(pid))
+            && group_alive(pid)
+        {
+            // The leader left, but workers in its group outstayed the drain.
+            tracing::warn!(
+                generation = n,
+                pgid = pid,
+                "drain timeout: killing processes left in the group"
+            );
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
 
@@ -788,6 +853,7 @@ impl Supervisor {
         let group_left = group_alive(pid);
         if !group_left {
             gen.abort_tasks();
+            gen.pgid = None;
         } else if gen.state != GenState::Draining {
             // The leader died (crash) but its group lives on: clean up now,
             // a restart must not compete with orphans for the sockets.
@@ -928,15 +994,12 @@ impl Supervisor {
         }
     }
 
-    /// SIGKILLs any process group of ours that outlived its leader.
+    /// Safety net on the way out: nothing of ours outlives baton.
     fn kill_leftovers(&mut self) {
         for g in self.generations.values_mut() {
             g.abort_tasks();
-        }
-        for g in self.generations.values() {
-            let leader = g.process.as_ref().map(|p| p.pid);
-            if let Some(pid) = leader {
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            if let Some(pgid) = g.pgid.filter(|p| group_alive(*p)) {
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
             }
         }
     }
@@ -1087,6 +1150,8 @@ impl Supervisor {
         });
         gen.state = GenState::Starting;
         gen.stderr = tail;
+        gen.pgid = Some(pid);
+        gen.drain_deadline = None;
         gen.probe = probe;
         gen.tasks.extend(tasks);
         gen.status_text = None;
@@ -1285,6 +1350,167 @@ fn log_event(gen: u64, kind: &EventKind) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{FileConfig, Overrides};
+
+    /// A supervisor over a shell "app" (no sockets needed), driven through
+    /// its handle; returns the handle and an event receiver.
+    fn supervisor(
+        script: &str,
+        dir: &std::path::Path,
+    ) -> (
+        Handle,
+        broadcast::Receiver<Event>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let app = dir.join("app.sh");
+        std::fs::write(&app, format!("#!/bin/sh\n{script}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let source = ConfigSource {
+            file: None,
+            overrides: Overrides {
+                command: vec!["./app.sh".into()],
+                ready: Some(ReadySpec::Delay(Duration::from_millis(5))),
+                drain_timeout: Some(Duration::from_secs(5)),
+                control: Some(dir.join("unused.sock")),
+                ..Default::default()
+            },
+            base_dir: dir.to_owned(),
+        };
+        let config = Config::merge(FileConfig::default(), &source.overrides, dir).unwrap();
+        let notify = NotifySocket::bind(&dir.join("notify.sock")).unwrap();
+        let sup = Supervisor::new(source, config, Vec::new(), notify);
+        let handle = sup.handle();
+        let events = handle.subscribe();
+        let task = tokio::spawn(sup.run(std::future::pending()));
+        (handle, events, task)
+    }
+
+    const SERVE: &str = "trap 'exit 0' TERM\nwhile :; do sleep 0.02; done 2>/dev/null";
+
+    /// Collects events until `stop` matches one (bounded in time).
+    async fn until(
+        events: &mut broadcast::Receiver<Event>,
+        stop: impl Fn(&Event) -> bool,
+    ) -> Vec<Event> {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let ev = tokio::time::timeout_at(deadline, events.recv())
+                .await
+                .unwrap_or_else(|_| panic!("timed out; events so far: {seen:#?}"))
+                .unwrap();
+            let done = stop(&ev);
+            seen.push(ev);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    fn names(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| {
+                let v = serde_json::to_value(&e.kind).unwrap();
+                format!("{}:{}", e.generation, v["event"].as_str().unwrap())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn upgrade_phases_are_published_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (handle, mut events, task) = supervisor(SERVE, dir.path());
+        until(&mut events, |e| matches!(e.kind, EventKind::Active { .. })).await;
+        assert_eq!(handle.upgrade(Trigger::Control, false).await, Ok(2));
+        let seen = until(&mut events, |e| {
+            e.generation == 1 && matches!(e.kind, EventKind::Exited { .. })
+        })
+        .await;
+        assert_eq!(
+            names(&seen),
+            [
+                "2:upgrade_requested",
+                "2:spawned",
+                "2:ready",
+                "2:active",
+                "1:draining",
+                "2:upgrade_succeeded",
+                "1:exited"
+            ]
+        );
+        assert!(seen.iter().all(|e| e.upgrade == Some(2)), "{seen:#?}");
+        let status = handle.status().await.unwrap();
+        assert_eq!(status.active, Some(2));
+        assert_eq!(
+            status
+                .generations
+                .iter()
+                .find(|g| g.number == 1)
+                .unwrap()
+                .state,
+            GenState::Exited
+        );
+        handle.stop().await;
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn same_release_twice_is_not_a_rollback_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let (handle, mut events, task) = supervisor(SERVE, dir.path());
+        until(&mut events, |e| matches!(e.kind, EventKind::Active { .. })).await;
+        handle.upgrade(Trigger::Control, false).await.unwrap();
+        until(&mut events, |e| {
+            matches!(e.kind, EventKind::UpgradeSucceeded)
+        })
+        .await;
+        let err = handle.upgrade(Trigger::Control, true).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NoPrevious);
+        handle.stop().await;
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn busy_and_stopping_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let (handle, mut events, task) = supervisor(SERVE, dir.path());
+        until(&mut events, |e| matches!(e.kind, EventKind::Active { .. })).await;
+        // Two requests back to back: the second finds the first running.
+        let first = handle.upgrade(Trigger::Control, false).await;
+        let second = handle.upgrade(Trigger::Control, false).await;
+        assert_eq!(first, Ok(2));
+        assert_eq!(second.unwrap_err().kind, ErrorKind::Busy);
+        handle.stop().await;
+        let err = handle.upgrade(Trigger::Control, false).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Stopping);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn cutover_ends_a_generation_waiting_to_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        // Crashes at once while no "fixed" file exists.
+        let script = format!("[ -e fixed ] || exit 3\n{SERVE}");
+        let (handle, mut events, task) = supervisor(&script, dir.path());
+        until(&mut events, |e| {
+            matches!(e.kind, EventKind::Restarting { restarts: 2, .. })
+        })
+        .await;
+        std::fs::write(dir.path().join("fixed"), "").unwrap();
+        let id = handle.upgrade(Trigger::Control, false).await.unwrap();
+        until(&mut events, |e| {
+            e.generation == id && matches!(e.kind, EventKind::UpgradeSucceeded)
+        })
+        .await;
+        let s = handle.status().await.unwrap();
+        let g1 = s.generations.iter().find(|g| g.number == 1).unwrap();
+        assert_eq!(g1.state, GenState::Exited, "{s:#?}");
+        assert_eq!(s.active, Some(id));
+        handle.stop().await;
+        task.await.unwrap();
+    }
 
     #[test]
     fn backoff_doubles_caps_and_resets() {
