@@ -34,6 +34,28 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A baton.toml running the fake app (`test-socketfd`) on one loopback
+/// listener: `top` holds extra top-level lines (`ready = "tcp"`), `env`
+/// extra `[env]` lines (`FAKE_NEVER_READY = "1"`).
+pub fn fake_config(top: &str, env: &str) -> String {
+    format!(
+        r#"command = ["{}"]
+ready_timeout = "3s"
+drain_timeout = "5s"
+{top}
+
+[env]
+FAKE_VERSION = "good"
+{env}
+
+[[listen]]
+name = "http"
+address = "127.0.0.1:0"
+"#,
+        bin("test-socketfd").display()
+    )
+}
+
 /// Path of a file in the repository.
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -125,6 +147,21 @@ impl Baton {
         let b = Self::spawn(tempfile::tempdir().unwrap(), args);
         b.wait_active(1);
         b
+    }
+
+    /// Starts `baton run --config baton.toml FLAGS` with `config` written
+    /// into a fresh temp dir, without waiting.
+    pub fn with_config(config: &str, flags: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("baton.toml"), config).unwrap();
+        let mut args = vec!["--config", "baton.toml"];
+        args.extend_from_slice(flags);
+        Self::spawn(dir, &args)
+    }
+
+    /// Rewrites the config file (read again at the next upgrade).
+    pub fn reconfigure(&self, config: &str) {
+        std::fs::write(self.path("baton.toml"), config).unwrap();
     }
 
     /// Starts `baton run ARGS` in `dir` without waiting.
@@ -527,9 +564,17 @@ fn client_loop(
     let mut conn: Option<TcpStream> = None;
     let record_err = |e: String| {
         c.failed.fetch_add(1, Ordering::Relaxed);
+        // Wall-clock time, to line the error up with baton's log.
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         let mut errs = relock(errors);
         if errs.len() < 100 {
-            errs.push(e);
+            errs.push(format!(
+                "{e} (at {}.{:06} {mode:?})",
+                at.as_secs(),
+                at.subsec_micros()
+            ));
         }
     };
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
@@ -631,4 +676,33 @@ pub fn write_script(path: &Path, body: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Waits until process `pid` holds the server side of `client`'s TCP
+/// connection (it has accept()ed it), by matching socket inodes in
+/// /proc/net/tcp and /proc/PID/fd.
+pub fn wait_accepted_by(pid: i32, client: &TcpStream) {
+    let local = client.local_addr().unwrap();
+    let peer = client.peer_addr().unwrap();
+    // /proc/net/tcp shows ports in hex; the server side has local=peer.
+    let key = format!(":{:04X} ", peer.port());
+    let rem = format!(":{:04X} ", local.port());
+    wait_until(&format!("pid {pid} to accept {local}"), WAIT, || {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        let inode = table.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (l_addr, r_addr) = (format!("{} ", f.get(1)?), format!("{} ", f.get(2)?));
+            (l_addr.ends_with(&key) && r_addr.ends_with(&rem))
+                .then(|| f.get(9).map(|s| s.to_string()))?
+        });
+        let Some(inode) = inode else { return false };
+        let target = format!("socket:[{inode}]");
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten().any(|e| {
+                    std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy() == target)
+                })
+            })
+            .unwrap_or(false)
+    });
 }

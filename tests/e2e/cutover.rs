@@ -136,3 +136,41 @@ fn symlinked_release_is_honoured_and_rollback_returns() {
     load.wait_requests(10);
     load.finish().assert_no_failures();
 }
+
+/// A client that connected just before the drain signal, but had not yet
+/// sent its request, is still answered by the old generation: it cannot
+/// know the server is leaving. (The Rust example once exited under such
+/// connections.)
+fn connection_accepted_before_the_drain_gets_its_answer(command: &[&str]) {
+    let mut args = vec!["--listen", "http=127.0.0.1:0", "--"];
+    args.extend_from_slice(command);
+    let baton = Baton::start(&args);
+    let addr = baton.addr("http");
+    let old = baton.generation(1)["pid"].as_i64().unwrap() as i32;
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    wait_accepted_by(old, &conn);
+    baton.upgrade_expect(&["--no-wait-drain"], 0);
+    baton
+        .stderr
+        .wait_for(&["generation draining", "generation=1 "], 1, WAIT);
+    let r = roundtrip(&mut conn, "/", false)
+        .unwrap_or_else(|e| panic!("old generation dropped the connection: {e:?}"));
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("generation=1"), "{}", r.body);
+    baton
+        .stderr
+        .wait_for(&["generation exited", "generation=1 "], 1, WAIT);
+}
+
+#[test]
+fn rust_example_answers_connections_accepted_before_the_drain() {
+    connection_accepted_before_the_drain_gets_its_answer(&[bin("hello").to_str().unwrap()]);
+}
+
+#[test]
+fn python_example_answers_connections_accepted_before_the_drain() {
+    let script = repo_path("examples/python/hello.py");
+    connection_accepted_before_the_drain_gets_its_answer(&["python3", script.to_str().unwrap()]);
+}

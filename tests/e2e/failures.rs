@@ -4,38 +4,20 @@ use std::time::Duration;
 
 use baton_e2e::*;
 
-/// A config file for the fake app; `extra` is appended to `[env]`.
-fn fake_config(ready: &str, extra_env: &str) -> String {
-    format!(
-        r#"command = ["{}"]
-ready = "{ready}"
-ready_timeout = "3s"
-drain_timeout = "3s"
-
-[env]
-FAKE_VERSION = "good"
-{extra_env}
-
-[[listen]]
-name = "http"
-address = "127.0.0.1:0"
-"#,
-        bin("test-socketfd").display()
-    )
+fn ready(check: &str) -> String {
+    format!("ready = \"{check}\"")
 }
 
-fn start_fake(ready: &str) -> Baton {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("baton.toml"), fake_config(ready, "")).unwrap();
-    let baton = Baton::spawn(dir, &["--config", "baton.toml"]);
+fn start_fake(check: &str) -> Baton {
+    let baton = Baton::with_config(&fake_config(&ready(check), ""), &[]);
     baton.wait_active(1);
     baton
 }
 
 /// Upgrades to a candidate configured with `extra_env` and expects exit 1
 /// mentioning `reason`, with the old generation still serving.
-fn failed_upgrade(baton: &Baton, ready: &str, extra_env: &str, reason: &str) -> String {
-    std::fs::write(baton.path("baton.toml"), fake_config(ready, extra_env)).unwrap();
+fn failed_upgrade(baton: &Baton, check: &str, extra_env: &str, reason: &str) -> String {
+    baton.reconfigure(&fake_config(&ready(check), extra_env));
     let out = baton.upgrade_expect(&[], 1);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.contains(reason), "expected {reason:?} in:\n{text}");
@@ -92,22 +74,12 @@ fn failed_candidates_leave_the_old_generation_serving() {
         ("command = [\"./noexec\"]", "not executable"),
         ("cwd = \"missing-dir\"", "missing-dir"),
     ] {
-        let conf = fake_config("notify", "").replacen(
-            &format!("command = [\"{}\"]", bin("test-socketfd").display()),
-            &format!("command = [\"{}\"]\n{bad}", bin("test-socketfd").display()),
-            1,
-        );
-        // The later key wins only if it replaces; write the bad line alone.
-        let conf = if bad.starts_with("command") {
-            conf.replacen(
-                &format!("command = [\"{}\"]\n", bin("test-socketfd").display()),
-                "",
-                1,
-            )
-        } else {
-            conf
+        let fake = format!("[\"{}\"]", bin("test-socketfd").display());
+        let conf = match bad.strip_prefix("command = ") {
+            Some(cmd) => fake_config(&ready("notify"), "").replacen(&fake, cmd, 1),
+            None => fake_config(&format!("{}\n{bad}", ready("notify")), ""),
         };
-        std::fs::write(baton.path("baton.toml"), conf).unwrap();
+        baton.reconfigure(&conf);
         let out = baton.upgrade_expect(&[], 1);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains(reason), "expected {reason:?} in:\n{text}");
@@ -149,16 +121,13 @@ fn bad_config_on_upgrade_is_a_usage_error_and_harms_nothing() {
 
 #[test]
 fn old_generation_ignoring_sigterm_is_killed_after_drain_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("baton.toml"),
-        fake_config("notify", "FAKE_IGNORE_TERM = \"1\""),
-    )
-    .unwrap();
-    let baton = Baton::spawn(dir, &["--config", "baton.toml", "--drain-timeout", "1s"]);
+    let baton = Baton::with_config(
+        &fake_config(&ready("notify"), "FAKE_IGNORE_TERM = \"1\""),
+        &["--drain-timeout", "1s"],
+    );
     baton.wait_active(1);
     let old_pid = baton.generation(1)["pid"].as_i64().unwrap() as i32;
-    std::fs::write(baton.path("baton.toml"), fake_config("notify", "")).unwrap();
+    baton.reconfigure(&fake_config(&ready("notify"), ""));
     let out = baton.upgrade_expect(&[], 0);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -172,11 +141,10 @@ fn old_generation_ignoring_sigterm_is_killed_after_drain_timeout() {
 #[test]
 fn concurrent_upgrade_is_refused_while_one_runs() {
     let baton = start_fake("notify");
-    std::fs::write(
-        baton.path("baton.toml"),
-        fake_config("notify", "FAKE_READY_DELAY_MS = \"1500\""),
-    )
-    .unwrap();
+    baton.reconfigure(&fake_config(
+        &ready("notify"),
+        "FAKE_READY_DELAY_MS = \"1500\"",
+    ));
     let first = std::process::Command::new(bin("baton"))
         .arg("--control")
         .arg(&baton.control)

@@ -7,35 +7,12 @@ use std::time::Duration;
 
 use baton_e2e::*;
 
-fn fake_config(env: &str, extra: &str) -> String {
-    format!(
-        r#"command = ["{}"]
-ready_timeout = "5s"
-drain_timeout = "5s"
-{extra}
-
-[env]
-FAKE_VERSION = "good"
-{env}
-
-[[listen]]
-name = "http"
-address = "127.0.0.1:0"
-"#,
-        bin("test-socketfd").display()
-    )
+fn start(env: &str, top: &str, flags: &[&str]) -> Baton {
+    Baton::with_config(&fake_config(top, env), flags)
 }
 
-fn start(env: &str, extra: &str, flags: &[&str]) -> Baton {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("baton.toml"), fake_config(env, extra)).unwrap();
-    let mut args = vec!["--config", "baton.toml"];
-    args.extend_from_slice(flags);
-    Baton::spawn(dir, &args)
-}
-
-fn reconfigure(baton: &Baton, env: &str, extra: &str) {
-    std::fs::write(baton.path("baton.toml"), fake_config(env, extra)).unwrap();
+fn reconfigure(baton: &Baton, env: &str, top: &str) {
+    baton.reconfigure(&fake_config(top, env));
 }
 
 fn signal(pid: u32, sig: nix::sys::signal::Signal) {
@@ -265,17 +242,10 @@ fn control_client_disconnecting_mid_upgrade_changes_nothing() {
 
 #[test]
 fn hundred_upgrades_leak_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("report.json");
-    std::fs::write(
-        dir.path().join("baton.toml"),
-        fake_config(
-            &format!("TEST_SOCKETFD_REPORT = \"{}\"", report.display()),
-            "",
-        ),
-    )
-    .unwrap();
-    let baton = Baton::spawn(dir, &["--config", "baton.toml"]);
+    let out = tempfile::tempdir().unwrap();
+    let report = out.path().join("report.json");
+    let report_env = format!("TEST_SOCKETFD_REPORT = \"{}\"", report.display());
+    let baton = start(&report_env, "", &[]);
     baton.wait_active(1);
     let pid = baton.pid();
     // Warm up (lazily allocated buffers, thread pools), then measure.
@@ -399,7 +369,7 @@ fn other_uids_are_refused_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("baton.toml"),
-        fake_config("", "control_allow_uids = [65533]"),
+        fake_config("control_allow_uids = [65533]", ""),
     )
     .unwrap();
     let baton = Baton::spawn(dir, &["--config", "baton.toml"]);

@@ -10,6 +10,21 @@ fn read_report(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
+/// Runs the fake app under baton with `flags` before `--`; returns baton
+/// (generation 1 active) and the fake's report.
+fn run_fake(flags: &[&str]) -> (Baton, Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let report_path = dir.path().join("report.json");
+    let env = format!("TEST_SOCKETFD_REPORT={}", report_path.display());
+    let fake = bin("test-socketfd");
+    let mut args = flags.to_vec();
+    args.extend_from_slice(&["--env", &env, "--", fake.to_str().unwrap()]);
+    let baton = Baton::spawn(dir, &args);
+    baton.wait_active(1);
+    let report = read_report(&report_path);
+    (baton, report)
+}
+
 fn open_fds(report: &Value) -> Vec<i64> {
     report["fds"]
         .as_array()
@@ -107,25 +122,7 @@ fn child_receives_exactly_the_declared_sockets() {
 
 #[test]
 fn http_readiness_adds_the_private_probe_listener_last() {
-    let dir = tempfile::tempdir().unwrap();
-    let report_path = dir.path().join("report.json");
-    let env = format!("TEST_SOCKETFD_REPORT={}", report_path.display());
-    let fake = bin("test-socketfd");
-    let baton = Baton::spawn(
-        dir,
-        &[
-            "--listen",
-            "http=127.0.0.1:0",
-            "--ready",
-            "http:/healthz",
-            "--env",
-            &env,
-            "--",
-            fake.to_str().unwrap(),
-        ],
-    );
-    baton.wait_active(1);
-    let r = read_report(&report_path);
+    let (baton, r) = run_fake(&["--listen", "http=127.0.0.1:0", "--ready", "http:/healthz"]);
     assert_eq!(r["listen_fds"], "2");
     assert_eq!(r["listen_fdnames"], "http:baton-probe");
     assert_eq!(open_fds(&r), vec![0, 1, 2, 3, 4]);
@@ -137,26 +134,13 @@ fn http_readiness_adds_the_private_probe_listener_last() {
 
 #[test]
 fn env_clear_passes_only_configured_and_protocol_variables() {
-    let dir = tempfile::tempdir().unwrap();
-    let report_path = dir.path().join("report.json");
-    let env = format!("TEST_SOCKETFD_REPORT={}", report_path.display());
-    let fake = bin("test-socketfd");
-    let baton = Baton::spawn(
-        dir,
-        &[
-            "--listen",
-            "http=127.0.0.1:0",
-            "--env-clear",
-            "--env",
-            &env,
-            "--env",
-            "A=b",
-            "--",
-            fake.to_str().unwrap(),
-        ],
-    );
-    baton.wait_active(1);
-    let r = read_report(&report_path);
+    let (_baton, r) = run_fake(&[
+        "--listen",
+        "http=127.0.0.1:0",
+        "--env-clear",
+        "--env",
+        "A=b",
+    ]);
     let mut keys: Vec<&str> = r["env"]
         .as_object()
         .unwrap()

@@ -149,7 +149,7 @@ fn respond(req: &Request<Incoming>, root: &Bytes) -> Response<Full<Bytes>> {
     resp
 }
 
-fn serve_conn<S>(stream: S, mut drain: Drain, root: Bytes)
+fn serve_conn<S>(stream: S, drain: Drain, root: Bytes)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -168,6 +168,10 @@ where
         .timer(TokioTimer::new())
         .serve_connection(TokioIo::new(stream), svc);
     tokio::spawn(async move {
+        // Bind the whole struct: an `async move` block that only touched
+        // `drain.draining` would capture just that field (edition 2021),
+        // drop `_live` early, and let the process exit under this request.
+        let mut drain = drain;
         tokio::pin!(conn);
         // Per-connection errors are client resets/timeouts: nothing to do.
         loop {
