@@ -211,12 +211,21 @@ fn child_after_fork(ctx: ChildContext<'_>) -> ! {
     // SAFETY (whole block): only async-signal-safe libc calls, on memory
     // allocated before the fork and owned by this (single-threaded) child.
     unsafe {
-        // Signals: clear the mask and restore SIGPIPE (Rust ignores it, and
-        // ignored dispositions survive exec). Handled ones reset at exec.
+        // Signals: clear the mask and restore every default disposition.
+        // Ignored ones survive exec: Rust ignores SIGPIPE, and whoever
+        // started baton may have ignored others (nohup, shells).
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        // Linux has signals 1..=64 (_NSIG - 1).
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                // Fails harmlessly for numbers that are not signals.
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
 
         // Own process group, so signals can reach the whole generation.
         if libc::setpgid(0, 0) != 0 {
