@@ -166,6 +166,11 @@ impl Baton {
 
     /// Starts `baton run ARGS` in `dir` without waiting.
     pub fn spawn(dir: tempfile::TempDir, args: &[&str]) -> Self {
+        Self::spawn_with_env(dir, args, &[])
+    }
+
+    /// [`Baton::spawn`] with extra environment variables for baton itself.
+    pub fn spawn_with_env(dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Self {
         let control = dir.path().join("ctl/control.sock");
         let mut full = vec![
             "--control".to_owned(),
@@ -177,6 +182,7 @@ impl Baton {
             .args(&full)
             .current_dir(dir.path())
             .env("BATON_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

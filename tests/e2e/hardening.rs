@@ -374,14 +374,16 @@ fn other_uids_are_refused_unless_allowed() {
     .unwrap();
     let baton = Baton::spawn(dir, &["--config", "baton.toml"]);
     baton.wait_active(1);
-    // Open the file system path so only SO_PEERCRED stands in the way.
+    // With allowed uids, baton makes the socket reachable (0666 in a 0711
+    // directory) and SO_PEERCRED decides; the operator only opens the path
+    // above it (here the test's temp dir).
     std::fs::set_permissions(baton.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(
-        baton.control.parent().unwrap(),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
-    std::fs::set_permissions(&baton.control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mode = std::fs::metadata(&baton.control)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o666);
     let as_uid = |uid: u32| {
         use std::os::unix::process::CommandExt;
         std::process::Command::new(bin("baton"))
@@ -424,7 +426,11 @@ fn runs_generations_as_the_configured_user_and_group() {
     let listen = format!("http=127.0.0.1:{port}");
     let env = format!("TEST_SOCKETFD_REPORT={}", report.display());
     let fake = bin("test-socketfd");
-    let baton = Baton::spawn(
+    // A private per-user runtime dir (as in a root login shell) must not
+    // put the notify socket out of the app's reach.
+    let xdg = tempfile::tempdir().unwrap();
+    let xdg_path = xdg.path().to_str().unwrap().to_owned();
+    let baton = Baton::spawn_with_env(
         dir,
         &[
             "--listen",
@@ -436,6 +442,7 @@ fn runs_generations_as_the_configured_user_and_group() {
             "--",
             fake.to_str().unwrap(),
         ],
+        &[("XDG_RUNTIME_DIR", &xdg_path)],
     );
     baton.wait_active(1);
     wait_until("report", WAIT, || report.exists());
@@ -573,4 +580,63 @@ fn group_members_outliving_their_leader_are_killed_after_the_drain_timeout() {
         group_members(second).is_empty(),
         "worker left behind after stop"
     );
+}
+
+/// Many generations whose workers outlive their leader: none is forgotten
+/// (pruned from the state) while its group lives, so `stop` still finds
+/// and ends every worker.
+#[test]
+fn stop_ends_workers_of_long_finished_generations() {
+    let dir = tempfile::tempdir().unwrap();
+    write_script(
+        &dir.path().join("app.sh"),
+        "(trap '' TERM; exec sleep 300) &\ntrap 'exit 0' TERM\nwhile :; do sleep 0.05; done",
+    );
+    let mut baton = Baton::spawn(
+        dir,
+        &[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready",
+            "delay:10ms",
+            "--drain-timeout",
+            "3s",
+            "--",
+            "./app.sh",
+        ],
+    );
+    baton.wait_active(1);
+    for _ in 0..11 {
+        baton.upgrade_expect(&[], 0);
+    }
+    let leaders: Vec<i32> = baton
+        .stderr
+        .all()
+        .iter()
+        .filter(|l| l.contains("generation started"))
+        .filter_map(|l| l.split("pid=").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(leaders.len(), 12);
+    let out = baton.cli(&["stop"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(baton.wait_exit(WAIT), 0);
+    for pgid in leaders {
+        assert!(
+            group_members(pgid).is_empty(),
+            "a worker of group {pgid} outlived baton"
+        );
+    }
+}
+
+/// READY=1 sent with a passed descriptor (FDSTORE=1) still counts; the
+/// descriptor is closed, and nothing stalls.
+#[test]
+fn ready_with_passed_fds_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    write_script(
+        &dir.path().join("app.py"),
+        "exec python3 -c 'import os, socket, time\ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\ns.connect(os.environ[\"NOTIFY_SOCKET\"])\nsocket.send_fds(s, [b\"READY=1\\nFDSTORE=1\"], [0, 1])\ntime.sleep(300)'",
+    );
+    let baton = Baton::spawn(dir, &["--listen", "http=127.0.0.1:0", "--", "./app.py"]);
+    baton.wait_active(1);
 }

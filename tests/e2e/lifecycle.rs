@@ -130,3 +130,38 @@ fn cli_without_supervisor_exits_2() {
     assert_eq!(out.status.code(), Some(2), "{}", describe_output(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the supervisor"));
 }
+
+/// The start-up check resolves the program exactly as the spawn will
+/// (with the app's PATH, after --env-clear), so it fails before binding
+/// with exit 2 instead of failing later.
+#[test]
+fn program_missing_from_the_apps_path_is_a_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    write_script(&dir.path().join("bin/myserver"), "exec sleep 300");
+    let path = format!(
+        "{}:{}",
+        dir.path().join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut baton = Baton::spawn_with_env(
+        dir,
+        &[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--env-clear",
+            "--",
+            "myserver",
+        ],
+        &[("PATH", &path)],
+    );
+    assert_eq!(baton.wait_exit(WAIT), 2, "{}", baton.logs());
+    assert!(
+        baton.stderr.text().contains("\"myserver\" not found"),
+        "{}",
+        baton.logs()
+    );
+    assert!(
+        !baton.stderr.text().contains("listening"),
+        "bound before failing"
+    );
+}

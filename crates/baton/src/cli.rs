@@ -17,7 +17,6 @@ use crate::config::{self, ConfigSource, ListenSpec, Overrides, ReadySpec, Signal
 use crate::control;
 use crate::listener;
 use crate::notify::NotifySocket;
-use crate::process::Release;
 use crate::protocol::{ErrorKind, EventKind, GenState, Reply, Request, Status};
 use crate::supervisor::{error_chain, Supervisor};
 
@@ -200,16 +199,7 @@ async fn run_supervisor(args: RunArgs, control: Option<PathBuf>) -> u8 {
     };
     // Everything that can be checked is checked before the first bind, so
     // a bad invocation starts nothing.
-    let path = config
-        .env
-        .get("PATH")
-        .cloned()
-        .or_else(|| std::env::var("PATH").ok());
-    if let Err(e) = Release::resolve(
-        &config.cwd,
-        &config.command,
-        path.as_deref().map(std::ffi::OsStr::new),
-    ) {
+    if let Err(e) = crate::supervisor::resolve_release(&config) {
         return fail(EXIT_USAGE, &e);
     }
     if (config.user.is_some() || config.group.is_some()) && !nix::unistd::geteuid().is_root() {
@@ -223,11 +213,12 @@ async fn run_supervisor(args: RunArgs, control: Option<PathBuf>) -> u8 {
     for l in &listeners {
         tracing::info!(name = %l.name, address = %l.address, "listening");
     }
-    let control_listener = match control::bind(&config.control) {
-        Ok(l) => l,
-        Err(e) => return fail(EXIT_USAGE, &e),
-    };
-    let runtime_dir = match notify_dir() {
+    let control_listener =
+        match control::bind(&config.control, !config.control_allow_uids.is_empty()) {
+            Ok(l) => l,
+            Err(e) => return fail(EXIT_USAGE, &e),
+        };
+    let runtime_dir = match notify_dir(config.user.is_some() || config.group.is_some()) {
         Ok(d) => d,
         Err(e) => return fail(EXIT_USAGE, &e),
     };
@@ -242,22 +233,34 @@ async fn run_supervisor(args: RunArgs, control: Option<PathBuf>) -> u8 {
     tracing::info!(control = %control_path.display(), pid = std::process::id(), "supervisor started");
     let server = tokio::spawn(control::serve(control_listener, handle.clone(), allowed));
     let signals = tokio::spawn(handle_signals(handle));
-    supervisor.run(std::future::pending()).await;
+    let result = supervisor.run(std::future::pending()).await;
     server.abort();
     signals.abort();
     let _ = std::fs::remove_file(&control_path);
     drop(runtime_dir);
-    EXIT_OK
+    match result {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            eprintln!("baton: error: cannot start the app: {e}");
+            EXIT_USAGE
+        }
+    }
 }
 
 /// A private directory for the notify socket, reachable (0711) by apps
-/// that run as another user.
-fn notify_dir() -> std::io::Result<tempfile::TempDir> {
+/// that run as another user. With `--user`, `$XDG_RUNTIME_DIR` (a 0700
+/// per-user directory) would be out of the app's reach, so the system
+/// runtime dir (or the temp dir) is used instead.
+fn notify_dir(other_user: bool) -> std::io::Result<tempfile::TempDir> {
     use std::os::unix::fs::PermissionsExt;
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
+    let base = if other_user {
+        Some(PathBuf::from("/run")).filter(|d| d.is_dir())
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+    }
+    .unwrap_or_else(std::env::temp_dir);
     let dir = tempfile::Builder::new().prefix("baton-").tempdir_in(base)?;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
     Ok(dir)

@@ -23,6 +23,14 @@ pub const DEFAULT_BACKLOG: u32 = 4096;
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Variables baton sets for every generation; configuration may not.
+pub const PROTOCOL_ENV: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "LISTEN_PID",
+    "NOTIFY_SOCKET",
+    "BATON_GENERATION",
+];
 /// Fd name of the private per-generation probe listener.
 pub const PROBE_FD_NAME: &str = "baton-probe";
 
@@ -492,6 +500,11 @@ impl Config {
                     "bad environment variable name {k:?}"
                 )));
             }
+            if PROTOCOL_ENV.contains(&k.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "environment variable {k} is set by baton and cannot be configured"
+                )));
+            }
         }
         let env_inherit = if flags.env_clear {
             EnvInherit::All(false)
@@ -730,6 +743,12 @@ address = "127.0.0.1:1"
         };
         let err = Config::merge(FileConfig::default(), &flags, Path::new("/")).unwrap_err();
         assert!(err.to_string().contains("\"b\""), "{err}");
+        let flags = Overrides {
+            env: vec![("NOTIFY_SOCKET".into(), "/tmp/x".into())],
+            ..flags_with_cmd()
+        };
+        let err = Config::merge(FileConfig::default(), &flags, Path::new("/")).unwrap_err();
+        assert!(err.to_string().contains("NOTIFY_SOCKET"), "{err}");
         let err = Config::merge(FileConfig::default(), &Overrides::default(), Path::new("/"))
             .unwrap_err();
         assert!(err.to_string().contains("no command"));

@@ -51,9 +51,14 @@ pub enum ControlError {
 }
 
 /// Creates the control socket: its directory is created 0700 if missing,
-/// and must not be writable by others; the socket itself is 0600. A stale
-/// socket file is replaced, a live one is an error.
-pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+/// must be a real directory (not a symlink), owned by us or root and not
+/// writable by others; the socket itself is 0600. A stale socket file is
+/// replaced, a live one or any other kind of file is an error.
+///
+/// With `open_to_others` (some uids are allowed besides ours), a created
+/// directory is 0711 and the socket 0666, so those users can reach it;
+/// SO_PEERCRED then decides who may talk.
+pub fn bind(path: &Path, open_to_others: bool) -> Result<UnixListener, ControlError> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let setup = |what: &str, source| ControlError::Setup {
         path: path.to_owned(),
@@ -67,20 +72,28 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            .mode(if open_to_others { 0o711 } else { 0o700 })
             .create(dir)
             .map_err(|e| setup("creating its directory", e))?;
     }
-    let meta = std::fs::metadata(dir).map_err(|e| setup("reading its directory", e))?;
+    // Not followed: a symlinked directory could be swapped under us.
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| setup("reading its directory", e))?;
     // Anyone who can write the directory could replace the socket file.
     let own = nix::unistd::geteuid().as_raw();
-    if meta.mode() & 0o002 != 0 || (meta.uid() != own && meta.uid() != 0) {
+    if !meta.is_dir() || meta.mode() & 0o002 != 0 || (meta.uid() != own && meta.uid() != 0) {
         return Err(setup(
-            "its directory is writable by others or owned by another user; choose a private directory",
+            "its directory is a symlink, writable by others or owned by another user; choose a private directory",
             std::io::Error::from(std::io::ErrorKind::PermissionDenied),
         ));
     }
-    if std::fs::symlink_metadata(path).is_ok() {
+    if let Ok(existing) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !existing.file_type().is_socket() {
+            return Err(setup(
+                "a file that is not a socket is in the way",
+                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            ));
+        }
         match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => {
                 return Err(setup(
@@ -100,8 +113,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
             .map_err(|e| setup("creating", e))?;
         let addr = socket2::SockAddr::unix(path).map_err(|e| setup("bad path", e))?;
         sock.bind(&addr).map_err(|e| setup("binding", e))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| setup("setting mode 0600", e))?;
+        let mode = if open_to_others { 0o666 } else { 0o600 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| setup("setting its mode", e))?;
         sock.listen(1024).map_err(|e| setup("listening", e))?;
         sock.set_nonblocking(true)
             .map_err(|e| setup("configuring", e))?;
@@ -284,7 +298,15 @@ async fn upgrade(handle: Handle, rollback: bool, wait_drain: bool) -> Response<R
             let ev = match events.recv().await {
                 Ok(ev) => ev,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    // Missed events may include the outcome: if the upgrade
+                    // has ended, take it from the state instead.
                     tracing::warn!("control stream missed {n} events");
+                    if outcome.is_none() {
+                        outcome = outcome_from_status(&handle, id).await;
+                    }
+                    if outcome.is_some() {
+                        break;
+                    }
                     continue;
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
@@ -320,7 +342,7 @@ async fn upgrade(handle: Handle, rollback: bool, wait_drain: bool) -> Response<R
                 _ => {}
             }
             // A closed client just stops the stream; the upgrade goes on.
-            if tx.send(line(&Reply::Event(ev))).await.is_err() {
+            if !send_line(&tx, line(&Reply::Event(ev))).await {
                 return;
             }
             if outcome.is_some() && (!wait_drain || draining.is_empty()) {
@@ -329,7 +351,7 @@ async fn upgrade(handle: Handle, rollback: bool, wait_drain: bool) -> Response<R
         }
         if let Some(mut outcome) = outcome {
             outcome.active = handle.status().await.and_then(|s| s.active);
-            let _ = tx.send(line(&Reply::Done(outcome))).await;
+            send_line(&tx, line(&Reply::Done(outcome))).await;
         }
     });
     let mut res = Response::new(http_body_util::Either::Right(ChannelBody(rx)));
@@ -338,6 +360,40 @@ async fn upgrade(handle: Handle, rollback: bool, wait_drain: bool) -> Response<R
         hyper::header::HeaderValue::from_static("application/x-ndjson"),
     );
     res
+}
+
+/// A client that stops reading for this long is dropped (the upgrade
+/// itself goes on regardless).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Queues one line for the client; false if it is gone or stuck.
+async fn send_line(tx: &mpsc::Sender<Bytes>, line: Bytes) -> bool {
+    matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, tx.send(line)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// The outcome of upgrade `id` read from the supervisor's state, once it
+/// is no longer in progress.
+async fn outcome_from_status(handle: &Handle, id: u64) -> Option<Outcome> {
+    let status = handle.status().await?;
+    if status.upgrading == Some(id) {
+        return None;
+    }
+    // Becoming active is what success means; a later upgrade cannot have
+    // replaced it yet in the moment since it ended, barring a tight race.
+    let success = status.active == Some(id);
+    Some(Outcome {
+        upgrade: id,
+        success,
+        active: status.active,
+        elapsed_us: 0,
+        reason: (!success)
+            .then(|| "the upgrade failed (details were lost: the event stream lagged)".into()),
+        stderr_tail: Vec::new(),
+        config_error: false,
+    })
 }
 
 /// A response body fed line by line from a channel.

@@ -6,7 +6,7 @@
 //! the payload, so one process cannot speak for another.
 
 use std::io::{self, IoSliceMut};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{self, sockopt, ControlMessageOwned, MsgFlags};
@@ -65,6 +65,9 @@ pub struct NotifySocket {
 #[derive(Debug)]
 pub struct Received {
     pub pid: i32,
+    /// The sender's process group, looked up on arrival: a helper that
+    /// sends and exits at once (`systemd-notify --ready`) is still found.
+    pub pgid: Option<i32>,
     pub messages: Vec<NotifyMessage>,
 }
 
@@ -87,14 +90,18 @@ impl NotifySocket {
         &self.path
     }
 
-    /// Waits for the next datagram that carries credentials.
+    /// Waits for the next datagram that carries credentials. Datagrams
+    /// that cannot be read whole (too many passed fds, truncated control
+    /// data) are dropped at once: one bad sender must not slow the rest.
     pub async fn recv(&self) -> io::Result<Received> {
         // sd_notify datagrams are small; systemd accepts up to ~4 KiB too.
         let mut buf = vec![0u8; 4096];
         loop {
             let got = self.socket.async_io(Interest::READABLE, || {
                 let mut iov = [IoSliceMut::new(&mut buf)];
-                let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+                // Room for credentials and a few passed fds (FDSTORE=1),
+                // which we close: baton keeps no fd store.
+                let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials, [RawFd; 16]);
                 let msg = socket::recvmsg::<()>(
                     self.socket.as_raw_fd(),
                     &mut iov,
@@ -103,27 +110,35 @@ impl NotifySocket {
                 )
                 .map_err(io::Error::from)?;
                 let mut pid = None;
-                // Descriptors someone tried to pass (FDSTORE) arrive as
-                // OwnedFd-less raw numbers in nix; we close them below.
                 let mut passed_fds = Vec::new();
-                for c in msg.cmsgs().map_err(io::Error::from)? {
-                    match c {
-                        ControlMessageOwned::ScmCredentials(cred) => pid = Some(cred.pid()),
-                        ControlMessageOwned::ScmRights(fds) => passed_fds.extend(fds),
-                        _ => {}
+                let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+                if let Ok(cmsgs) = msg.cmsgs() {
+                    for c in cmsgs {
+                        match c {
+                            ControlMessageOwned::ScmCredentials(cred) => pid = Some(cred.pid()),
+                            ControlMessageOwned::ScmRights(fds) => passed_fds.extend(fds),
+                            _ => {}
+                        }
                     }
                 }
-                Ok((msg.bytes, pid, passed_fds))
+                Ok((msg.bytes, pid, passed_fds, truncated))
             });
-            let (len, pid, passed_fds) = got.await?;
+            let (len, pid, passed_fds, truncated) = got.await?;
             for fd in passed_fds {
                 let _ = nix::unistd::close(fd);
             }
-            if let Some(pid) = pid {
-                return Ok(Received {
-                    pid,
-                    messages: parse(&buf[..len]),
-                });
+            match pid {
+                Some(pid) if !truncated => {
+                    let pgid = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid)))
+                        .ok()
+                        .map(|p| p.as_raw());
+                    return Ok(Received {
+                        pid,
+                        pgid,
+                        messages: parse(&buf[..len]),
+                    });
+                }
+                _ => tracing::debug!("dropped a notify datagram without readable credentials"),
             }
         }
     }

@@ -4,7 +4,6 @@
 
 use std::collections::VecDeque;
 use std::ffi::{CString, OsStr, OsString};
-use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
@@ -14,7 +13,7 @@ use std::time::Duration;
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::sys;
 
@@ -104,13 +103,45 @@ fn check_executable(p: &Path) -> Result<PathBuf, ResolveError> {
     Ok(canon)
 }
 
-/// The last lines a process wrote to stderr.
-#[derive(Debug, Clone, Default)]
-pub struct StderrTail(Arc<Mutex<VecDeque<String>>>);
+/// Longest stderr line passed through and kept at once; longer ones (or
+/// `\r` progress bars with no newline) are forwarded in pieces.
+const STDERR_MAX_LINE: u64 = 8 * 1024;
+
+/// The last lines a process wrote to stderr, and whether its stderr has
+/// closed (so a failure report can wait, briefly, for the final lines).
+#[derive(Debug, Clone)]
+pub struct StderrTail {
+    lines: Arc<Mutex<VecDeque<String>>>,
+    /// Dropped (or set) by the forwarder at end of stream.
+    closed: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Default for StderrTail {
+    fn default() -> Self {
+        Self::new().0
+    }
+}
 
 impl StderrTail {
+    fn new() -> (Self, tokio::sync::watch::Sender<bool>) {
+        let (tx, closed) = tokio::sync::watch::channel(false);
+        let tail = Self {
+            lines: Arc::default(),
+            closed,
+        };
+        (tail, tx)
+    }
+
+    /// Waits until the stream has closed, at most `limit` (a grandchild
+    /// may hold the pipe open forever).
+    pub async fn closed(&self, limit: Duration) {
+        let mut rx = self.closed.clone();
+        // Err: the forwarder is gone, so the stream is closed too.
+        let _ = tokio::time::timeout(limit, rx.wait_for(|c| *c)).await;
+    }
+
     fn push(&self, line: String) {
-        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = self.lines.lock().unwrap_or_else(|e| e.into_inner());
         if q.len() == STDERR_TAIL_LINES {
             q.pop_front();
         }
@@ -118,7 +149,7 @@ impl StderrTail {
     }
 
     pub fn lines(&self) -> Vec<String> {
-        let q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let q = self.lines.lock().unwrap_or_else(|e| e.into_inner());
         q.iter().cloned().collect()
     }
 }
@@ -150,6 +181,7 @@ pub struct BadArgument(String);
 /// A running process, with its exit watched by a task.
 pub struct Process {
     pub pid: i32,
+    pub stderr: StderrTail,
 }
 
 /// How a process ended, in words ("exit status 3", "signal SIGKILL").
@@ -172,10 +204,9 @@ fn cstring(bytes: Vec<u8>, what: &str) -> Result<CString, BadArgument> {
 }
 
 /// Starts the process. `on_exit` is called (from a task) with the pid and
-/// exit status once the process is reaped and its stderr drained.
+/// exit status as soon as it is reaped; `tail` fills as stderr arrives once the process is reaped and its stderr drained.
 pub(crate) fn spawn(
     spec: SpawnSpec<'_>,
-    tail: StderrTail,
     on_exit: impl FnOnce(i32, String) + Send + 'static,
 ) -> Result<Process, Box<dyn std::error::Error + Send + Sync>> {
     let program = cstring(
@@ -230,15 +261,13 @@ pub(crate) fn spawn(
     })?;
     drop(err_write);
     let pid = spawned.pid;
-    let stderr_done = tokio::spawn(forward_stderr(err_read, tail));
+    let (tail, closer) = StderrTail::new();
+    tokio::spawn(forward_stderr(err_read, tail.clone(), closer));
     tokio::spawn(async move {
         let status = wait_exit(spawned.pidfd, pid).await;
-        // Let the last lines arrive before reporting, but don't wait on a
-        // grandchild that still holds the pipe open.
-        let _ = tokio::time::timeout(Duration::from_millis(200), stderr_done).await;
         on_exit(pid, status);
     });
-    Ok(Process { pid })
+    Ok(Process { pid, stderr: tail })
 }
 
 async fn wait_exit(pidfd: OwnedFd, pid: i32) -> String {
@@ -268,25 +297,32 @@ async fn wait_exit(pidfd: OwnedFd, pid: i32) -> String {
     }
 }
 
-async fn forward_stderr(fd: OwnedFd, tail: StderrTail) {
+async fn forward_stderr(fd: OwnedFd, tail: StderrTail, closer: tokio::sync::watch::Sender<bool>) {
     let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
         return;
     };
     let mut reader = BufReader::new(pipe);
+    // Async, so a blocked stderr of baton's never stalls a runtime thread.
+    let mut out = tokio::io::stderr();
     let mut line = Vec::new();
     loop {
         line.clear();
-        match reader.read_until(b'\n', &mut line).await {
+        match (&mut reader)
+            .take(STDERR_MAX_LINE)
+            .read_until(b'\n', &mut line)
+            .await
+        {
             Ok(0) | Err(_) => break,
             Ok(_) => {
-                // Pass through unchanged; write errors (closed stderr) are
-                // not the app's problem.
-                let _ = std::io::stderr().lock().write_all(&line);
+                // Pass through unchanged; a closed stderr is not the app's problem.
+                let _ = out.write_all(&line).await;
                 let text = String::from_utf8_lossy(&line);
                 tail.push(text.trim_end_matches(['\n', '\r']).to_owned());
             }
         }
     }
+    let _ = out.flush().await;
+    let _ = closer.send(true);
 }
 
 #[cfg(test)]

@@ -43,6 +43,8 @@ use crate::{probe, sys};
 const FINISHED_KEPT: usize = 8;
 /// Successful releases remembered for rollback.
 const RELEASES_KEPT: usize = 16;
+/// How long a failure report waits for a dead candidate's last stderr lines.
+const STDERR_GRACE: Duration = Duration::from_millis(200);
 /// Events buffered for slow readers of the broadcast channel.
 const EVENT_BUFFER: usize = 4096;
 /// Environment variables that belong to the protocol and are never
@@ -151,6 +153,11 @@ enum Internal {
         gen: u64,
         pid: i32,
     },
+    /// A candidate exited and its stderr has been read to the end.
+    CandidateExited {
+        gen: u64,
+        reason: String,
+    },
     RestartDue {
         gen: u64,
     },
@@ -208,8 +215,10 @@ struct Generation {
     stderr: StderrTail,
     /// Our copy of the private probe listener, until ready.
     probe: Option<Listener>,
-    /// Readiness and timeout tasks of the current process.
+    /// Readiness, timeout and restart tasks of the current process.
     tasks: Vec<AbortHandle>,
+    /// SIGKILL timer of a drain; outlives the leader while its group does.
+    drain_timer: Option<AbortHandle>,
     /// The upgrade this generation's events belong to, and when it began.
     upgrade: Option<(u64, Instant)>,
     /// A candidate that failed: ends as `Failed`, not `Exited`.
@@ -252,6 +261,8 @@ pub struct Supervisor {
     pending_signal_upgrade: bool,
     releases: Vec<Release>,
     stopping: bool,
+    /// Why the first generation could not even be started.
+    start_error: Option<String>,
     started: Instant,
     commands: mpsc::Receiver<Command>,
     internal_tx: mpsc::UnboundedSender<Internal>,
@@ -301,9 +312,7 @@ impl Supervisor {
             }
         })
         .abort_handle();
-        let base_env = std::env::vars_os()
-            .filter(|(k, _)| !PROTOCOL_VARS.iter().any(|p| k == *p))
-            .collect();
+        let base_env = own_env();
         Self {
             source,
             config: Arc::new(config),
@@ -317,6 +326,7 @@ impl Supervisor {
             pending_signal_upgrade: false,
             releases: Vec::new(),
             stopping: false,
+            start_error: None,
             started: Instant::now(),
             commands,
             internal_tx,
@@ -333,7 +343,11 @@ impl Supervisor {
 
     /// Starts the first generation and runs until stopped (by a `stop`
     /// command or `shutdown` resolving) and every generation has exited.
-    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+    /// Errs only if the first generation's program could not be resolved.
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), String> {
         self.start_first();
         tokio::pin!(shutdown);
         let mut shutdown_done = false;
@@ -356,6 +370,10 @@ impl Supervisor {
         self.kill_leftovers();
         self.notify_task.abort();
         tracing::info!("all generations exited; supervisor done");
+        match self.start_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     fn all_exited(&self) -> bool {
@@ -369,7 +387,7 @@ impl Supervisor {
         let mut any = false;
         for g in self.generations.values_mut() {
             let Some(pgid) = g.pgid else { continue };
-            if !group_alive(pgid) {
+            if !our_group_alive(pgid) {
                 g.pgid = None;
                 continue;
             }
@@ -452,8 +470,9 @@ impl Supervisor {
                 }
             }
             Err(e) => {
-                // Checked by `run` before binding, so only a race gets here.
-                tracing::error!("cannot start the app: {e}");
+                // Checked before binding (resolve_release), so only a race
+                // (the program removed meanwhile) gets here.
+                self.start_error = Some(e.to_string());
                 self.stop();
             }
         }
@@ -496,6 +515,10 @@ impl Supervisor {
                 ("listeners", config.listen != self.config.listen),
                 ("backlog", config.backlog != self.config.backlog),
                 ("control socket", config.control != self.config.control),
+                (
+                    "allowed control uids",
+                    config.control_allow_uids != self.config.control_allow_uids,
+                ),
             ];
             if let Some((what, _)) = fixed.iter().find(|(_, changed)| *changed) {
                 return Err(ErrorReply {
@@ -576,6 +599,7 @@ impl Supervisor {
                 stderr: StderrTail::default(),
                 probe: None,
                 tasks: Vec::new(),
+                drain_timer: None,
                 upgrade,
                 failed: false,
                 pgid: None,
@@ -629,6 +653,11 @@ impl Supervisor {
                 }
             }
             Internal::DrainTimeout { gen, pid } => self.on_drain_timeout(gen, pid),
+            Internal::CandidateExited { gen, reason } => {
+                if self.upgrade.as_ref().is_some_and(|u| u.id == gen) {
+                    self.fail_upgrade(reason);
+                }
+            }
             Internal::RestartDue { gen } => self.on_restart_due(gen),
             Internal::Notify(r) => self.on_notify(r),
         }
@@ -712,7 +741,9 @@ impl Supervisor {
     fn after_upgrade(&mut self) {
         if std::mem::take(&mut self.pending_signal_upgrade) && !self.stopping {
             tracing::info!("running the upgrade requested by SIGHUP during the last one");
-            let _ = self.start_upgrade(Trigger::Signal, false);
+            if let Err(e) = self.start_upgrade(Trigger::Signal, false) {
+                tracing::warn!("upgrade requested by SIGHUP refused: {}", e.message);
+            }
         }
     }
 
@@ -788,23 +819,15 @@ impl Supervisor {
     }
 
     fn signal_drain(&mut self, n: u64) {
-        let Some(gen) = self.generations.get_mut(&n) else {
+        let Some(pid) = self
+            .generations
+            .get(&n)
+            .and_then(|g| g.process.as_ref())
+            .map(|p| p.pid)
+        else {
             return;
         };
-        let Some(p) = &gen.process else { return };
-        let pid = p.pid;
-        let signal = gen.config.drain_signal.0;
-        let timeout = gen.config.drain_timeout;
-        gen.drain_deadline = Some(Instant::now() + timeout);
-        if let Err(e) = killpg(Pid::from_raw(pid), signal) {
-            tracing::warn!(generation = n, pid, "sending {signal} failed: {e}");
-        }
-        let tx = self.internal_tx.clone();
-        let timer = tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            let _ = tx.send(Internal::DrainTimeout { gen: n, pid });
-        });
-        gen.tasks.push(timer.abort_handle());
+        let signal = self.drain_group(n, pid);
         self.emit(
             n,
             EventKind::Draining {
@@ -812,6 +835,29 @@ impl Supervisor {
                 signal: signal.as_str().to_owned(),
             },
         );
+    }
+
+    /// Sends the drain signal to process group `pgid` of generation `n` and
+    /// arms the SIGKILL timer.
+    fn drain_group(&mut self, n: u64, pgid: i32) -> Signal {
+        let Some(gen) = self.generations.get_mut(&n) else {
+            return Signal::SIGTERM;
+        };
+        let signal = gen.config.drain_signal.0;
+        let timeout = gen.config.drain_timeout;
+        gen.drain_deadline = Some(Instant::now() + timeout);
+        if let Err(e) = killpg(Pid::from_raw(pgid), signal) {
+            tracing::warn!(generation = n, pgid, "sending {signal} failed: {e}");
+        }
+        let tx = self.internal_tx.clone();
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let _ = tx.send(Internal::DrainTimeout { gen: n, pid: pgid });
+        });
+        if let Some(old) = gen.drain_timer.replace(timer.abort_handle()) {
+            old.abort();
+        }
+        signal
     }
 
     fn on_drain_timeout(&mut self, n: u64, pid: i32) {
@@ -826,7 +872,7 @@ impl Supervisor {
             .generations
             .get(&n)
             .is_some_and(|g| g.pgid == Some(pid))
-            && group_alive(pid)
+            && our_group_alive(pid)
         {
             // The leader left, but workers in its group outstayed the drain.
             tracing::warn!(
@@ -848,19 +894,23 @@ impl Supervisor {
         let uptime = p.started.elapsed();
         gen.last_exit = Some(status.clone());
         gen.probe = None;
-        // Keep a pending drain timer only if the group outlives its leader
-        // (workers still finishing); otherwise nothing is left to kill.
-        let group_left = group_alive(pid);
-        if !group_left {
-            gen.abort_tasks();
-            gen.pgid = None;
-        } else if gen.state != GenState::Draining {
-            // The leader died (crash) but its group lives on: clean up now,
-            // a restart must not compete with orphans for the sockets.
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-            gen.abort_tasks();
-        }
+        gen.abort_tasks();
         let state = gen.state;
+        // Workers may outlive their leader. Unless a drain already covers
+        // them, they are drained like any generation: signal, timeout, kill.
+        if !our_group_alive(pid) {
+            gen.pgid = None;
+            if let Some(t) = gen.drain_timer.take() {
+                t.abort();
+            }
+        } else if state != GenState::Draining {
+            tracing::warn!(
+                generation = n,
+                pgid = pid,
+                "main process gone; draining the rest of its group"
+            );
+            self.drain_group(n, pid);
+        }
         self.emit(
             n,
             EventKind::Exited {
@@ -873,10 +923,17 @@ impl Supervisor {
         let gen = self.generations.get_mut(&n).expect("checked above");
         if is_candidate {
             gen.state = GenState::Failed;
+            gen.failed = true;
             gen.finished_at = Some(Instant::now());
-            self.fail_upgrade(format!(
-                "generation {n} exited before it was ready ({status})"
-            ));
+            // Report once its last stderr lines are in (a bounded wait); the
+            // process is gone, so nothing can promote it meanwhile.
+            let tail = gen.stderr.clone();
+            let tx = self.internal_tx.clone();
+            let reason = format!("generation {n} exited before it was ready ({status})");
+            tokio::spawn(async move {
+                tail.closed(STDERR_GRACE).await;
+                let _ = tx.send(Internal::CandidateExited { gen: n, reason });
+            });
         } else if self.active == Some(n) && !self.stopping {
             gen.state = GenState::Starting;
             let delay = gen.backoff.on_exit(uptime);
@@ -889,8 +946,8 @@ impl Supervisor {
                 GenState::Exited
             };
             gen.finished_at = Some(Instant::now());
-            self.prune();
         }
+        self.prune();
     }
 
     fn schedule_restart(&mut self, n: u64, delay: Duration) {
@@ -933,7 +990,7 @@ impl Supervisor {
     }
 
     fn on_notify(&mut self, r: Received) {
-        let Some(n) = self.generation_of(r.pid) else {
+        let Some(n) = self.generation_of(r.pid, r.pgid) else {
             tracing::debug!(
                 pid = r.pid,
                 "ignoring notify message from a process outside every generation"
@@ -962,29 +1019,23 @@ impl Supervisor {
         }
     }
 
-    /// The generation a pid belongs to: its main process or any process
-    /// in its process group.
-    fn generation_of(&self, pid: i32) -> Option<u64> {
-        let live = || {
-            self.generations
-                .values()
-                .filter_map(|g| Some((g.number, g.process.as_ref()?.pid)))
-        };
-        if let Some((n, _)) = live().find(|(_, p)| *p == pid) {
-            return Some(n);
-        }
-        let pgid = nix::unistd::getpgid(Some(Pid::from_raw(pid)))
-            .ok()?
-            .as_raw();
-        live().find(|(_, p)| *p == pgid).map(|(n, _)| n)
+    /// The generation a sender belongs to: its main process, or any
+    /// process in its process group (`pgid`, looked up on arrival).
+    fn generation_of(&self, pid: i32, pgid: Option<i32>) -> Option<u64> {
+        self.generations.values().find_map(|g| {
+            let leader = g.process.as_ref()?.pid;
+            (leader == pid || Some(leader) == pgid).then_some(g.number)
+        })
     }
 
     fn prune(&mut self) {
         let mut finished: Vec<(Instant, u64)> = self
             .generations
             .values()
+            // A generation whose group may still live is never forgotten:
+            // its drain timer and the stop path must still find it.
+            .filter(|g| g.process.is_none() && g.pgid.is_none())
             .filter_map(|g| Some((g.finished_at?, g.number)))
-            .filter(|(_, n)| self.generations[n].process.is_none())
             .collect();
         if finished.len() > FINISHED_KEPT {
             finished.sort();
@@ -998,7 +1049,10 @@ impl Supervisor {
     fn kill_leftovers(&mut self) {
         for g in self.generations.values_mut() {
             g.abort_tasks();
-            if let Some(pgid) = g.pgid.filter(|p| group_alive(*p)) {
+            if let Some(t) = g.drain_timer.take() {
+                t.abort();
+            }
+            if let Some(pgid) = g.pgid.filter(|p| our_group_alive(*p)) {
                 let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
             }
         }
@@ -1006,28 +1060,12 @@ impl Supervisor {
 
     // ----- spawning -------------------------------------------------------
 
-    /// PATH the app will see, for finding a bare program name.
     fn child_path(&self, config: &Config) -> Option<OsString> {
-        if let Some(p) = config.env.get("PATH") {
-            return Some(p.into());
-        }
-        self.inherited_env(config)
-            .into_iter()
-            .find(|(k, _)| k == "PATH")
-            .map(|(_, v)| v)
+        app_path(config, &self.base_env)
     }
 
     fn inherited_env(&self, config: &Config) -> Vec<(OsString, OsString)> {
-        match &config.env_inherit {
-            EnvInherit::All(true) => self.base_env.clone(),
-            EnvInherit::All(false) => Vec::new(),
-            EnvInherit::Only(names) => self
-                .base_env
-                .iter()
-                .filter(|(k, _)| names.iter().any(|n| k == n.as_str()))
-                .cloned()
-                .collect(),
-        }
+        inherited_env(config, &self.base_env)
     }
 
     fn spawn_process(&mut self, n: u64) -> Result<(), String> {
@@ -1057,8 +1095,24 @@ impl Supervisor {
         env.push(("NOTIFY_SOCKET".into(), self.notify_path.clone().into()));
         env.push(("BATON_GENERATION".into(), n.to_string().into()));
 
+        // Everything that can fail happens before the fork: once the
+        // process exists it must be tracked, or it would run unsupervised.
         let credentials = resolve_credentials(&config)?;
-        let tail = StderrTail::default();
+        let probe_addr = match probe.as_ref().map(|p| &p.address) {
+            Some(crate::config::ListenAddr::Tcp(a)) => Some(*a),
+            Some(crate::config::ListenAddr::Unix(_)) => {
+                return Err("probe listener has no address".into())
+            }
+            None => None,
+        };
+        let probe_fd = match (&config.ready, &probe) {
+            (ReadySpec::Tcp, Some(p)) => Some(
+                p.as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| format!("copying the probe listener: {e}"))?,
+            ),
+            _ => None,
+        };
         let tx = self.internal_tx.clone();
         let spec = process::SpawnSpec {
             release: &gen.release,
@@ -1068,7 +1122,7 @@ impl Supervisor {
             parent_death_signal: Some(config.drain_signal.0 as i32),
             credentials: credentials.as_ref(),
         };
-        let proc = process::spawn(spec, tail.clone(), move |pid, status| {
+        let proc = process::spawn(spec, move |pid, status| {
             let _ = tx.send(Internal::Exited {
                 gen: n,
                 pid,
@@ -1078,48 +1132,37 @@ impl Supervisor {
         .map_err(|e| error_chain(&*e))?;
         let pid = proc.pid;
 
-        let mut tasks = Vec::new();
         let tx = self.internal_tx.clone();
-        let probe_addr = probe.as_ref().and_then(|p| match &p.address {
-            crate::config::ListenAddr::Tcp(a) => Some(*a),
-            crate::config::ListenAddr::Unix(_) => None,
-        });
-        let check: Option<ReadyCheck> = match &config.ready {
-            ReadySpec::Notify => None,
-            ReadySpec::Http(path) => {
+        let check: Option<ReadyCheck> = match (&config.ready, probe_addr, probe_fd) {
+            (ReadySpec::Http(path), Some(addr), _) => {
                 let path = path.clone();
-                let addr = probe_addr.ok_or("probe listener has no address")?;
                 Some(Box::pin(async move { probe::http(addr, &path).await }))
             }
-            ReadySpec::Tcp => {
-                let addr = probe_addr.ok_or("probe listener has no address")?;
-                let fd = probe
-                    .as_ref()
-                    .ok_or("no probe listener")?
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(|e| e.to_string())?;
+            (ReadySpec::Tcp, Some(addr), Some(fd)) => {
                 Some(Box::pin(async move { probe::tcp(addr, fd.as_fd()).await }))
             }
-            ReadySpec::Exec(cmd) => {
+            (ReadySpec::Exec(cmd), addr, _) => {
                 let cmd = cmd.clone();
                 let mut penv = vec![
                     ("BATON_GENERATION".to_owned(), n.to_string()),
                     ("BATON_PID".to_owned(), pid.to_string()),
                 ];
-                if let Some(a) = probe_addr {
+                if let Some(a) = addr {
                     penv.push(("BATON_PROBE_ADDR".to_owned(), a.to_string()));
                 }
                 Some(Box::pin(async move { probe::exec(&cmd, &penv).await }))
             }
-            ReadySpec::Delay(d) => {
+            (ReadySpec::Delay(d), _, _) => {
                 let d = *d;
                 Some(Box::pin(async move {
                     tokio::time::sleep(d).await;
                     Ok(format!("delay {}", humantime::format_duration(d)))
                 }))
             }
+            // notify: READY=1 arrives on the notify socket.
+            _ => None,
         };
+        let mut tasks = Vec::new();
         if let Some(check) = check {
             let tx = tx.clone();
             tasks.push(
@@ -1149,7 +1192,7 @@ impl Supervisor {
             started: Instant::now(),
         });
         gen.state = GenState::Starting;
-        gen.stderr = tail;
+        gen.stderr = proc.stderr;
         gen.pgid = Some(pid);
         gen.drain_deadline = None;
         gen.probe = probe;
@@ -1190,12 +1233,13 @@ impl Supervisor {
                         number: g.number,
                         state: g.state,
                         pid,
-                        pids: pid
-                            .map(|pid| {
+                        pids: g
+                            .pgid
+                            .map(|pgid| {
                                 groups
                                     .iter()
-                                    .filter(|(_, pg)| *pg == pid)
-                                    .map(|(p, _)| *p)
+                                    .filter(|p| p.pgrp == pgid && p.state != 'Z')
+                                    .map(|p| p.pid)
                                     .collect()
                             })
                             .unwrap_or_default(),
@@ -1213,6 +1257,47 @@ impl Supervisor {
                 .collect(),
         }
     }
+}
+
+/// baton's own environment, without the protocol variables.
+fn own_env() -> Vec<(OsString, OsString)> {
+    std::env::vars_os()
+        .filter(|(k, _)| !PROTOCOL_VARS.iter().any(|p| k == *p))
+        .collect()
+}
+
+/// The part of `base_env` the app inherits under `config.env_inherit`.
+fn inherited_env(config: &Config, base_env: &[(OsString, OsString)]) -> Vec<(OsString, OsString)> {
+    match &config.env_inherit {
+        EnvInherit::All(true) => base_env.to_vec(),
+        EnvInherit::All(false) => Vec::new(),
+        EnvInherit::Only(names) => base_env
+            .iter()
+            .filter(|(k, _)| names.iter().any(|n| k == n.as_str()))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// PATH the app will see, for finding a bare program name.
+fn app_path(config: &Config, base_env: &[(OsString, OsString)]) -> Option<OsString> {
+    if let Some(p) = config.env.get("PATH") {
+        return Some(p.into());
+    }
+    inherited_env(config, base_env)
+        .into_iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v)
+}
+
+/// Resolves the configured release exactly as the first spawn will, so a
+/// bad command is reported before anything is bound or started.
+pub fn resolve_release(config: &Config) -> Result<Release, crate::process::ResolveError> {
+    Release::resolve(
+        &config.cwd,
+        &config.command,
+        app_path(config, &own_env()).as_deref(),
+    )
 }
 
 fn config_error(e: &crate::config::ConfigError) -> ErrorReply {
@@ -1289,22 +1374,48 @@ fn lookup<T>(
     by_name(name).ok().flatten()
 }
 
-fn group_alive(pgid: i32) -> bool {
-    killpg(Pid::from_raw(pgid), None).is_ok()
+/// Whether process group `pgid` still has a live member in baton's
+/// session.
+///
+/// A group id is a pid: once every member has gone, the number can be
+/// reused by an unrelated process that makes itself a group leader.
+/// Requiring a member in our own session (generations stay in it unless
+/// they call setsid themselves) keeps a late SIGKILL off such a stranger.
+fn our_group_alive(pgid: i32) -> bool {
+    let Ok(sid) = nix::unistd::getsid(None) else {
+        return false;
+    };
+    process_groups()
+        .iter()
+        .any(|p| p.pgrp == pgid && p.sid == sid.as_raw() && p.state != 'Z')
 }
 
-/// (pid, process group) of every process we can see in /proc.
-fn process_groups() -> Vec<(i32, i32)> {
+struct ProcEntry {
+    pid: i32,
+    state: char,
+    pgrp: i32,
+    sid: i32,
+}
+
+/// Every process we can see in /proc, with its group and session.
+fn process_groups() -> Vec<ProcEntry> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|e| {
         let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the parenthesised command: state ppid pgrp ...
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let pgrp = rest.split(' ').nth(2)?.parse().ok()?;
-        Some((pid, pgrp))
+        // Fields after the parenthesised command: state ppid pgrp session ...
+        let mut f = stat[stat.rfind(')')? + 2..].split(' ');
+        let state = f.next()?.chars().next()?;
+        let pgrp = f.nth(1)?.parse().ok()?;
+        let sid = f.next()?.parse().ok()?;
+        Some(ProcEntry {
+            pid,
+            state,
+            pgrp,
+            sid,
+        })
     })
     .collect()
 }
@@ -1382,7 +1493,7 @@ mod tests {
         let sup = Supervisor::new(source, config, Vec::new(), notify);
         let handle = sup.handle();
         let events = handle.subscribe();
-        let task = tokio::spawn(sup.run(std::future::pending()));
+        let task = tokio::spawn(async move { sup.run(std::future::pending()).await.unwrap() });
         (handle, events, task)
     }
 

@@ -196,18 +196,7 @@ struct ChildContext<'a> {
 /// Runs in the child between fork and exec: async-signal-safe calls only,
 /// no allocation, no locks. Never returns.
 fn child_after_fork(ctx: ChildContext<'_>) -> ! {
-    let fail = |stage: ChildStage| -> ! {
-        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        let mut msg = [0u8; 5];
-        msg[0] = stage as u8;
-        msg[1..].copy_from_slice(&errno.to_ne_bytes());
-        // SAFETY: write and _exit are async-signal-safe; msg is on our stack.
-        unsafe {
-            libc::write(ctx.err_fd, msg.as_ptr().cast(), msg.len());
-            libc::_exit(127);
-        }
-    };
-
+    let mut err_fd = ctx.err_fd;
     // SAFETY (whole block): only async-signal-safe libc calls, on memory
     // allocated before the fork and owned by this (single-threaded) child.
     unsafe {
@@ -229,12 +218,12 @@ fn child_after_fork(ctx: ChildContext<'_>) -> ! {
 
         // Own process group, so signals can reach the whole generation.
         if libc::setpgid(0, 0) != 0 {
-            fail(ChildStage::ProcessGroup);
+            fail(err_fd, ChildStage::ProcessGroup);
         }
 
         if let Some(sig) = ctx.parent_death_signal {
             if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) != 0 {
-                fail(ChildStage::ParentDeath);
+                fail(err_fd, ChildStage::ParentDeath);
             }
             // The supervisor may have died before prctl took effect.
             if libc::getppid() != ctx.parent_pid {
@@ -243,19 +232,25 @@ fn child_after_fork(ctx: ChildContext<'_>) -> ! {
         }
 
         // Move every source above the target range first, so placing one
-        // never clobbers another; the copies are close-on-exec.
+        // never clobbers another; the copies are close-on-exec. The error
+        // pipe moves too, or a dup2 below could replace it.
         let floor = ctx.sources.len() as libc::c_int;
+        let moved = libc::fcntl(err_fd, libc::F_DUPFD_CLOEXEC, floor);
+        if moved < 0 {
+            fail(err_fd, ChildStage::Fds);
+        }
+        err_fd = moved;
         for (i, &src) in ctx.sources.iter().enumerate() {
             let high = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, floor.max(3));
             if high < 0 {
-                fail(ChildStage::Fds);
+                fail(err_fd, ChildStage::Fds);
             }
             ctx.scratch[i] = high;
         }
         // dup2 clears close-on-exec on the target, which is what we want.
         for (target, &high) in ctx.scratch.iter().enumerate() {
             if libc::dup2(high, target as libc::c_int) < 0 {
-                fail(ChildStage::Fds);
+                fail(err_fd, ChildStage::Fds);
             }
         }
         // Everything above the placed range closes at exec: our own fds are
@@ -265,18 +260,18 @@ fn child_after_fork(ctx: ChildContext<'_>) -> ! {
 
         if let Some((uid, gid)) = ctx.credentials {
             if libc::setgroups(ctx.groups.len(), ctx.groups.as_ptr()) != 0 {
-                fail(ChildStage::Groups);
+                fail(err_fd, ChildStage::Groups);
             }
             if libc::setgid(gid) != 0 {
-                fail(ChildStage::Gid);
+                fail(err_fd, ChildStage::Gid);
             }
             if libc::setuid(uid) != 0 {
-                fail(ChildStage::Uid);
+                fail(err_fd, ChildStage::Uid);
             }
         }
 
         if libc::chdir(ctx.cwd.as_ptr()) != 0 {
-            fail(ChildStage::Chdir);
+            fail(err_fd, ChildStage::Chdir);
         }
 
         write_decimal(
@@ -284,7 +279,7 @@ fn child_after_fork(ctx: ChildContext<'_>) -> ! {
             libc::getpid(),
         );
         libc::execve(ctx.program.as_ptr(), ctx.argv.as_ptr(), ctx.envp.as_ptr());
-        fail(ChildStage::Exec);
+        fail(err_fd, ChildStage::Exec);
     }
 }
 
@@ -313,6 +308,20 @@ unsafe fn cloexec_from(first: libc::c_int) {
     for fd in first..max {
         // SAFETY: fcntl on a closed fd just fails with EBADF.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+}
+
+/// Reports `stage` and errno to the parent over the error pipe and exits.
+/// Child-side: async-signal-safe calls only.
+fn fail(err_fd: RawFd, stage: ChildStage) -> ! {
+    let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    let mut msg = [0u8; 5];
+    msg[0] = stage as u8;
+    msg[1..].copy_from_slice(&errno.to_ne_bytes());
+    // SAFETY: write and _exit are async-signal-safe; msg is on our stack.
+    unsafe {
+        libc::write(err_fd, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127);
     }
 }
 
