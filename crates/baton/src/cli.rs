@@ -231,11 +231,19 @@ async fn run_supervisor(args: RunArgs, control: Option<PathBuf>) -> u8 {
     let supervisor = Supervisor::new(source, config, listeners, notify);
     let handle = supervisor.handle();
     tracing::info!(control = %control_path.display(), pid = std::process::id(), "supervisor started");
-    let server = tokio::spawn(control::serve(control_listener, handle.clone(), allowed));
+    let connections = control::Connections::default();
+    let server = tokio::spawn(control::serve(
+        control_listener,
+        handle.clone(),
+        allowed,
+        connections.clone(),
+    ));
     let signals = tokio::spawn(handle_signals(handle));
     let result = supervisor.run(std::future::pending()).await;
     server.abort();
     signals.abort();
+    // Let replies in flight (`stop`'s own) reach their clients.
+    connections.drained(Duration::from_secs(1)).await;
     let _ = std::fs::remove_file(&control_path);
     drop(runtime_dir);
     match result {
@@ -503,7 +511,9 @@ pub fn format_status(s: &Status) -> String {
 async fn stop(path: PathBuf) -> u8 {
     let res = control::request(&path, &Request::Stop, |_| {}).await;
     match res {
-        Ok(()) => {
+        // Stop is idempotent: if the reply was cut short because the
+        // supervisor finished first, its disappearing is the answer.
+        Ok(()) | Err(control::ControlError::Http(_)) => {
             // Wait until the supervisor has gone (its socket stops answering).
             for _ in 0..6000 {
                 if tokio::net::UnixStream::connect(&path).await.is_err() {

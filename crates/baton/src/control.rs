@@ -124,9 +124,35 @@ pub fn bind(path: &Path, open_to_others: bool) -> Result<UnixListener, ControlEr
     UnixListener::from_std(std_listener).map_err(|e| setup("registering", e))
 }
 
+/// Limits concurrent control connections; also lets the supervisor wait
+/// for replies in flight before it exits.
+#[derive(Clone)]
+pub struct Connections(std::sync::Arc<tokio::sync::Semaphore>);
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(tokio::sync::Semaphore::new(
+            MAX_CONNECTIONS,
+        )))
+    }
+}
+
+impl Connections {
+    /// Waits (at most `limit`) until no control connection is being served,
+    /// so a reply such as `stop`'s is written before the process exits.
+    pub async fn drained(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.0.acquire_many(MAX_CONNECTIONS as u32)).await;
+    }
+}
+
 /// Serves control connections until the task is dropped.
-pub async fn serve(listener: UnixListener, handle: Handle, allowed_uids: Vec<u32>) {
-    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+pub async fn serve(
+    listener: UnixListener,
+    handle: Handle,
+    allowed_uids: Vec<u32>,
+    connections: Connections,
+) {
+    let limit = connections.0;
     let own_uid = nix::unistd::geteuid().as_raw();
     loop {
         let permit = match limit.clone().acquire_owned().await {
