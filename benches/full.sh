@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The full benchmark scenario: 200 cutovers per connection mode under baton,
+# the app alone, the naive deploy, HAProxy and the spawn-only control, in one
+# run of about six minutes. Writes bench-out/{report.json,summary.txt,
+# timeline-*.svg,logs/} and the pictures docs/benchmarks.md shows:
+# docs/bench-timeline.svg (keep-alive), docs/bench-timeline-close.svg and
+# docs/bench-timeline-naive.svg (first 20 s of each run).
+# Extra arguments go to `baton-bench full` (see `baton-bench full --help`).
+#
+# Run benches/setup.sh once first (installs HAProxy, builds). The figures are
+# only meaningful on an otherwise idle machine: the bench warns when the load
+# average says something else is running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release --workspace
+exec target/release/baton-bench full --out bench-out --plot docs/bench-timeline.svg "$@"

@@ -1,0 +1,140 @@
+//! Command line. `quick` and `full` run the whole comparison (the app
+//! alone, under baton, the naive deploy, HAProxy); `load` drives load at
+//! one target, optionally upgrading a running baton meanwhile.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::load::ConnMode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "baton-bench",
+    version,
+    about = "Measures baton's cutovers under HTTP load, against the app alone, a naive deploy and HAProxy"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// The comparison in under a minute (a few cutovers per connection mode)
+    Quick(ScenarioArgs),
+    /// The full scenario: 200 cutovers per connection mode and every comparison (a few minutes)
+    Full(ScenarioArgs),
+    /// Drive load at one target; with --control, upgrade that baton meanwhile
+    Load(LoadArgs),
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("bad duration {s:?}: {e}"))
+}
+
+/// Options common to `quick` and `full`; unset ones take the scenario's
+/// defaults (shown as [quick | full]).
+#[derive(Debug, Clone, Args)]
+pub struct ScenarioArgs {
+    /// Print one JSON object on stdout (the readable summary goes to stderr)
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 1 if a request failed under baton or a target was missed
+    #[arg(long)]
+    pub strict: bool,
+    /// Directory for logs, report.json, summary.txt and the timelines
+    #[arg(long, value_name = "DIR", default_value = "bench-out")]
+    pub out: PathBuf,
+    /// Also write the first --plot-span of the cutover timeline here (e.g.
+    /// docs/bench-timeline.svg; the second connection mode gets FILE-MODE.svg)
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// How much of the run --plot shows (100 ms buckets stay readable)
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "20s")]
+    pub plot_span: Duration,
+    /// The baton binary [default: next to baton-bench]
+    #[arg(long, value_name = "PATH")]
+    pub baton: Option<PathBuf>,
+    /// The example app binary (`hello`) [default: next to baton-bench]
+    #[arg(long, value_name = "PATH")]
+    pub app: Option<PathBuf>,
+    /// The haproxy binary [default: found on PATH]
+    #[arg(long, value_name = "PATH")]
+    pub haproxy: Option<PathBuf>,
+    /// Skip the HAProxy comparison
+    #[arg(long)]
+    pub no_haproxy: bool,
+    /// Cutovers per connection mode under baton [quick: 8 | full: 200]
+    #[arg(long, value_name = "N")]
+    pub cutovers: Option<u32>,
+    /// Time between cutovers [quick: 1s | full: 500ms]
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub interval: Option<Duration>,
+    /// Open-loop rate as a fraction of the app's measured ceiling
+    #[arg(long, value_name = "F", default_value_t = 0.5)]
+    pub rate_fraction: f64,
+    /// Concurrent connections (workers) of the load generator
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub concurrency: usize,
+    /// Threads of the load generator (1 = current-thread runtime)
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub client_threads: usize,
+    /// Per-request timeout
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "2s")]
+    pub timeout: Duration,
+    /// Connection modes to measure
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ConnMode::KeepAlive, ConnMode::Close])]
+    pub modes: Vec<ConnMode>,
+    /// HAProxy threads (nbthread)
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub haproxy_threads: usize,
+    /// No live progress line
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Address to load (loopback only: 127.0.0.0/8 or ::1)
+    #[arg(long, value_name = "IP:PORT")]
+    pub target: SocketAddr,
+    /// Open loop at this many requests per second; without it, closed loop
+    #[arg(long, value_name = "N")]
+    pub rate: Option<f64>,
+    /// Connection mode
+    #[arg(long, value_enum, default_value_t = ConnMode::KeepAlive)]
+    pub conn: ConnMode,
+    /// Concurrent connections (workers)
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub concurrency: usize,
+    /// Run length without cutovers
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Per-request timeout
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "2s")]
+    pub timeout: Duration,
+    /// Threads of the load generator (1 = current-thread runtime)
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub client_threads: usize,
+    /// Control socket of a running baton to upgrade during the load
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Number of upgrades (with --control)
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub cutovers: u32,
+    /// Time between upgrades (with --control)
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "1s")]
+    pub interval: Duration,
+    /// Print the report as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// Write the timeline SVG here
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// No live progress line
+    #[arg(long)]
+    pub quiet: bool,
+}
