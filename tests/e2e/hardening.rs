@@ -533,28 +533,32 @@ fn many_concurrent_and_stalled_control_clients() {
     assert_eq!(baton.status()["active"], 1);
 }
 
-/// Workers that outlive their group leader are killed at the drain
-/// timeout, on upgrade and on stop: nothing is left behind.
-#[test]
-fn group_members_outliving_their_leader_are_killed_after_the_drain_timeout() {
+/// Starts baton over a shell app whose main process drains on SIGTERM but
+/// leaves behind a worker (in its group) that ignores it.
+fn start_with_stubborn_worker(drain_timeout: &str) -> Baton {
     let dir = tempfile::tempdir().unwrap();
     write_script(
         &dir.path().join("app.sh"),
         "(trap '' TERM; exec sleep 300) &\ntrap 'exit 0' TERM\nwhile :; do sleep 0.05; done",
     );
-    let mut baton = Baton::spawn(
-        dir,
-        &[
-            "--listen",
-            "http=127.0.0.1:0",
-            "--ready",
-            "delay:10ms",
-            "--drain-timeout",
-            "1s",
-            "--",
-            "./app.sh",
-        ],
-    );
+    let args = [
+        "--listen",
+        "http=127.0.0.1:0",
+        "--ready",
+        "delay:10ms",
+        "--drain-timeout",
+        drain_timeout,
+        "--",
+        "./app.sh",
+    ];
+    Baton::spawn(dir, &args)
+}
+
+/// Workers that outlive their group leader are killed at the drain
+/// timeout, on upgrade and on stop: nothing is left behind.
+#[test]
+fn group_members_outliving_their_leader_are_killed_after_the_drain_timeout() {
+    let mut baton = start_with_stubborn_worker("1s");
     baton.wait_active(1);
     let first = baton.generation(1)["pid"].as_i64().unwrap() as i32;
     wait_until("the worker to start", WAIT, || {
@@ -587,24 +591,7 @@ fn group_members_outliving_their_leader_are_killed_after_the_drain_timeout() {
 /// and ends every worker.
 #[test]
 fn stop_ends_workers_of_long_finished_generations() {
-    let dir = tempfile::tempdir().unwrap();
-    write_script(
-        &dir.path().join("app.sh"),
-        "(trap '' TERM; exec sleep 300) &\ntrap 'exit 0' TERM\nwhile :; do sleep 0.05; done",
-    );
-    let mut baton = Baton::spawn(
-        dir,
-        &[
-            "--listen",
-            "http=127.0.0.1:0",
-            "--ready",
-            "delay:10ms",
-            "--drain-timeout",
-            "3s",
-            "--",
-            "./app.sh",
-        ],
-    );
+    let mut baton = start_with_stubborn_worker("3s");
     baton.wait_active(1);
     for _ in 0..11 {
         baton.upgrade_expect(&[], 0);

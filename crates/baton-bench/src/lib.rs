@@ -145,11 +145,7 @@ fn load_cmd(args: &LoadArgs) -> Result<u8, BenchError> {
     let (report, _) = report::analyze(&run);
     if let Some(path) = &args.plot {
         let buckets = report::timeline(&run.load.records, 100_000);
-        let starts: Vec<f64> = run
-            .cutovers
-            .iter()
-            .map(|c| c.start_us as f64 / 1e6)
-            .collect();
+        let starts = report::cutover_starts_s(&run);
         plot::timeline_svg(
             path,
             "baton-bench load",

@@ -521,6 +521,15 @@ pub struct Bucket {
     pub max_ms: f64,
 }
 
+/// When each cutover of `run` began, in seconds on the run's clock (for
+/// marking them on a timeline).
+pub fn cutover_starts_s(run: &RunData) -> Vec<f64> {
+    run.cutovers
+        .iter()
+        .map(|c| c.start_us as f64 / 1e6)
+        .collect()
+}
+
 /// The run cut into `bucket_us` slices by completion time.
 pub fn timeline(records: &[Record], bucket_us: u32) -> Vec<Bucket> {
     let Some(last) = records.iter().map(|r| r.end_us).max() else {

@@ -173,11 +173,7 @@ impl Ctx<'_> {
         eprint!("{}", report::text(&report));
         if !run.cutovers.is_empty() {
             let buckets = report::timeline(&run.load.records, 100_000);
-            let starts: Vec<f64> = run
-                .cutovers
-                .iter()
-                .map(|c| c.start_us as f64 / 1e6)
-                .collect();
+            let starts = report::cutover_starts_s(run);
             let end = run.load.ended_us as f64 / 1e6;
             let what = match report.target.as_str() {
                 "naive" => "deploys (stop, then start)",
