@@ -67,17 +67,26 @@ async fn http_once(
 /// the kernel completes the handshake by itself, so a successful connect
 /// proves nothing; the listener's accept queue emptying does.
 pub async fn tcp(addr: SocketAddr, listener: BorrowedFd<'_>) -> Result<String, String> {
+    // An empty queue right after connect() may only mean the handshake's
+    // last ACK has not been processed yet; past this, it means accepted.
+    const SETTLE: Duration = Duration::from_millis(50);
     loop {
         // Held open until the app accepts it.
         if let Ok(Ok(_stream)) =
             tokio::time::timeout(ATTEMPT_TIMEOUT, TcpStream::connect(addr)).await
         {
+            let connected = tokio::time::Instant::now();
+            let mut queued = false;
             loop {
                 match sys::tcp_accept_queue_len(listener) {
-                    Ok(0) => return Ok("tcp accept".into()),
-                    Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Ok(0) if queued || connected.elapsed() >= SETTLE => {
+                        return Ok("tcp accept".into())
+                    }
+                    Ok(0) => {}
+                    Ok(_) => queued = true,
                     Err(e) => return Err(format!("reading probe listener state: {e}")),
                 }
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
         tokio::time::sleep(PROBE_INTERVAL).await;
