@@ -138,6 +138,8 @@ pub struct Baton {
     pub args: Vec<String>,
     pub stdout: Lines,
     pub stderr: Lines,
+    /// The threads reading stdout and stderr (done at end of stream).
+    readers: Vec<JoinHandle<()>>,
 }
 
 impl Baton {
@@ -190,8 +192,10 @@ impl Baton {
             .unwrap();
         let stdout = Lines::default();
         let stderr = Lines::default();
-        stdout.clone().capture(child.stdout.take().unwrap());
-        stderr.clone().capture(child.stderr.take().unwrap());
+        let readers = vec![
+            stdout.clone().capture(child.stdout.take().unwrap()),
+            stderr.clone().capture(child.stderr.take().unwrap()),
+        ];
         Self {
             dir,
             control,
@@ -199,6 +203,7 @@ impl Baton {
             args: full,
             stdout,
             stderr,
+            readers,
         }
     }
 
@@ -276,6 +281,12 @@ impl Baton {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(st) = child.try_wait().unwrap() {
+                // Let the readers take in the last lines (bounded: an app
+                // baton started may still hold the pipes for a moment).
+                let until = Instant::now() + Duration::from_secs(5);
+                while !self.readers.iter().all(|r| r.is_finished()) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return st.code().unwrap_or(-1);
             }
             assert!(

@@ -25,6 +25,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # Worst-case time from the drain signal to exit.
 DRAIN_CAP = 4.5
+# How long a connection accepted just before the drain may take to send its
+# first request: its client cannot know we are leaving, so closing it
+# unanswered would be a failed request.
+FIRST_REQUEST_GRACE = 2.0
 
 
 def log(msg):
@@ -88,38 +92,48 @@ class Drain:
     """Connection bookkeeping shared by all servers, so a drain can close
     idle keep-alive connections and wait for busy ones."""
 
+    NEW, BUSY, IDLE = "new", "busy", "idle"
+
     def __init__(self):
         self.cond = threading.Condition()
         self.draining = False
-        self.conns = {}  # connection socket -> idle?
+        self.conns = {}  # connection socket -> NEW (no request yet), BUSY or IDLE
 
     def add(self, conn):
         with self.cond:
-            self.conns[conn] = True
+            self.conns[conn] = self.NEW
 
     def remove(self, conn):
         with self.cond:
             self.conns.pop(conn, None)
             self.cond.notify_all()
 
-    def set_idle(self, conn, idle):
+    def set_state(self, conn, state):
         """Returns True when the connection must close after this request."""
         with self.cond:
             if conn in self.conns:
-                self.conns[conn] = idle
+                self.conns[conn] = state
             return self.draining
 
-    def start(self):
-        """Marks draining and wakes idle connections (their blocked read
-        sees EOF, so the handler closes them)."""
+    def _wake(self, state):
+        # A blocked read on a shut-down socket sees EOF, so its handler closes it.
         with self.cond:
-            self.draining = True
-            for conn, idle in self.conns.items():
-                if idle:
+            for conn, s in self.conns.items():
+                if s == state:
                     try:
                         conn.shutdown(socket.SHUT_RD)
                     except OSError:
                         pass
+
+    def start(self):
+        """Marks draining and closes idle keep-alive connections now; new
+        ones (no request yet) get FIRST_REQUEST_GRACE to send theirs."""
+        with self.cond:
+            self.draining = True
+        self._wake(self.IDLE)
+        timer = threading.Timer(FIRST_REQUEST_GRACE, self._wake, args=(self.NEW,))
+        timer.daemon = True
+        timer.start()
 
     def wait(self, deadline):
         with self.cond:
@@ -139,12 +153,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def parse_request(self):
         # Request line read: this connection is busy until the response is out.
-        DRAIN.set_idle(self.request, False)
+        DRAIN.set_state(self.request, Drain.BUSY)
         return super().parse_request()
 
     def handle_one_request(self):
         super().handle_one_request()
-        if DRAIN.set_idle(self.request, True):
+        if DRAIN.set_state(self.request, Drain.IDLE):
             self.close_connection = True
 
     def do_GET(self):
@@ -238,6 +252,7 @@ def main():
     for srv in servers:
         srv.server_close()
     DRAIN.start()
+    log("stopped accepting; finishing open connections")
     left = DRAIN.wait(deadline)
     if left:
         log(f"drain cap reached with {left} connections open")

@@ -272,6 +272,7 @@ async fn run(
         let _ = t.await;
     }
     let _ = start_drain.send(true);
+    eprintln!("hello: stopped accepting; finishing open connections");
     // recv() returns None once every connection task has dropped its sender.
     if tokio::time::timeout(DRAIN_CAP, all_done.recv())
         .await
