@@ -160,10 +160,19 @@ fn fifty_sighups_in_a_second_run_one_upgrade_at_a_time_and_the_last_wins() {
         signal(baton.pid(), nix::sys::signal::Signal::SIGHUP);
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Wait until no upgrade runs and none is pending.
+    // Wait until no upgrade runs or is pending, and every SIGHUP baton
+    // handled got its answer (an upgrade started, or coalesced as busy).
+    // The kernel merges pending signals, so how many deliveries (and so
+    // upgrades) 50 signals make depends on timing; what is deterministic
+    // is checked below: never two upgrades at once, and the last wins.
     wait_until("upgrades to settle", WAIT, || {
         let s = baton.status();
+        let hups = baton.stderr.count(&["SIGHUP: upgrade requested"]);
+        let answered =
+            baton.stderr.count(&["trigger=Signal"]) + baton.stderr.count(&["SIGHUP: an upgrade"]);
         s["upgrading"].is_null()
+            && hups > 0
+            && answered >= hups
             && baton.stderr.count(&["upgrade succeeded"]) + baton.stderr.count(&["upgrade failed"])
                 == baton.stderr.count(&["generation requested"]) - 1
     });
@@ -198,7 +207,7 @@ fn fifty_sighups_in_a_second_run_one_upgrade_at_a_time_and_the_last_wins() {
         lines.join("\n")
     );
     let upgrades = baton.stderr.count(&["upgrade succeeded"]);
-    assert!((2..=50).contains(&upgrades), "{upgrades} upgrades");
+    assert!((1..=50).contains(&upgrades), "{upgrades} upgrades");
     assert_eq!(baton.stderr.count(&["upgrade failed"]), 0);
     load.finish().assert_no_failures();
 }
