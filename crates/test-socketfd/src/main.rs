@@ -6,7 +6,7 @@
 //! its readlink target, cloexec flag and socket info). Then it serves HTTP on
 //! every LISTEN_FDS fd (TCP or Unix; only when LISTEN_PID is its own pid):
 //! `GET /` -> `version=.. generation=.. pid=..`, `GET /healthz`, `GET /report`
-//! (the start-up report), `GET /slow`.
+//! (the start-up report, when TEST_SOCKETFD_REPORT asked for one; else `{}`), `GET /slow`.
 //!
 //! Environment:
 //! - `TEST_SOCKETFD_REPORT=<path>`: write the report there (atomically, via `<path>.tmp`).
@@ -368,13 +368,19 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    // Before anything opens fds or touches the environment.
-    let report = build_report().to_string();
-    if let Ok(path) = env::var("TEST_SOCKETFD_REPORT") {
-        if let Err(e) = write_atomic(&path, &report) {
-            eprintln!("fake: cannot write report to {path}: {e}");
+    // Before anything opens fds or touches the environment. Only when a
+    // test asks: scanning /proc/self/net under heavy connection churn
+    // (tens of thousands of TIME_WAIT entries) can take seconds.
+    let report = match env::var("TEST_SOCKETFD_REPORT") {
+        Ok(path) => {
+            let report = build_report().to_string();
+            if let Err(e) = write_atomic(&path, &report) {
+                eprintln!("fake: cannot write report to {path}: {e}");
+            }
+            report
         }
-    }
+        Err(_) => "{}".to_string(),
+    };
     for i in 1..=env_num::<u32>("FAKE_STDERR_LINES").unwrap_or(0) {
         eprintln!("fake: stderr line {i}");
     }
