@@ -46,13 +46,13 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
 use nix::unistd;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch, Notify};
 
 const DRAIN_CAP: Duration = Duration::from_secs(30);
 
@@ -245,30 +245,69 @@ async fn handle(
     Ok(resp)
 }
 
-fn serve_conn<S>(stream: S, watcher: Watcher, st: Arc<State>)
+/// How long a connection accepted just before the drain may take to send
+/// its first request: hyper's graceful shutdown closes a connection it has
+/// not read from yet, even if the request is already in the socket.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+
+/// Held by every connection task: the drain flag, and a sender whose drop
+/// tells `run` this connection is finished.
+#[derive(Clone)]
+struct Drain {
+    draining: watch::Receiver<bool>,
+    _live: mpsc::Sender<()>,
+}
+
+fn serve_conn<S>(stream: S, drain: Drain, st: Arc<State>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| handle(req, st.clone()));
+    let first = Arc::new(Notify::new());
+    let svc = {
+        let first = first.clone();
+        service_fn(move |req| {
+            first.notify_one();
+            handle(req, st.clone())
+        })
+    };
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .serve_connection(TokioIo::new(stream), svc);
     tokio::spawn(async move {
-        let _ = watcher.watch(conn).await;
+        // The whole struct, so `_live` lives as long as this task.
+        let mut drain = drain;
+        tokio::pin!(conn);
+        let mut seen = false;
+        loop {
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = first.notified(), if !seen => seen = true,
+                _ = drain.draining.wait_for(|d| *d) => break,
+            }
+        }
+        if !seen {
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = first.notified() => {}
+                _ = tokio::time::sleep(FIRST_REQUEST_GRACE) => {}
+            }
+        }
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
     });
 }
 
-async fn accept_loop(l: Listener, g: Arc<GracefulShutdown>, st: Arc<State>) {
+async fn accept_loop(l: Listener, drain: Drain, st: Arc<State>) {
     loop {
         let res = match &l {
             Listener::Tcp(l) => l
                 .accept()
                 .await
-                .map(|(s, _)| serve_conn(s, g.watcher(), st.clone())),
+                .map(|(s, _)| serve_conn(s, drain.clone(), st.clone())),
             Listener::Unix(l) => l
                 .accept()
                 .await
-                .map(|(s, _)| serve_conn(s, g.watcher(), st.clone())),
+                .map(|(s, _)| serve_conn(s, drain.clone(), st.clone())),
         };
         if let Err(e) = res {
             eprintln!("fake: accept error: {e}"); // e.g. EMFILE: back off, don't spin
@@ -323,13 +362,19 @@ async fn readiness(sent_ready: Arc<AtomicBool>) {
 
 async fn run(listeners: Vec<Listener>, st: Arc<State>) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
-    let graceful = Arc::new(GracefulShutdown::new());
+    let (start_drain, draining) = watch::channel(false);
+    let (live, mut all_done) = mpsc::channel::<()>(1);
+    let drain = Drain {
+        draining,
+        _live: live,
+    };
     let pid = std::process::id();
     eprintln!("fake: pid={pid} serving {} listeners", listeners.len());
     let mut tasks = Vec::new();
     for l in listeners {
-        tasks.push(tokio::spawn(accept_loop(l, graceful.clone(), st.clone())));
+        tasks.push(tokio::spawn(accept_loop(l, drain.clone(), st.clone())));
     }
+    drop(drain);
     let sent_ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(readiness(sent_ready.clone()));
 
@@ -350,10 +395,13 @@ async fn run(listeners: Vec<Listener>, st: Arc<State>) -> std::io::Result<()> {
     for t in tasks {
         let _ = t.await;
     }
-    if let Ok(g) = Arc::try_unwrap(graceful) {
-        if tokio::time::timeout(DRAIN_CAP, g.shutdown()).await.is_err() {
-            eprintln!("fake: drain cap reached");
-        }
+    let _ = start_drain.send(true);
+    // None once every connection task has dropped its sender.
+    if tokio::time::timeout(DRAIN_CAP, all_done.recv())
+        .await
+        .is_err()
+    {
+        eprintln!("fake: drain cap reached");
     }
     eprintln!("fake: drained, exiting");
     Ok(())
