@@ -267,7 +267,16 @@ fn hundred_upgrades_leak_nothing() {
         baton.upgrade_expect(&[], 0);
     }
     assert!(zombies_of(pid as i32).is_empty(), "zombies left");
-    assert_eq!(fd_count(pid), fds_before, "supervisor fds grew");
+    // A leak would add at least one fd per upgrade (100+); a control
+    // connection or an exited generation's stderr pipe may still be
+    // closing at either measurement, hence the small settle margin.
+    let settled = |n: usize| n <= fds_before + 1;
+    wait_until("supervisor fds to settle", WAIT, || settled(fd_count(pid)));
+    let fds_after = fd_count(pid);
+    assert!(
+        settled(fds_after),
+        "supervisor fds grew from {fds_before} to {fds_after}"
+    );
     let rss_after = rss_kb(pid);
     assert!(
         rss_after <= rss_before + 2048,
