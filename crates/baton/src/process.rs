@@ -204,7 +204,8 @@ fn cstring(bytes: Vec<u8>, what: &str) -> Result<CString, BadArgument> {
 }
 
 /// Starts the process. `on_exit` is called (from a task) with the pid and
-/// exit status as soon as it is reaped; `tail` fills as stderr arrives once the process is reaped and its stderr drained.
+/// exit status as soon as it is reaped; the returned `Process::stderr`
+/// fills as its stderr arrives.
 pub(crate) fn spawn(
     spec: SpawnSpec<'_>,
     on_exit: impl FnOnce(i32, String) + Send + 'static,

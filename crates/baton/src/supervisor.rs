@@ -47,16 +47,6 @@ const RELEASES_KEPT: usize = 16;
 const STDERR_GRACE: Duration = Duration::from_millis(200);
 /// Events buffered for slow readers of the broadcast channel.
 const EVENT_BUFFER: usize = 4096;
-/// Environment variables that belong to the protocol and are never
-/// inherited from baton's own environment.
-const PROTOCOL_VARS: &[&str] = &[
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-    "LISTEN_PID",
-    "NOTIFY_SOCKET",
-    "BATON_GENERATION",
-    "BATON_CONTROL",
-];
 
 /// Requests to the supervisor task.
 #[derive(Debug)]
@@ -1262,7 +1252,11 @@ impl Supervisor {
 /// baton's own environment, without the protocol variables.
 fn own_env() -> Vec<(OsString, OsString)> {
     std::env::vars_os()
-        .filter(|(k, _)| !PROTOCOL_VARS.iter().any(|p| k == *p))
+        // The protocol variables are baton's to set, and BATON_CONTROL
+        // names this supervisor, not anything the app should reach.
+        .filter(|(k, _)| {
+            k != "BATON_CONTROL" && !crate::config::PROTOCOL_ENV.iter().any(|p| k == *p)
+        })
         .collect()
 }
 
