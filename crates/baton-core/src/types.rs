@@ -1,0 +1,132 @@
+//! The plain values the machine reasons about. None of them refers to the
+//! outside world: a [`Pid`] is just a number the shell reported, a
+//! [`Time`] a reading of a clock the shell owns.
+
+use std::fmt;
+use std::ops::Add;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A generation's number: 1 for the first, then one more per upgrade or
+/// rollback. Also names the upgrade that started it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GenId(pub u64);
+
+impl fmt::Display for GenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A process id as the shell reported it. The main process of a
+/// generation leads its own process group, so the same number names the
+/// group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pid(pub i32);
+
+impl fmt::Display for Pid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A reading of the shell's monotonic clock, as time since an epoch the
+/// shell chose. The machine never reads a clock itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Time(Duration);
+
+impl Time {
+    pub const ZERO: Time = Time(Duration::ZERO);
+
+    pub const fn from_duration(since_epoch: Duration) -> Self {
+        Self(since_epoch)
+    }
+
+    pub const fn since_epoch(self) -> Duration {
+        self.0
+    }
+
+    /// Time from `earlier` to `self`, zero if `earlier` is later.
+    pub fn since(self, earlier: Time) -> Duration {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+impl Add<Duration> for Time {
+    type Output = Time;
+    fn add(self, d: Duration) -> Time {
+        Time(self.0.saturating_add(d))
+    }
+}
+
+/// How a process ended: the real wait status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signaled { signal: i32, core_dumped: bool },
+}
+
+/// How a generation proves it is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// `READY=1` from the generation's own processes.
+    Notify,
+    /// A check the shell runs (HTTP, TCP, a command) and reports back.
+    Probe,
+    /// Ready once this long has passed since the process started.
+    Delay(Duration),
+}
+
+/// The settings of one generation that decisions depend on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub readiness: Readiness,
+    pub ready_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub restart_backoff_max: Duration,
+}
+
+/// What a generation runs: resolved by the shell when the generation is
+/// requested, then kept, so a crash restart runs the same release even if
+/// a `current` symlink has moved meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    pub dir: PathBuf,
+    pub program: PathBuf,
+    pub argv: Vec<String>,
+}
+
+/// Everything needed to start a generation. `payload` is the shell's own
+/// (its full configuration); the machine only carries it, so a rollback
+/// can reuse the active generation's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec<P> {
+    pub release: Release,
+    pub settings: Settings,
+    pub payload: P,
+}
+
+/// What asked for a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Start,
+    Control,
+    Signal,
+    Rollback,
+}
+
+/// The signals the machine sends, always to a whole process group. The
+/// shell maps `Drain` to the generation's configured signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Drain,
+    Kill,
+}
+
+/// One thing an app reported over the notify socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    Ready,
+    Stopping,
+    Status(String),
+}

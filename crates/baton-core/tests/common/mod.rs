@@ -1,0 +1,196 @@
+//! A driver for the machine in tests: injected time, specs with short
+//! timeouts, and effects rendered as short words so a test reads as the
+//! list of inputs and the effects expected.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use baton_core::*;
+
+pub fn g(n: u64) -> GenId {
+    GenId(n)
+}
+
+pub fn p(n: i32) -> Pid {
+    Pid(n)
+}
+
+pub fn release(name: &str) -> Release {
+    Release {
+        dir: format!("/srv/{name}").into(),
+        program: format!("/srv/{name}/server").into(),
+        argv: vec!["./server".into()],
+    }
+}
+
+pub fn settings(readiness: Readiness) -> Settings {
+    Settings {
+        readiness,
+        ready_timeout: Duration::from_secs(3),
+        drain_timeout: Duration::from_secs(5),
+        restart_backoff_max: Duration::from_secs(1),
+    }
+}
+
+pub fn spec(name: &str, readiness: Readiness) -> Spec<()> {
+    Spec {
+        release: release(name),
+        settings: settings(readiness),
+        payload: (),
+    }
+}
+
+pub struct Driver {
+    pub m: Machine<()>,
+    pub now: Time,
+    next_req: u64,
+}
+
+impl Default for Driver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Driver {
+    pub fn new() -> Self {
+        Self {
+            m: Machine::new(),
+            now: Time::ZERO,
+            next_req: 1,
+        }
+    }
+
+    /// Moves the clock to `ms` milliseconds.
+    pub fn at(&mut self, ms: u64) -> &mut Self {
+        self.now = Time::from_duration(Duration::from_millis(ms));
+        self
+    }
+
+    pub fn step(&mut self, input: Input<()>) -> Vec<String> {
+        self.m.step(input, self.now).iter().map(show).collect()
+    }
+
+    /// Ticks at `ms`, as the shell would at the machine's next timeout.
+    pub fn tick_at(&mut self, ms: u64) -> Vec<String> {
+        self.at(ms);
+        self.step(Input::Tick)
+    }
+
+    pub fn command(&mut self, command: Command<()>) -> Vec<String> {
+        let id = RequestId(self.next_req);
+        self.next_req += 1;
+        self.step(Input::Command { id, command })
+    }
+
+    pub fn upgrade(&mut self, name: &str, readiness: Readiness) -> Vec<String> {
+        self.command(Command::Upgrade {
+            trigger: Trigger::Control,
+            spec: spec(name, readiness),
+        })
+    }
+
+    pub fn sighup(&mut self, name: &str) -> Vec<String> {
+        self.command(Command::Upgrade {
+            trigger: Trigger::Signal,
+            spec: spec(name, Readiness::Notify),
+        })
+    }
+
+    pub fn spawned(&mut self, gen: u64, pid: i32) -> Vec<String> {
+        self.step(Input::Spawned {
+            gen: g(gen),
+            pid: p(pid),
+        })
+    }
+
+    pub fn ready(&mut self, pid: i32) -> Vec<String> {
+        self.notify(pid, Some(pid), vec![Report::Ready])
+    }
+
+    pub fn notify(&mut self, pid: i32, pgid: Option<i32>, reports: Vec<Report>) -> Vec<String> {
+        self.step(Input::Notify {
+            pid: p(pid),
+            pgid: pgid.map(p),
+            reports,
+        })
+    }
+
+    pub fn exited(&mut self, pid: i32, code: i32) -> Vec<String> {
+        self.step(Input::Exited {
+            pid: p(pid),
+            status: ExitStatus::Code(code),
+            group_empty: true,
+        })
+    }
+
+    /// The first generation (release "v1", notify) started as pid 100
+    /// and ready.
+    pub fn serving() -> Self {
+        let mut d = Self::new();
+        d.step(Input::Start {
+            spec: spec("v1", Readiness::Notify),
+        });
+        d.spawned(1, 100);
+        d.ready(100);
+        d
+    }
+
+    pub fn phase(&self, gen: u64) -> Phase {
+        self.m.generation(g(gen)).unwrap().phase().clone()
+    }
+}
+
+/// One effect in a few words.
+pub fn show(e: &Effect) -> String {
+    match e {
+        Effect::Spawn { gen } => format!("spawn {gen}"),
+        Effect::StartProbe { gen, pid } => format!("probe {gen} {pid}"),
+        Effect::StopProbe { gen } => format!("stop-probe {gen}"),
+        Effect::Signal { pid, signal } => match signal {
+            Signal::Drain => format!("signal-drain {pid}"),
+            Signal::Kill => format!("signal-kill {pid}"),
+        },
+        Effect::Release { pid } => format!("release {pid}"),
+        Effect::Traffic(plan) => match plan.active {
+            Some(a) => format!("traffic {a}"),
+            None => "traffic none".into(),
+        },
+        Effect::CloseListeners => "close-listeners".into(),
+        Effect::RequestUpgrade => "request-upgrade".into(),
+        Effect::Reply { reply, .. } => match reply {
+            Reply::Upgrading(gen) => format!("reply upgrading {gen}"),
+            Reply::Refused(Refusal::Busy(gen)) => format!("reply busy {gen}"),
+            Reply::Refused(Refusal::Stopping) => "reply refused-stopping".into(),
+            Reply::Refused(Refusal::NoPrevious) => "reply no-previous".into(),
+            Reply::Stopping => "reply stopping".into(),
+        },
+        Effect::Event(ev) => {
+            let gen = ev.gen;
+            match &ev.kind {
+                EventKind::Requested { trigger } => format!("{gen} requested {trigger:?}"),
+                EventKind::Spawned { pid } => format!("{gen} spawned {pid}"),
+                EventKind::SpawnFailed { error } => format!("{gen} spawn-failed {error}"),
+                EventKind::Ready { pid, .. } => format!("{gen} ready {pid}"),
+                EventKind::Active { pid } => format!("{gen} active {pid}"),
+                EventKind::Draining { pid } => format!("{gen} draining {pid}"),
+                EventKind::Killed { pid } => format!("{gen} killed {pid}"),
+                EventKind::Exited { pid, .. } => format!("{gen} exited {pid}"),
+                EventKind::Restarting { delay, restarts } => {
+                    format!("{gen} restarting {}ms #{restarts}", delay.as_millis())
+                }
+                EventKind::Status { text } => format!("{gen} status {text}"),
+                EventKind::Stopping { pid } => format!("{gen} stopping {pid}"),
+                EventKind::UpgradeSucceeded => format!("{gen} succeeded"),
+                EventKind::UpgradeFailed { failure } => format!("{gen} failed {failure:?}"),
+            }
+        }
+        Effect::Note(n) => match n {
+            Note::NotifyFromStranger { pid } => format!("note stranger {pid}"),
+            Note::GroupOutlivesLeader { pid, .. } => format!("note outlives {pid}"),
+            Note::KillingLeftovers { pid, .. } => format!("note leftovers {pid}"),
+            Note::Recycling { gen, .. } => format!("note recycling {gen}"),
+            Note::FollowUpUpgrade => "note follow-up".into(),
+        },
+    }
+}

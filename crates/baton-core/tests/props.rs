@@ -1,0 +1,463 @@
+//! Random sequences of inputs (commands, spawn answers, exits, group
+//! reports, READY and probe results from current, exited and unknown
+//! processes, stderr ends, the passing of time) in any order, with the
+//! machine's invariants checked after every step.
+//!
+//! CI runs proptest's default number of cases; a long run:
+//! `PROPTEST_CASES=100000 cargo test --release -p baton-core --test props`
+//! (recorded in docs/guarantees.md).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use baton_core::*;
+use common::*;
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Upgrade {
+        signal: bool,
+        readiness: u8,
+    },
+    Rollback,
+    Stop,
+    /// Answer the n-th outstanding spawn.
+    Resolve {
+        n: usize,
+        ok: bool,
+    },
+    /// The n-th process ever spawned exits (again, if it already did).
+    Exit {
+        n: usize,
+        group_empty: bool,
+        code: i32,
+    },
+    GroupEmpty {
+        n: usize,
+    },
+    /// READY from the n-th process ever spawned, or a member of its group.
+    Ready {
+        n: usize,
+        member: bool,
+    },
+    Probe {
+        n: usize,
+        ok: bool,
+    },
+    Status {
+        n: usize,
+    },
+    StderrClosed {
+        n: usize,
+    },
+    /// A message from a process baton never started.
+    Stranger,
+    Advance {
+        ms: u64,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let n = 0..8usize;
+    prop_oneof![
+        2 => (any::<bool>(), 0..3u8).prop_map(|(signal, readiness)| Op::Upgrade { signal, readiness }),
+        1 => Just(Op::Rollback),
+        1 => Just(Op::Stop),
+        4 => (n.clone(), prop::bool::weighted(0.85)).prop_map(|(n, ok)| Op::Resolve { n, ok }),
+        3 => (n.clone(), any::<bool>(), 0..3i32).prop_map(|(n, group_empty, code)| Op::Exit { n, group_empty, code }),
+        2 => n.clone().prop_map(|n| Op::GroupEmpty { n }),
+        3 => (n.clone(), any::<bool>()).prop_map(|(n, member)| Op::Ready { n, member }),
+        2 => (n.clone(), any::<bool>()).prop_map(|(n, ok)| Op::Probe { n, ok }),
+        1 => n.clone().prop_map(|n| Op::Status { n }),
+        1 => n.clone().prop_map(|n| Op::StderrClosed { n }),
+        1 => Just(Op::Stranger),
+        3 => prop_oneof![0..50u64, 50..1500u64, 1500..8000u64].prop_map(|ms| Op::Advance { ms }),
+    ]
+}
+
+/// What the outside world knows: what it was asked to spawn, which
+/// processes it started, which it saw exit, which groups it reported empty.
+#[derive(Default)]
+struct World {
+    now_ms: u64,
+    pending: Vec<GenId>,
+    /// Every process ever started, in order, with its generation.
+    started: Vec<(Pid, GenId)>,
+    exited: BTreeSet<Pid>,
+    /// Released by the machine: known gone.
+    gone: BTreeSet<Pid>,
+    kill_at: BTreeMap<Pid, Time>,
+    next_pid: i32,
+    versions: u32,
+}
+
+struct Run {
+    d: Driver,
+    w: World,
+    steps: usize,
+}
+
+impl Run {
+    fn new() -> Self {
+        let mut r = Self {
+            d: Driver::new(),
+            w: World {
+                next_pid: 100,
+                ..World::default()
+            },
+            steps: 0,
+        };
+        r.feed(Input::Start {
+            spec: spec("v0", Readiness::Notify),
+        });
+        r
+    }
+
+    fn nth(&self, n: usize) -> Option<(Pid, GenId)> {
+        (!self.w.started.is_empty()).then(|| self.w.started[n % self.w.started.len()])
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Upgrade { signal, readiness } => {
+                self.w.versions += 1;
+                let readiness = match readiness {
+                    0 => Readiness::Notify,
+                    1 => Readiness::Probe,
+                    _ => Readiness::Delay(Duration::from_millis(20)),
+                };
+                let trigger = if signal {
+                    Trigger::Signal
+                } else {
+                    Trigger::Control
+                };
+                // Few distinct releases, so "same release" paths are hit.
+                let name = format!("v{}", self.w.versions % 3);
+                self.command(Command::Upgrade {
+                    trigger,
+                    spec: spec(&name, readiness),
+                });
+            }
+            Op::Rollback => self.command(Command::Rollback),
+            Op::Stop => self.command(Command::Stop),
+            Op::Resolve { n, ok } => {
+                if self.w.pending.is_empty() {
+                    return;
+                }
+                let gen = self.w.pending.remove(n % self.w.pending.len());
+                if ok {
+                    let pid = Pid(self.w.next_pid);
+                    self.w.next_pid += 1;
+                    self.w.started.push((pid, gen));
+                    self.feed(Input::Spawned { gen, pid });
+                } else {
+                    self.feed(Input::SpawnFailed {
+                        gen,
+                        error: "no such file".into(),
+                    });
+                }
+            }
+            Op::Exit {
+                n,
+                group_empty,
+                code,
+            } => {
+                let Some((pid, _)) = self.nth(n) else { return };
+                // The world reports each real exit once; a repeat is junk
+                // the machine must shrug off.
+                self.w.exited.insert(pid);
+                self.feed(Input::Exited {
+                    pid,
+                    status: ExitStatus::Code(code),
+                    group_empty,
+                });
+            }
+            Op::GroupEmpty { n } => {
+                let Some((pid, _)) = self.nth(n) else { return };
+                // Only an exited leader's group can be empty.
+                if self.w.exited.contains(&pid) {
+                    self.feed(Input::GroupEmpty { pid });
+                }
+            }
+            Op::Ready { n, member } => {
+                let Some((pid, _)) = self.nth(n) else { return };
+                let (sender, pgid) = if member {
+                    (Pid(pid.0 + 50_000), Some(pid))
+                } else {
+                    (pid, Some(pid))
+                };
+                self.feed(Input::Notify {
+                    pid: sender,
+                    pgid,
+                    reports: vec![Report::Ready],
+                });
+            }
+            Op::Probe { n, ok } => {
+                let Some((pid, gen)) = self.nth(n) else {
+                    return;
+                };
+                let result = if ok {
+                    Ok("tcp accept".into())
+                } else {
+                    Err("answered 500".into())
+                };
+                self.feed(Input::Probe { gen, pid, result });
+            }
+            Op::Status { n } => {
+                let Some((pid, _)) = self.nth(n) else { return };
+                self.feed(Input::Notify {
+                    pid,
+                    pgid: Some(pid),
+                    reports: vec![Report::Status("busy".into()), Report::Stopping],
+                });
+            }
+            Op::StderrClosed { n } => {
+                let Some((pid, _)) = self.nth(n) else { return };
+                self.feed(Input::StderrClosed { pid });
+            }
+            Op::Stranger => self.feed(Input::Notify {
+                pid: Pid(7),
+                pgid: Some(Pid(7)),
+                reports: vec![Report::Ready],
+            }),
+            Op::Advance { ms } => {
+                self.w.now_ms += ms;
+                self.feed(Input::Tick);
+            }
+        }
+    }
+
+    fn command(&mut self, command: Command<()>) {
+        self.feed(Input::Command {
+            id: RequestId(self.steps as u64),
+            command,
+        });
+    }
+
+    /// Which generation, if any, this READY or probe result may promote:
+    /// one whose current main process is the sender's (or its group's)
+    /// and is still running.
+    fn promotable(&self, input: &Input<()>) -> Option<GenId> {
+        let (candidates, probe): (Vec<Pid>, bool) = match input {
+            Input::Notify { pid, pgid, reports } if reports.contains(&Report::Ready) => {
+                ([Some(*pid), *pgid].into_iter().flatten().collect(), false)
+            }
+            Input::Probe {
+                pid, result: Ok(_), ..
+            } => (vec![*pid], true),
+            _ => return None,
+        };
+        self.d.m.generations().find_map(|g| match g.phase() {
+            Phase::Starting { pid, check, .. }
+                if candidates.contains(pid)
+                    && !self.w.exited.contains(pid)
+                    && (*check == Check::Probe) == probe
+                    && !matches!(check, Check::Delay { .. }) =>
+            {
+                Some(g.id())
+            }
+            _ => None,
+        })
+    }
+
+    fn feed(&mut self, input: Input<()>) {
+        self.steps += 1;
+        let may_promote = self.promotable(&input);
+        let is_tick = input == Input::Tick;
+        let now = Time::from_duration(Duration::from_millis(self.w.now_ms));
+        let before_active = self.d.m.traffic().active;
+        let effects = self.d.m.step(input.clone(), now);
+        let ctx = || format!("after {input:?}\neffects: {effects:#?}");
+
+        for e in &effects {
+            match e {
+                Effect::Spawn { gen } => {
+                    // Spawning, or drained since (stop, cutover) with the
+                    // spawn still owed an answer.
+                    assert!(
+                        matches!(
+                            self.d.m.generation(*gen).map(|g| g.phase()),
+                            Some(
+                                Phase::Spawning
+                                    | Phase::Draining {
+                                        spawn_pending: true,
+                                        ..
+                                    }
+                            )
+                        ),
+                        "spawn for a generation not spawning; {}",
+                        ctx()
+                    );
+                    self.w.pending.push(*gen);
+                }
+                Effect::Signal { pid, .. } => {
+                    assert!(
+                        self.w.started.iter().any(|(p, _)| p == pid),
+                        "signal to a group never started: {pid}; {}",
+                        ctx()
+                    );
+                    assert!(
+                        !self.w.gone.contains(pid),
+                        "signal to a group known empty: {pid}; {}",
+                        ctx()
+                    );
+                }
+                Effect::Release { pid } => {
+                    assert!(
+                        self.w.exited.contains(pid),
+                        "released before exit; {}",
+                        ctx()
+                    );
+                    assert!(self.w.gone.insert(*pid), "released twice; {}", ctx());
+                }
+                Effect::Event(Event {
+                    gen,
+                    kind: EventKind::Ready { .. },
+                    ..
+                }) => {
+                    // Delay readiness promotes on a tick, by time alone.
+                    if !is_tick {
+                        assert_eq!(
+                            may_promote,
+                            Some(*gen),
+                            "promoted by a READY or probe result that was not its current process's; {}",
+                            ctx()
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.check(before_active, &ctx);
+    }
+
+    fn check(&mut self, before_active: Option<GenId>, ctx: &dyn Fn() -> String) {
+        let m = &self.d.m;
+        // At most one upgrade, and its candidate exists.
+        if let Some(up) = m.upgrade() {
+            assert!(m.generation(up.candidate).is_some(), "{}", ctx());
+        }
+        // Only the active generation serves; while one serves, the active
+        // one does.
+        let active = m.traffic().active;
+        for g in m.generations() {
+            if matches!(g.phase(), Phase::Serving { .. }) {
+                assert_eq!(
+                    active,
+                    Some(g.id()),
+                    "a serving generation is not active; {}",
+                    ctx()
+                );
+            }
+        }
+        if let Some(a) = active {
+            assert!(
+                m.generation(a).is_some() || m.stopping(),
+                "active generation forgotten; {}",
+                ctx()
+            );
+        }
+        assert!(
+            before_active.is_none() || active.is_some(),
+            "traffic plan emptied; {}",
+            ctx()
+        );
+        // Every process started and not released is accounted for.
+        let live: BTreeSet<Pid> = self
+            .w
+            .started
+            .iter()
+            .map(|(p, _)| *p)
+            .filter(|p| !self.w.gone.contains(p))
+            .collect();
+        let held: BTreeSet<Pid> = m.procs().keys().copied().collect();
+        assert_eq!(live, held, "processes not accounted for; {}", ctx());
+        // A kill deadline, once set, never moves.
+        for (pid, proc) in m.procs() {
+            if let Some(k) = proc.kill_at {
+                let first = *self.w.kill_at.entry(*pid).or_insert(k);
+                assert_eq!(first, k, "kill deadline of {pid} moved; {}", ctx());
+            }
+        }
+        // A generation's main process is one it started and still runs.
+        for g in m.generations() {
+            if let Some(pid) = g.main_pid() {
+                assert!(!self.w.exited.contains(&pid), "{}", ctx());
+                assert_eq!(
+                    m.procs().get(&pid).map(|p| p.gen),
+                    Some(g.id()),
+                    "{}",
+                    ctx()
+                );
+            }
+        }
+    }
+
+    /// Stops and lets everything end: the machine must get done.
+    fn settle(&mut self) {
+        self.command(Command::Stop);
+        for _ in 0..100 {
+            if self.d.m.is_done() {
+                return;
+            }
+            while let Some(gen) = self.w.pending.pop() {
+                let pid = Pid(self.w.next_pid);
+                self.w.next_pid += 1;
+                self.w.started.push((pid, gen));
+                self.feed(Input::Spawned { gen, pid });
+            }
+            let live: Vec<Pid> = self.d.m.procs().keys().copied().collect();
+            for pid in live {
+                if !self.w.exited.contains(&pid) {
+                    self.w.exited.insert(pid);
+                    self.feed(Input::Exited {
+                        pid,
+                        status: ExitStatus::Code(0),
+                        group_empty: false,
+                    });
+                }
+                self.feed(Input::GroupEmpty { pid });
+            }
+            self.w.now_ms += 60_000;
+            self.feed(Input::Tick);
+        }
+        panic!("never done after stop: {:#?}", self.d.m);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn invariants_hold_after_every_step(ops in prop::collection::vec(op(), 1..80)) {
+        let mut run = Run::new();
+        for op in &ops {
+            run.apply(op);
+        }
+        run.settle();
+    }
+}
+
+/// Positive control for the harness: the sequence that promotes a
+/// candidate does produce a Ready event, so the promotion check is live.
+#[test]
+fn the_harness_sees_a_promotion() {
+    let mut run = Run::new();
+    run.apply(&Op::Resolve { n: 0, ok: true });
+    run.apply(&Op::Ready {
+        n: 0,
+        member: false,
+    });
+    run.apply(&Op::Upgrade {
+        signal: false,
+        readiness: 0,
+    });
+    run.apply(&Op::Resolve { n: 0, ok: true });
+    run.apply(&Op::Ready { n: 1, member: true });
+    assert_eq!(run.d.m.traffic().active, Some(GenId(2)));
+    run.settle();
+}
