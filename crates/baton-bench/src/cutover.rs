@@ -302,7 +302,7 @@ impl BatonDeploy {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 c.ok = false;
-                c.error = Some(format!("control: {}", baton::supervisor::error_chain(&e)));
+                c.error = Some(format!("control: {}", baton::error_chain(&e)));
             }
             Err(_) => {
                 c.ok = false;

@@ -31,7 +31,13 @@ pub struct RequestId(pub u64);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command<P> {
     /// Start a new generation from `spec` and cut over to it once ready.
-    Upgrade { trigger: Trigger, spec: Spec<P> },
+    /// `Err` says the shell could not even resolve the release (a missing
+    /// program or directory): the upgrade gets its number and fails at
+    /// once with that error, like a spawn that failed.
+    Upgrade {
+        trigger: Trigger,
+        spec: Result<Spec<P>, String>,
+    },
     /// Start the previous successful release and cut over to it.
     Rollback,
     /// Drain every generation; the machine is done once all have exited.
@@ -54,6 +60,12 @@ pub enum Refusal {
     Stopping,
     /// No earlier successful release to roll back to.
     NoPrevious,
+}
+
+/// Why an upgrade cannot start a generation.
+enum Unstartable {
+    Refused(Refusal),
+    Unresolved(String),
 }
 
 /// Everything the machine reacts to.
@@ -606,7 +618,9 @@ impl<P: Clone> Machine<P> {
 
     fn command(&mut self, id: RequestId, command: Command<P>) {
         let reply = match command {
-            Command::Upgrade { trigger, spec } => self.start_upgrade(trigger, Ok(spec)),
+            Command::Upgrade { trigger, spec } => {
+                self.start_upgrade(trigger, spec.map_err(Unstartable::Unresolved))
+            }
             Command::Rollback => {
                 let prev = self
                     .releases
@@ -622,7 +636,7 @@ impl<P: Clone> Machine<P> {
                     .map(|g| g.spec.clone());
                 let spec = match (prev, base) {
                     (Some(release), Some(base)) => Ok(Spec { release, ..base }),
-                    _ => Err(Refusal::NoPrevious),
+                    _ => Err(Unstartable::Refused(Refusal::NoPrevious)),
                 };
                 self.start_upgrade(Trigger::Rollback, spec)
             }
@@ -634,7 +648,7 @@ impl<P: Clone> Machine<P> {
         self.out.push(Effect::Reply { id, reply });
     }
 
-    fn start_upgrade(&mut self, trigger: Trigger, spec: Result<Spec<P>, Refusal>) -> Reply {
+    fn start_upgrade(&mut self, trigger: Trigger, spec: Result<Spec<P>, Unstartable>) -> Reply {
         if self.stopping {
             return Reply::Refused(Refusal::Stopping);
         }
@@ -646,14 +660,30 @@ impl<P: Clone> Machine<P> {
         }
         // Everything that can refuse happens before a number is used, so a
         // refused request leaves no trace but its reply.
-        let spec = match spec {
-            Ok(spec) => spec,
-            Err(refusal) => return Reply::Refused(refusal),
-        };
         let started = self.now;
         let up_ref = UpgradeRef {
             id: GenId(self.next_gen),
             started,
+        };
+        let spec = match spec {
+            Ok(spec) => spec,
+            Err(Unstartable::Refused(refusal)) => return Reply::Refused(refusal),
+            Err(Unstartable::Unresolved(error)) => {
+                // Numbered and reported like any upgrade, with no
+                // generation to keep: nothing of it ever ran.
+                let gen = up_ref.id;
+                self.next_gen += 1;
+                let up = Some(up_ref);
+                self.emit_in(gen, up, EventKind::Requested { trigger });
+                let spawn_error = EventKind::SpawnFailed {
+                    error: error.clone(),
+                };
+                self.emit_in(gen, up, spawn_error);
+                let failure = Failure::Spawn(error);
+                self.emit_in(gen, up, EventKind::UpgradeFailed { failure });
+                self.after_upgrade();
+                return Reply::Upgrading(gen);
+            }
         };
         let gen = self.new_generation(spec, Some(up_ref));
         self.upgrade = Some(Upgrade {

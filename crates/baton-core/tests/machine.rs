@@ -548,3 +548,24 @@ fn an_exit_or_group_report_for_an_unknown_process_changes_nothing() {
     );
     assert!(d.m.procs().contains_key(&p(100)));
 }
+
+#[test]
+fn an_unresolvable_release_fails_its_upgrade_at_once() {
+    let mut d = Driver::serving();
+    assert_eq!(
+        d.command(Command::Upgrade {
+            trigger: Trigger::Control,
+            spec: Err("program \"./gone\" not found".into()),
+        }),
+        [
+            "2 requested Control",
+            "2 spawn-failed program \"./gone\" not found",
+            "2 failed Spawn(\"program \\\"./gone\\\" not found\")",
+            "reply upgrading 2"
+        ]
+    );
+    assert!(d.m.upgrade().is_none());
+    assert!(d.m.generation(g(2)).is_none(), "nothing of it ran");
+    // The next upgrade gets the next number.
+    assert_eq!(d.upgrade("v2", Readiness::Notify)[0], "3 requested Control");
+}

@@ -137,10 +137,13 @@ impl Run {
                 };
                 // Few distinct releases, so "same release" paths are hit.
                 let name = format!("v{}", self.w.versions % 3);
-                self.command(Command::Upgrade {
-                    trigger,
-                    spec: spec(&name, readiness),
-                });
+                // Now and then a release that cannot be resolved.
+                let spec = if self.w.versions % 7 == 0 {
+                    Err("program not found".to_owned())
+                } else {
+                    Ok(spec(&name, readiness))
+                };
+                self.command(Command::Upgrade { trigger, spec });
             }
             Op::Rollback => self.command(Command::Rollback),
             Op::Stop => self.command(Command::Stop),
@@ -314,20 +317,18 @@ impl Run {
                     );
                     assert!(self.w.gone.insert(*pid), "released twice; {}", ctx());
                 }
+                // Delay readiness promotes on a tick, by time alone.
                 Effect::Event(Event {
                     gen,
                     kind: EventKind::Ready { .. },
                     ..
-                }) => {
-                    // Delay readiness promotes on a tick, by time alone.
-                    if !is_tick {
-                        assert_eq!(
-                            may_promote,
-                            Some(*gen),
-                            "promoted by a READY or probe result that was not its current process's; {}",
-                            ctx()
-                        );
-                    }
+                }) if !is_tick => {
+                    assert_eq!(
+                        may_promote,
+                        Some(*gen),
+                        "promoted by a READY or probe result that was not its current process's; {}",
+                        ctx()
+                    );
                 }
                 _ => {}
             }

@@ -23,16 +23,7 @@ pub const DEFAULT_BACKLOG: u32 = 4096;
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// Variables baton sets for every generation; configuration may not.
-pub const PROTOCOL_ENV: &[&str] = &[
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-    "LISTEN_PID",
-    "NOTIFY_SOCKET",
-    "BATON_GENERATION",
-];
-/// Fd name of the private per-generation probe listener.
-pub const PROBE_FD_NAME: &str = "baton-probe";
+pub use baton_protocol::app::{PROBE_FD_NAME, PROTOCOL_ENV};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -428,6 +419,40 @@ pub struct Config {
     pub user: Option<String>,
     pub group: Option<String>,
     pub control_allow_uids: Vec<u32>,
+}
+
+impl Config {
+    /// The settings lifecycle decisions depend on.
+    pub fn settings(&self) -> baton_core::Settings {
+        baton_core::Settings {
+            readiness: match self.ready {
+                ReadySpec::Notify => baton_core::Readiness::Notify,
+                ReadySpec::Delay(d) => baton_core::Readiness::Delay(d),
+                ReadySpec::Http(_) | ReadySpec::Tcp | ReadySpec::Exec(_) => {
+                    baton_core::Readiness::Probe
+                }
+            },
+            ready_timeout: self.ready_timeout,
+            drain_timeout: self.drain_timeout,
+            restart_backoff_max: self.restart_backoff_max,
+        }
+    }
+
+    /// Which settings an upgrade changes that are fixed for baton's
+    /// lifetime (the sockets, the control socket and who may use it).
+    pub fn fixed_change(&self, next: &Config) -> Option<&'static str> {
+        [
+            ("listeners", self.listen != next.listen),
+            ("backlog", self.backlog != next.backlog),
+            ("control socket", self.control != next.control),
+            (
+                "allowed control uids",
+                self.control_allow_uids != next.control_allow_uids,
+            ),
+        ]
+        .into_iter()
+        .find_map(|(what, changed)| changed.then_some(what))
+    }
 }
 
 /// Where the configuration comes from; kept so upgrades can re-read it.

@@ -1,5 +1,5 @@
-//! The sd_notify side: a datagram socket apps find in `NOTIFY_SOCKET`, and
-//! the parser for what they send.
+//! The sd_notify socket apps find in `NOTIFY_SOCKET` (the parser for what
+//! they send is `baton_protocol::notify`).
 //!
 //! A message is attributed to a generation by the sender's pid as the
 //! kernel reports it (SO_PASSCRED / SCM_CREDENTIALS), never by anything in
@@ -13,47 +13,7 @@ use nix::sys::socket::{self, sockopt, ControlMessageOwned, MsgFlags};
 use tokio::io::Interest;
 use tokio::net::UnixDatagram;
 
-/// One state change an app reported.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NotifyMessage {
-    Ready,
-    Stopping,
-    Reloading,
-    Status(String),
-    /// `MAINPID=`: accepted only from the generation's own process group.
-    MainPid(i32),
-}
-
-/// Parses one datagram: newline-separated `KEY=VALUE` assignments. Unknown
-/// keys (WATCHDOG=, ERRNO=, FDSTORE=, …) are ignored, as systemd does with
-/// keys it does not act on. Invalid UTF-8 is replaced rather than dropped.
-pub fn parse(datagram: &[u8]) -> Vec<NotifyMessage> {
-    let text = String::from_utf8_lossy(datagram);
-    text.split('\n')
-        .filter_map(|line| {
-            let (key, value) = line.split_once('=')?;
-            match key {
-                "READY" if value == "1" => Some(NotifyMessage::Ready),
-                "STOPPING" if value == "1" => Some(NotifyMessage::Stopping),
-                "RELOADING" if value == "1" => Some(NotifyMessage::Reloading),
-                "STATUS" => Some(NotifyMessage::Status(truncate(value, 512))),
-                "MAINPID" => value
-                    .parse()
-                    .ok()
-                    .filter(|p| *p > 0)
-                    .map(NotifyMessage::MainPid),
-                _ => None,
-            }
-        })
-        .collect()
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => s[..i].to_owned(),
-        None => s.to_owned(),
-    }
-}
+pub use baton_protocol::notify::{parse, NotifyMessage, MAX_DATAGRAM};
 
 /// The supervisor's notify socket.
 pub struct NotifySocket {
@@ -91,11 +51,12 @@ impl NotifySocket {
     }
 
     /// Waits for the next datagram that carries credentials. Datagrams
-    /// that cannot be read whole (too many passed fds, truncated control
-    /// data) are dropped at once: one bad sender must not slow the rest.
+    /// that cannot be read whole (longer than [`MAX_DATAGRAM`], too many
+    /// passed fds, truncated control data) are dropped at once, as systemd
+    /// drops them: parsed cut short, `READY=10` could read as `READY=1`,
+    /// and one bad sender must not slow the rest.
     pub async fn recv(&self) -> io::Result<Received> {
-        // sd_notify datagrams are small; systemd accepts up to ~4 KiB too.
-        let mut buf = vec![0u8; 4096];
+        let mut buf = vec![0u8; MAX_DATAGRAM];
         loop {
             let got = self.socket.async_io(Interest::READABLE, || {
                 let mut iov = [IoSliceMut::new(&mut buf)];
@@ -111,7 +72,9 @@ impl NotifySocket {
                 .map_err(io::Error::from)?;
                 let mut pid = None;
                 let mut passed_fds = Vec::new();
-                let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+                let truncated = msg
+                    .flags
+                    .intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC);
                 if let Ok(cmsgs) = msg.cmsgs() {
                     for c in cmsgs {
                         match c {
@@ -138,7 +101,11 @@ impl NotifySocket {
                         messages: parse(&buf[..len]),
                     });
                 }
-                _ => tracing::debug!("dropped a notify datagram without readable credentials"),
+                Some(pid) => tracing::warn!(
+                    pid,
+                    "dropped a notify datagram longer than {MAX_DATAGRAM} bytes or with too much control data"
+                ),
+                None => tracing::debug!("dropped a notify datagram without credentials"),
             }
         }
     }
@@ -154,31 +121,26 @@ impl Drop for NotifySocket {
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_assignments() {
+    /// A datagram longer than the buffer is dropped, not parsed cut
+    /// short: here the cut would turn `READY=10` into `READY=1`. The next
+    /// datagram still arrives (positive control).
+    #[tokio::test]
+    async fn oversized_datagrams_are_dropped_not_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = NotifySocket::bind(&path).unwrap();
+        let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        let mut big = format!("STATUS={}\n", "x".repeat(MAX_DATAGRAM - 15));
+        big.push_str("READY=10");
+        assert_eq!(big.len(), MAX_DATAGRAM + 1);
         assert_eq!(
-            parse(b"READY=1\nSTATUS=warming up\nWATCHDOG=1\n"),
-            vec![
-                NotifyMessage::Ready,
-                NotifyMessage::Status("warming up".into())
-            ]
+            parse(&big.as_bytes()[..MAX_DATAGRAM]).last(),
+            Some(&NotifyMessage::Ready)
         );
-        assert_eq!(parse(b"STOPPING=1"), vec![NotifyMessage::Stopping]);
-        assert_eq!(parse(b"READY=0\nREADY\n=1\n"), vec![]);
-        assert_eq!(
-            parse(b"MAINPID=42\nMAINPID=-1\nMAINPID=x"),
-            vec![NotifyMessage::MainPid(42)]
-        );
-        assert_eq!(
-            parse(b"STATUS=caf\xc3\xa9"),
-            vec![NotifyMessage::Status("café".into())]
-        );
-        assert_eq!(parse(b"\xff\xfe"), vec![]);
-        let long = format!("STATUS={}", "x".repeat(2000));
-        assert_eq!(
-            parse(long.as_bytes()),
-            vec![NotifyMessage::Status("x".repeat(512))]
-        );
+        client.send_to(big.as_bytes(), &path).unwrap();
+        client.send_to(b"STATUS=after", &path).unwrap();
+        let got = sock.recv().await.unwrap();
+        assert_eq!(got.messages, vec![NotifyMessage::Status("after".into())]);
     }
 
     #[tokio::test]

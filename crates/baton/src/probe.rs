@@ -14,8 +14,6 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::sys;
-
 /// Pause between attempts.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// One attempt's limit.
@@ -78,7 +76,7 @@ pub async fn tcp(addr: SocketAddr, listener: BorrowedFd<'_>) -> Result<String, S
             let connected = tokio::time::Instant::now();
             let mut queued = false;
             loop {
-                match sys::tcp_accept_queue_len(listener) {
+                match baton_sys::tcp_accept_queue_len(listener) {
                     Ok(0) if queued || connected.elapsed() >= SETTLE => {
                         return Ok("tcp accept".into())
                     }

@@ -1,37 +1,37 @@
-//! Starting one process of a generation and watching it: exit (through a
-//! pidfd, so every child is reaped and no zombie stays), and stderr (passed
-//! through to baton's stderr, with the last lines kept for error reports).
+//! Starting and watching a generation's processes.
+//!
+//! - [`resolve`] turns the configured directory and command into a
+//!   [`Release`] (paths resolved now, kept for restarts and rollbacks);
+//! - [`Spawner`] forks from one long-lived thread: `PR_SET_PDEATHSIG` fires
+//!   when the *thread* that forked exits, so a pool thread retired after
+//!   idling would take the apps down with it. Credential lookups (NSS) and
+//!   the wait for `exec` happen there too, never in the decision loop;
+//! - [`watch`] waits on a pidfd for the exit and reads its status without
+//!   reaping, so the pid (and the process group id) stays reserved until
+//!   the supervisor releases it, then reports when the group is empty;
+//! - stderr is passed through to baton's, with the last lines kept for
+//!   failure reports.
 
 use std::collections::VecDeque;
 use std::ffi::{CString, OsStr, OsString};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
+use baton_core::{ExitStatus, GenId, Pid, Release};
+use baton_protocol::app;
+use nix::sys::wait::WaitStatus;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc::UnboundedSender;
 
-use crate::sys;
+use crate::config::{Config, EnvInherit, ListenAddr, PROBE_FD_NAME};
+use crate::listener::Listener;
 
 /// Lines of a process's stderr kept for failure reports.
 const STDERR_TAIL_LINES: usize = 20;
-
-/// What to run: resolved at spawn time, so a `current` symlink that was
-/// repointed since the last spawn starts the new target. Kept per
-/// generation for restarts and rollbacks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Release {
-    /// Canonical working directory.
-    pub dir: PathBuf,
-    /// Canonical path of the program.
-    pub program: PathBuf,
-    /// argv as configured (argv[0] as the user wrote it), `{fd:…}` unexpanded.
-    pub argv: Vec<String>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -47,44 +47,44 @@ pub enum ResolveError {
     Program { path: PathBuf, reason: String },
 }
 
-impl Release {
-    /// Resolves `cwd` and `command[0]` now. A program with a `/` is taken
-    /// relative to the resolved directory; a bare name is searched in `path`.
-    pub fn resolve(
-        cwd: &Path,
-        command: &[String],
-        path: Option<&OsStr>,
-    ) -> Result<Self, ResolveError> {
-        let dir = cwd.canonicalize().map_err(|source| ResolveError::Dir {
+/// Resolves `cwd` and `command[0]` now, so a `current` symlink repointed
+/// since the last spawn starts the new target; the result is kept for the
+/// generation's restarts and for rollbacks. A program with a `/` is taken
+/// relative to the resolved directory; a bare name is searched in `path`.
+pub fn resolve(
+    cwd: &Path,
+    command: &[String],
+    path: Option<&OsStr>,
+) -> Result<Release, ResolveError> {
+    let dir = cwd.canonicalize().map_err(|source| ResolveError::Dir {
+        path: cwd.to_owned(),
+        source,
+    })?;
+    if !dir.is_dir() {
+        return Err(ResolveError::Dir {
             path: cwd.to_owned(),
-            source,
-        })?;
-        if !dir.is_dir() {
-            return Err(ResolveError::Dir {
-                path: cwd.to_owned(),
-                source: std::io::Error::other("not a directory"),
-            });
-        }
-        let name = &command[0];
-        let program = if name.contains('/') {
-            let candidate = dir.join(name);
-            check_executable(&candidate)?
-        } else {
-            let search = path.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
-            std::env::split_paths(search)
-                .map(|d| dir.join(d).join(name))
-                .find_map(|p| check_executable(&p).ok())
-                .ok_or_else(|| ResolveError::NotFound {
-                    program: name.clone(),
-                    searched: format!("PATH={}", search.to_string_lossy()),
-                })?
-        };
-        Ok(Self {
-            dir,
-            program,
-            argv: command.to_vec(),
-        })
+            source: std::io::Error::other("not a directory"),
+        });
     }
+    let name = &command[0];
+    let program = if name.contains('/') {
+        let candidate = dir.join(name);
+        check_executable(&candidate)?
+    } else {
+        let search = path.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
+        std::env::split_paths(search)
+            .map(|d| dir.join(d).join(name))
+            .find_map(|p| check_executable(&p).ok())
+            .ok_or_else(|| ResolveError::NotFound {
+                program: name.clone(),
+                searched: format!("PATH={}", search.to_string_lossy()),
+            })?
+    };
+    Ok(Release {
+        dir,
+        program,
+        argv: command.to_vec(),
+    })
 }
 
 fn check_executable(p: &Path) -> Result<PathBuf, ResolveError> {
@@ -154,147 +154,431 @@ impl StderrTail {
     }
 }
 
-/// What a spawn needs besides the release.
-pub(crate) struct SpawnSpec<'a> {
-    pub release: &'a Release,
-    /// Full environment, `NAME=value`, except `LISTEN_PID`.
-    pub env: Vec<(OsString, OsString)>,
-    /// Listener fds in order (fd 3, 4, …).
-    pub fds: Vec<BorrowedFd<'a>>,
-    pub fd_names: Vec<&'a str>,
-    pub parent_death_signal: Option<i32>,
-    pub credentials: Option<&'a sys::Credentials>,
+/// What the supervisor learns about its processes, from the spawner and
+/// the watchers.
+#[derive(Debug)]
+pub enum ProcessEvent {
+    Spawned {
+        gen: GenId,
+        result: Result<Started, String>,
+    },
+    Exited {
+        pid: Pid,
+        status: ExitStatus,
+        group_empty: bool,
+    },
+    GroupEmpty {
+        pid: Pid,
+    },
+    StderrClosed {
+        pid: Pid,
+    },
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("starting {}", .program.display())]
-pub struct SpawnFailed {
-    pub program: PathBuf,
-    #[source]
-    source: sys::SpawnError,
+/// Everything one spawn needs, owned, so it can cross to the spawner.
+pub struct SpawnJob {
+    pub gen: GenId,
+    pub release: Release,
+    pub config: Arc<Config>,
+    pub listeners: Arc<Vec<Listener>>,
+    pub notify_path: PathBuf,
+    pub base_env: Arc<Vec<(OsString, OsString)>>,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BadArgument(String);
-
-/// A running process, with its exit watched by a task.
-pub struct Process {
-    pub pid: i32,
-    pub stderr: StderrTail,
+/// A process that was exec'd.
+#[derive(Debug)]
+pub struct Started {
+    pub pid: Pid,
+    pub pidfd: OwnedFd,
+    /// Read end of its stderr pipe.
+    pub stderr: OwnedFd,
+    /// Our copy of its private probe listener, if its check needs one.
+    pub probe: Option<Listener>,
 }
 
-/// How a process ended, in words ("exit status 3", "signal SIGKILL").
-pub fn describe_status(status: WaitStatus) -> String {
-    match status {
-        WaitStatus::Exited(_, code) => format!("exit status {code}"),
-        WaitStatus::Signaled(_, sig, core) => {
-            format!(
-                "killed by {}{}",
-                sig.as_str(),
-                if core { " (core dumped)" } else { "" }
-            )
-        }
-        other => format!("{other:?}"),
+/// The thread every process is forked from.
+pub struct Spawner {
+    jobs: std::sync::mpsc::Sender<SpawnJob>,
+}
+
+impl Spawner {
+    /// Starts the spawner thread; results go to `events`.
+    pub fn start(events: UnboundedSender<ProcessEvent>) -> std::io::Result<Self> {
+        let (jobs, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("baton-spawner".into())
+            .spawn(move || {
+                // Forks happen with every signal blocked (see baton_sys::spawn);
+                // this thread never needs to run a handler at all.
+                if let Err(e) = baton_sys::block_all_signals() {
+                    tracing::warn!("spawner: blocking signals: {e}");
+                }
+                // Ends when the supervisor drops its sender.
+                for job in rx {
+                    let gen = job.gen;
+                    let result = spawn_now(job);
+                    if events.send(ProcessEvent::Spawned { gen, result }).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+
+    pub fn spawn(&self, job: SpawnJob) -> Result<(), String> {
+        self.jobs
+            .send(job)
+            .map_err(|_| "the spawner thread has gone".to_owned())
     }
 }
 
-fn cstring(bytes: Vec<u8>, what: &str) -> Result<CString, BadArgument> {
-    CString::new(bytes).map_err(|_| BadArgument(format!("{what} contains a NUL byte")))
+/// The app's environment: what it inherits of baton's (per
+/// `env_inherit`), the configured variables, then the protocol variables,
+/// which nothing else may set. `LISTEN_PID` is written after the fork.
+/// This is the one place the protocol environment is assembled.
+pub fn app_env(
+    config: &Config,
+    base_env: &[(OsString, OsString)],
+    fd_names: &[&str],
+    notify_path: &Path,
+    gen: GenId,
+) -> Vec<(OsString, OsString)> {
+    let mut env = inherited_env(config, base_env);
+    env.retain(|(k, _)| !config.env.contains_key(&*k.to_string_lossy()));
+    env.extend(config.env.iter().map(|(k, v)| (k.into(), v.into())));
+    if !fd_names.is_empty() {
+        env.push((app::LISTEN_FDS.into(), fd_names.len().to_string().into()));
+        env.push((app::LISTEN_FDNAMES.into(), fd_names.join(":").into()));
+    }
+    env.push((app::NOTIFY_SOCKET.into(), notify_path.into()));
+    env.push((app::BATON_GENERATION.into(), gen.to_string().into()));
+    env
 }
 
-/// Starts the process. `on_exit` is called (from a task) with the pid and
-/// exit status as soon as it is reaped; the returned `Process::stderr`
-/// fills as its stderr arrives.
-pub(crate) fn spawn(
-    spec: SpawnSpec<'_>,
-    on_exit: impl FnOnce(i32, String) + Send + 'static,
-) -> Result<Process, Box<dyn std::error::Error + Send + Sync>> {
+/// baton's own environment, without the protocol variables (baton's to
+/// set) and `BATON_CONTROL` (it names this supervisor, nothing the app
+/// should reach).
+pub fn own_env() -> Vec<(OsString, OsString)> {
+    std::env::vars_os()
+        .filter(|(k, _)| k != "BATON_CONTROL" && !app::PROTOCOL_ENV.iter().any(|p| k == *p))
+        .collect()
+}
+
+/// The part of `base_env` the app inherits under `config.env_inherit`.
+fn inherited_env(config: &Config, base_env: &[(OsString, OsString)]) -> Vec<(OsString, OsString)> {
+    match &config.env_inherit {
+        EnvInherit::All(true) => base_env.to_vec(),
+        EnvInherit::All(false) => Vec::new(),
+        EnvInherit::Only(names) => base_env
+            .iter()
+            .filter(|(k, _)| names.iter().any(|n| k == n.as_str()))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// PATH the app will see, for finding a bare program name.
+pub fn app_path(config: &Config, base_env: &[(OsString, OsString)]) -> Option<OsString> {
+    if let Some(p) = config.env.get("PATH") {
+        return Some(p.into());
+    }
+    inherited_env(config, base_env)
+        .into_iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v)
+}
+
+/// Resolves the configured release exactly as a spawn of it will.
+pub fn resolve_config(
+    config: &Config,
+    base_env: &[(OsString, OsString)],
+) -> Result<Release, ResolveError> {
+    resolve(
+        &config.cwd,
+        &config.command,
+        app_path(config, base_env).as_deref(),
+    )
+}
+
+fn cstring(bytes: Vec<u8>, what: &str) -> Result<CString, String> {
+    CString::new(bytes).map_err(|_| format!("{what} contains a NUL byte"))
+}
+
+/// Forks and execs one process of `job` (on the spawner thread).
+fn spawn_now(job: SpawnJob) -> Result<Started, String> {
+    let config = &job.config;
+    // Everything that can fail happens before the fork: once the process
+    // exists it must be tracked, or it would run unsupervised.
+    let credentials = resolve_credentials(config)?;
+    let probe = if config.ready.needs_probe_listener() {
+        Some(
+            Listener::bind_probe(PROBE_FD_NAME)
+                .map_err(|e| format!("binding the probe listener: {e}"))?,
+        )
+    } else {
+        None
+    };
+    let mut fds: Vec<BorrowedFd<'_>> = job.listeners.iter().map(|l| l.as_fd()).collect();
+    let mut names: Vec<&str> = job.listeners.iter().map(|l| l.name.as_str()).collect();
+    if let Some(p) = &probe {
+        fds.push(p.as_fd());
+        names.push(PROBE_FD_NAME);
+    }
+    let env = app_env(config, &job.base_env, &names, &job.notify_path, job.gen);
     let program = cstring(
-        spec.release.program.as_os_str().as_bytes().to_vec(),
+        job.release.program.as_os_str().as_bytes().to_vec(),
         "program path",
     )?;
-    let argv = spec
+    let argv = job
         .release
         .argv
         .iter()
         .map(|a| {
             cstring(
-                crate::config::substitute_fds(a, &spec.fd_names).into_bytes(),
+                crate::config::substitute_fds(a, &names).into_bytes(),
                 "argument",
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let env = spec
-        .env
-        .iter()
+    let env = env
+        .into_iter()
         .map(|(k, v)| {
-            let mut kv = k.clone();
+            let mut kv = k;
             kv.push("=");
             kv.push(v);
             cstring(kv.into_vec(), "environment variable")
         })
         .collect::<Result<Vec<_>, _>>()?;
     let cwd = cstring(
-        spec.release.dir.as_os_str().as_bytes().to_vec(),
+        job.release.dir.as_os_str().as_bytes().to_vec(),
         "working directory",
     )?;
-
-    let devnull = std::fs::File::open("/dev/null")?;
-    let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let plan = sys::SpawnPlan {
+    let devnull =
+        std::fs::File::open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
+    let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| format!("creating the stderr pipe: {e}"))?;
+    let plan = baton_sys::SpawnPlan {
         program: &program,
         argv: &argv,
         env: &env,
         cwd: &cwd,
-        fds: &spec.fds,
-        stdio: sys::Stdio {
+        fds: &fds,
+        stdio: baton_sys::Stdio {
             stdin: devnull.as_fd(),
             stdout: None,
             stderr: err_write.as_fd(),
         },
-        parent_death_signal: spec.parent_death_signal,
-        credentials: spec.credentials,
+        parent_death_signal: Some(config.drain_signal.0 as i32),
+        credentials: credentials.as_ref(),
     };
-    let spawned = sys::spawn(&plan).map_err(|source| SpawnFailed {
-        program: spec.release.program.clone(),
-        source,
+    let spawned = baton_sys::spawn(&plan).map_err(|e| {
+        crate::error_chain(&SpawnFailed {
+            program: job.release.program.clone(),
+            source: e,
+        })
     })?;
-    drop(err_write);
-    let pid = spawned.pid;
-    let (tail, closer) = StderrTail::new();
-    tokio::spawn(forward_stderr(err_read, tail.clone(), closer));
-    tokio::spawn(async move {
-        let status = wait_exit(spawned.pidfd, pid).await;
-        on_exit(pid, status);
-    });
-    Ok(Process { pid, stderr: tail })
+    Ok(Started {
+        pid: Pid(spawned.pid),
+        pidfd: spawned.pidfd,
+        stderr: err_read,
+        probe,
+    })
 }
 
-async fn wait_exit(pidfd: OwnedFd, pid: i32) -> String {
-    let pid = Pid::from_raw(pid);
-    match sys::async_pidfd(pidfd) {
-        Ok(fd) => {
-            // The pidfd becomes readable when the process exits.
-            let _ = fd.readable().await;
-        }
-        Err(e) => {
-            tracing::error!(%pid, "cannot watch process exit ({e}); waiting in a thread");
-        }
+#[derive(Debug, thiserror::Error)]
+#[error("starting {}", .program.display())]
+struct SpawnFailed {
+    program: PathBuf,
+    #[source]
+    source: baton_sys::SpawnError,
+}
+
+fn resolve_credentials(config: &Config) -> Result<Option<baton_sys::Credentials>, String> {
+    use nix::unistd::{Group, User};
+    if config.user.is_none() && config.group.is_none() {
+        return Ok(None);
     }
-    // Blocking wait is fine here: the process has exited (or, in the
-    // fallback, we are in our own task and must reap it eventually).
-    let res = tokio::task::spawn_blocking(move || loop {
-        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            other => return other,
+    let user = match &config.user {
+        Some(name) => Some(
+            lookup(name, User::from_name, |id| User::from_uid(id.into()))
+                .ok_or_else(|| format!("user {name:?} does not exist"))?,
+        ),
+        None => None,
+    };
+    let group = match &config.group {
+        Some(name) => Some(
+            lookup(name, Group::from_name, |id| Group::from_gid(id.into()))
+                .ok_or_else(|| format!("group {name:?} does not exist"))?,
+        ),
+        None => None,
+    };
+    let uid = user.as_ref().map_or(nix::unistd::getuid(), |u| u.uid);
+    let gid = group
+        .as_ref()
+        .map(|g| g.gid)
+        .or(user.as_ref().map(|u| u.gid))
+        .unwrap_or(nix::unistd::getgid());
+    let groups = match &user {
+        Some(u) => {
+            let cname = std::ffi::CString::new(u.name.clone()).map_err(|_| "bad user name")?;
+            nix::unistd::getgrouplist(&cname, gid)
+                .map_err(|e| format!("listing groups of {:?}: {e}", u.name))?
         }
+        None => vec![gid],
+    };
+    Ok(Some(baton_sys::Credentials {
+        uid: uid.as_raw(),
+        gid: gid.as_raw(),
+        groups: groups.into_iter().map(|g| g.as_raw()).collect(),
+    }))
+}
+
+/// Looks a user or group up by name, or by number when it is one.
+fn lookup<T>(
+    name: &str,
+    by_name: impl Fn(&str) -> nix::Result<Option<T>>,
+    by_id: impl Fn(u32) -> nix::Result<Option<T>>,
+) -> Option<T> {
+    if let Ok(id) = name.parse::<u32>() {
+        return by_id(id).ok().flatten();
+    }
+    by_name(name).ok().flatten()
+}
+
+/// A pidfd shared between the supervisor (signal safety, reaping) and the
+/// task watching for the exit.
+#[derive(Debug, Clone)]
+pub struct PidFd(Arc<OwnedFd>);
+
+impl AsRawFd for PidFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl PidFd {
+    pub fn new(fd: OwnedFd) -> Self {
+        Self(Arc::new(fd))
+    }
+
+    /// Whether the process has exited (reaped or not), without waiting.
+    pub fn has_exited(&self) -> bool {
+        baton_sys::has_exited(self.0.as_fd())
+    }
+
+    /// Reaps the process, which must have exited: after this its pid and
+    /// group id may be reused, so nothing may signal the group any more.
+    pub fn reap(&self) -> std::io::Result<()> {
+        baton_sys::reap(self.0.as_fd())
+    }
+}
+
+/// Watches process `pid`: reports its exit (status read without reaping)
+/// with whether its group is already empty, then, if it was not, when it
+/// becomes so.
+pub async fn watch(pid: Pid, pidfd: PidFd, events: UnboundedSender<ProcessEvent>) {
+    let status = match baton_sys::async_fd(pidfd.clone()) {
+        Ok(fd) => {
+            // Readable once the process has exited.
+            let _ = fd.readable().await;
+            baton_sys::exit_status(pidfd.0.as_fd())
+        }
+        Err(e) => Err(e),
+    };
+    let status = match status {
+        Ok(Some(WaitStatus::Exited(_, code))) => ExitStatus::Code(code),
+        Ok(Some(WaitStatus::Signaled(_, sig, core_dumped))) => ExitStatus::Signaled {
+            signal: sig as i32,
+            core_dumped,
+        },
+        other => {
+            // Cannot happen for a pidfd of our own child; report it as gone
+            // rather than never.
+            tracing::error!(%pid, "cannot read the exit status: {other:?}");
+            ExitStatus::Code(-1)
+        }
+    };
+    let group_empty = group_empty_now(pid).await;
+    if events
+        .send(ProcessEvent::Exited {
+            pid,
+            status,
+            group_empty,
+        })
+        .is_err()
+        || group_empty
+    {
+        return;
+    }
+    // Members outlived their leader: look again, less and less often.
+    let mut pause = Duration::from_millis(10);
+    loop {
+        tokio::time::sleep(pause).await;
+        if group_empty_now(pid).await {
+            let _ = events.send(ProcessEvent::GroupEmpty { pid });
+            return;
+        }
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
+async fn group_empty_now(pgid: Pid) -> bool {
+    tokio::task::spawn_blocking(move || group_members(pgid).is_empty())
+        .await
+        .unwrap_or(false)
+}
+
+/// Live (non-zombie) members of process group `pgid`, from /proc. The
+/// group's leader is kept unreaped until its group is empty, so the id
+/// cannot have been reused by a stranger's group.
+pub fn group_members(pgid: Pid) -> Vec<i32> {
+    proc_table()
+        .into_iter()
+        .filter(|p| p.pgrp == pgid.0 && p.state != 'Z')
+        .map(|p| p.pid)
+        .collect()
+}
+
+struct ProcEntry {
+    pid: i32,
+    state: char,
+    pgrp: i32,
+}
+
+/// Every process we can see in /proc, with its state and group.
+fn proc_table() -> Vec<ProcEntry> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesised command: state ppid pgrp ...
+        let mut f = stat[stat.rfind(')')? + 2..].split(' ');
+        let state = f.next()?.chars().next()?;
+        let pgrp = f.nth(1)?.parse().ok()?;
+        Some(ProcEntry { pid, state, pgrp })
     })
-    .await;
-    match res {
-        Ok(Ok(status)) => describe_status(status),
-        Ok(Err(e)) => format!("unknown ({e})"),
-        Err(e) => format!("unknown ({e})"),
+    .collect()
+}
+
+/// Starts passing `stderr` through; the tail fills as lines arrive, and
+/// `StderrClosed` is reported at its end.
+pub fn forward(pid: Pid, stderr: OwnedFd, events: UnboundedSender<ProcessEvent>) -> StderrTail {
+    let (tail, closer) = StderrTail::new();
+    let t = tail.clone();
+    tokio::spawn(async move {
+        forward_stderr(stderr, t, closer).await;
+        let _ = events.send(ProcessEvent::StderrClosed { pid });
+    });
+    tail
+}
+
+/// The probe listener's address.
+pub fn probe_addr(probe: &Listener) -> Option<std::net::SocketAddr> {
+    match probe.address {
+        ListenAddr::Tcp(a) => Some(a),
+        ListenAddr::Unix(_) => None,
     }
 }
 
@@ -343,10 +627,10 @@ mod tests {
         let current = root.path().join("current");
         std::os::unix::fs::symlink(root.path().join("v1"), &current).unwrap();
         let cmd = vec!["./bin/server".to_owned()];
-        let r1 = Release::resolve(&current, &cmd, None).unwrap();
+        let r1 = resolve(&current, &cmd, None).unwrap();
         std::fs::remove_file(&current).unwrap();
         std::os::unix::fs::symlink(root.path().join("v2"), &current).unwrap();
-        let r2 = Release::resolve(&current, &cmd, None).unwrap();
+        let r2 = resolve(&current, &cmd, None).unwrap();
         assert!(r1.dir.ends_with("v1") && r1.program.ends_with("v1/bin/server"));
         assert!(r2.dir.ends_with("v2") && r2.program.ends_with("v2/bin/server"));
         assert_eq!(r2.argv, cmd);
@@ -356,21 +640,19 @@ mod tests {
     fn resolve_errors_name_the_path() {
         let root = tempfile::tempdir().unwrap();
         let cmd = vec!["./missing".to_owned()];
-        let err = Release::resolve(root.path(), &cmd, None)
-            .unwrap_err()
-            .to_string();
+        let err = resolve(root.path(), &cmd, None).unwrap_err().to_string();
         assert!(err.contains("missing"), "{err}");
         let file = root.path().join("noexec");
         std::fs::write(&file, "x").unwrap();
-        let err = Release::resolve(root.path(), &["./noexec".into()], None)
+        let err = resolve(root.path(), &["./noexec".into()], None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("not executable"), "{err}");
-        let err = Release::resolve(&root.path().join("nope"), &cmd, None)
+        let err = resolve(&root.path().join("nope"), &cmd, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("nope"), "{err}");
-        let sh = Release::resolve(root.path(), &["sh".into()], None).unwrap();
+        let sh = resolve(root.path(), &["sh".into()], None).unwrap();
         assert!(sh.program.is_absolute());
     }
 }

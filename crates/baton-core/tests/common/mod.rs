@@ -86,14 +86,14 @@ impl Driver {
     pub fn upgrade(&mut self, name: &str, readiness: Readiness) -> Vec<String> {
         self.command(Command::Upgrade {
             trigger: Trigger::Control,
-            spec: spec(name, readiness),
+            spec: Ok(spec(name, readiness)),
         })
     }
 
     pub fn sighup(&mut self, name: &str) -> Vec<String> {
         self.command(Command::Upgrade {
             trigger: Trigger::Signal,
-            spec: spec(name, Readiness::Notify),
+            spec: Ok(spec(name, Readiness::Notify)),
         })
     }
 

@@ -1,6 +1,7 @@
-//! The only module with `unsafe`: fork/exec and the few syscalls std, nix
-//! and socket2 don't wrap. Everything it hands out is an `OwnedFd` or a
-//! plain value; nothing outside this file touches raw descriptors.
+//! All of baton's unsafe code, in one small crate: fork/exec, pidfds, and
+//! the few socket options std, nix and socket2 don't wrap. Everything it
+//! hands out is an `OwnedFd` or a plain value; every `unsafe` block names
+//! the preconditions it relies on.
 //!
 //! The child side of [`spawn`] runs between `fork` and `execve` in a
 //! multi-threaded process, where another thread may hold the allocator's or
@@ -10,10 +11,13 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::signal::{SigSet, SigmaskHow};
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 
 /// Where the child's stdio comes from.
-pub(crate) struct Stdio<'a> {
+pub struct Stdio<'a> {
     pub stdin: BorrowedFd<'a>,
     /// `None` keeps the supervisor's own stdout.
     pub stdout: Option<BorrowedFd<'a>>,
@@ -21,14 +25,14 @@ pub(crate) struct Stdio<'a> {
 }
 
 /// Credentials the child switches to before exec (needs root).
-pub(crate) struct Credentials {
+pub struct Credentials {
     pub uid: libc::uid_t,
     pub gid: libc::gid_t,
     pub groups: Vec<libc::gid_t>,
 }
 
 /// Everything [`spawn`] needs, prepared (and allocated) before the fork.
-pub(crate) struct SpawnPlan<'a> {
+pub struct SpawnPlan<'a> {
     pub program: &'a CStr,
     pub argv: &'a [CString],
     /// Environment without `LISTEN_PID`, which is written after the fork.
@@ -40,10 +44,15 @@ pub(crate) struct SpawnPlan<'a> {
     /// Sent to the child if the supervisor dies (`PR_SET_PDEATHSIG`).
     pub parent_death_signal: Option<libc::c_int>,
     pub credentials: Option<&'a Credentials>,
+    /// Test hook: the parent sends this signal to the child right after
+    /// `fork`, to hit the window before the child has reset its signal
+    /// dispositions.
+    #[cfg(test)]
+    pub signal_child_after_fork: Option<libc::c_int>,
 }
 
 /// A started child: its pid and a pidfd to wait on.
-pub(crate) struct Spawned {
+pub struct Spawned {
     pub pid: libc::pid_t,
     pub pidfd: OwnedFd,
 }
@@ -51,7 +60,7 @@ pub(crate) struct Spawned {
 /// What failed in the child before exec, reported over the error pipe.
 #[derive(Debug, Clone, Copy)]
 #[repr(u8)]
-pub(crate) enum ChildStage {
+pub enum ChildStage {
     Fds = 1,
     ProcessGroup = 2,
     ParentDeath = 3,
@@ -76,7 +85,7 @@ impl ChildStage {
         }
     }
 
-    pub(crate) fn describe(self) -> &'static str {
+    pub fn describe(self) -> &'static str {
         match self {
             Self::Fds => "setting up descriptors",
             Self::ProcessGroup => "creating the process group",
@@ -91,7 +100,7 @@ impl ChildStage {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum SpawnError {
+pub enum SpawnError {
     #[error("preparing to start the process")]
     Prepare(#[source] io::Error),
     #[error("{} failed", .stage.describe())]
@@ -106,7 +115,17 @@ const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 
 /// Fork and exec `plan`. Returns once the child has exec'd (or failed to):
 /// the error pipe is close-on-exec, so EOF on it means exec succeeded.
-pub(crate) fn spawn(plan: &SpawnPlan<'_>) -> Result<Spawned, SpawnError> {
+///
+/// Every signal is blocked in the calling thread around the fork, so the
+/// child starts with all of them blocked: a signal sent to it before it
+/// has reset its dispositions stays pending instead of running one of
+/// baton's handlers in the child (which would swallow it, and could write
+/// into baton's own signal pipe). The child unblocks them right before
+/// `execve`, as `posix_spawn` does.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, not the
+/// process: call this from a thread that lives as long as baton.
+pub fn spawn(plan: &SpawnPlan<'_>) -> Result<Spawned, SpawnError> {
     // All allocation happens here, before the fork.
     let mut argv: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
@@ -131,12 +150,17 @@ pub(crate) fn spawn(plan: &SpawnPlan<'_>) -> Result<Spawned, SpawnError> {
     let (err_read, err_write) = pipe_cloexec().map_err(SpawnError::Prepare)?;
     let parent_pid = std::process::id() as libc::pid_t;
 
-    // SAFETY: fork is safe to call; in the child we only run `child_after_fork`,
-    // which is restricted to async-signal-safe calls on pre-allocated memory.
+    let mut old_mask = SigSet::empty();
+    nix::sys::signal::pthread_sigmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut old_mask),
+    )
+    .map_err(|e| SpawnError::Prepare(e.into()))?;
+    // SAFETY: fork has no memory-safety preconditions; in the child we only
+    // run `child_after_fork`, which is restricted to async-signal-safe calls
+    // on memory allocated before the fork.
     let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(SpawnError::Prepare(io::Error::last_os_error()));
-    }
     if pid == 0 {
         let ctx = ChildContext {
             sources: &sources,
@@ -153,6 +177,18 @@ pub(crate) fn spawn(plan: &SpawnPlan<'_>) -> Result<Spawned, SpawnError> {
             err_fd: err_write.as_raw_fd(),
         };
         child_after_fork(ctx);
+    }
+    let fork_error = (pid < 0).then(io::Error::last_os_error);
+    #[cfg(test)]
+    if let (Some(sig), None) = (plan.signal_child_after_fork, &fork_error) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid, sig) };
+    }
+    // The parent's own mask comes back at once; a failure here would leave
+    // this thread deaf to signals, which baton does not rely on it hearing.
+    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
+    if let Some(e) = fork_error {
+        return Err(SpawnError::Prepare(e));
     }
     drop(err_write);
 
@@ -200,12 +236,9 @@ fn child_after_fork(ctx: ChildContext<'_>) -> ! {
     // SAFETY (whole block): only async-signal-safe libc calls, on memory
     // allocated before the fork and owned by this (single-threaded) child.
     unsafe {
-        // Signals: clear the mask and restore every default disposition.
-        // Ignored ones survive exec: Rust ignores SIGPIPE, and whoever
-        // started baton may have ignored others (nohup, shells).
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        // Signals arrive blocked (see `spawn`). Restore every default
+        // disposition first; ignored ones would survive exec: Rust ignores
+        // SIGPIPE, and whoever started baton may have ignored others.
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
         // Linux has signals 1..=64 (_NSIG - 1).
@@ -219,16 +252,6 @@ fn child_after_fork(ctx: ChildContext<'_>) -> ! {
         // Own process group, so signals can reach the whole generation.
         if libc::setpgid(0, 0) != 0 {
             fail(err_fd, ChildStage::ProcessGroup);
-        }
-
-        if let Some(sig) = ctx.parent_death_signal {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) != 0 {
-                fail(err_fd, ChildStage::ParentDeath);
-            }
-            // The supervisor may have died before prctl took effect.
-            if libc::getppid() != ctx.parent_pid {
-                libc::_exit(1);
-            }
         }
 
         // Move every source above the target range first, so placing one
@@ -270,6 +293,18 @@ fn child_after_fork(ctx: ChildContext<'_>) -> ! {
             }
         }
 
+        // After the credential change: the kernel clears the parent-death
+        // signal when credentials change, so set before it would be lost.
+        if let Some(sig) = ctx.parent_death_signal {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) != 0 {
+                fail(err_fd, ChildStage::ParentDeath);
+            }
+            // The supervisor may have died before prctl took effect.
+            if libc::getppid() != ctx.parent_pid {
+                libc::_exit(1);
+            }
+        }
+
         if libc::chdir(ctx.cwd.as_ptr()) != 0 {
             fail(err_fd, ChildStage::Chdir);
         }
@@ -278,6 +313,11 @@ fn child_after_fork(ctx: ChildContext<'_>) -> ! {
             &mut ctx.listen_pid[LISTEN_PID_PREFIX.len()..],
             libc::getpid(),
         );
+        // The app starts with no signal blocked. One that arrived since the
+        // fork is delivered now, with its default action.
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         libc::execve(ctx.program.as_ptr(), ctx.argv.as_ptr(), ctx.envp.as_ptr());
         fail(err_fd, ChildStage::Exec);
     }
@@ -391,19 +431,57 @@ fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// Registers a pidfd with tokio so its exit can be awaited.
-pub(crate) fn async_pidfd(pidfd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
-    // SAFETY: an OwnedFd keeps its descriptor open and unchanged for as long
-    // as it lives, and the AsyncFd owns it for exactly that long.
-    unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+/// The exit status of the process behind `pidfd`, if it has exited,
+/// without reaping it: the zombie keeps its pid, and so its process group
+/// id, from being reused until [`reap`]. Never blocks.
+pub fn exit_status(pidfd: BorrowedFd<'_>) -> io::Result<Option<WaitStatus>> {
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG;
+    match waitid(Id::PIDFd(pidfd), flags) {
+        Ok(WaitStatus::StillAlive) => Ok(None),
+        Ok(status) => Ok(Some(status)),
+        Err(e) => Err(e.into()),
     }
-    .map_err(|e| e.into_parts().1)
+}
+
+/// Reaps the exited process behind `pidfd`. Never blocks: a process that
+/// has not exited is left alone.
+pub fn reap(pidfd: BorrowedFd<'_>) -> io::Result<()> {
+    waitid(
+        Id::PIDFd(pidfd),
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+    )
+    .map(drop)
+    .map_err(Into::into)
+}
+
+/// Whether the process behind `pidfd` has exited (its pidfd is readable),
+/// without waiting.
+pub fn has_exited(pidfd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
+/// Registers a pidfd (or anything owning a descriptor) with tokio, so its
+/// readiness (the process's exit) can be awaited.
+pub fn async_fd<T: AsRawFd>(fd: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: the AsyncFd owns `fd`, which keeps its descriptor open and
+    // unchanged for as long as it lives: callers pass an owning type
+    // (`OwnedFd`, or an `Arc` of one), never a bare number.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// Blocks every signal in the calling thread, for good: for a thread that
+/// must never run a signal handler (the one that forks).
+pub fn block_all_signals() -> io::Result<()> {
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), None)
+        .map_err(Into::into)
 }
 
 /// Accept-queue length of a TCP listener (`tcpi_unacked` in TCP_INFO),
 /// used to learn whether an app has accepted a probe connection.
-pub(crate) fn tcp_accept_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
+pub fn tcp_accept_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
     // SAFETY: tcp_info is plain data; zeroed is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -426,6 +504,100 @@ pub(crate) fn tcp_accept_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicI32, Ordering};
+
+    /// Write end of a pipe the test's SIGUSR1 handler reports into.
+    static REPORT_FD: AtomicI32 = AtomicI32::new(-1);
+
+    extern "C" fn report_pid(_: libc::c_int) {
+        // SAFETY: getpid and write are async-signal-safe; the buffer is on
+        // this handler's stack.
+        unsafe {
+            let pid = libc::getpid().to_ne_bytes();
+            libc::write(
+                REPORT_FD.load(Ordering::Relaxed),
+                pid.as_ptr().cast(),
+                pid.len(),
+            );
+        }
+    }
+
+    fn cstr(s: &str) -> CString {
+        CString::new(s).unwrap_or_default()
+    }
+
+    /// A signal sent to the child right after fork, before it has reset
+    /// its dispositions, must neither run baton's handler in the child
+    /// (swallowing it) nor get lost: it is delivered with its default
+    /// action once the child unblocks, so the child dies of it.
+    #[test]
+    fn a_signal_in_the_fork_window_is_not_swallowed() {
+        let (r, w) = pipe_cloexec().unwrap_or_else(|e| panic!("pipe: {e}"));
+        REPORT_FD.store(w.as_raw_fd(), Ordering::Relaxed);
+        let handler = nix::sys::signal::SigHandler::Handler(report_pid);
+        let action = nix::sys::signal::SigAction::new(
+            handler,
+            nix::sys::signal::SaFlags::empty(),
+            SigSet::empty(),
+        );
+        // SAFETY: the handler only makes async-signal-safe calls; no other
+        // test in this binary uses SIGUSR1.
+        unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGUSR1, &action) }
+            .unwrap_or_else(|e| panic!("sigaction: {e}"));
+        let program = cstr("/bin/sh");
+        let argv = [cstr("sh"), cstr("-c"), cstr("exit 0")];
+        let env: [CString; 0] = [];
+        let cwd = cstr("/");
+        let devnull = std::fs::File::open("/dev/null").unwrap_or_else(|e| panic!("{e}"));
+        let mut deaths = 0;
+        for _ in 0..30 {
+            let plan = SpawnPlan {
+                program: &program,
+                argv: &argv,
+                env: &env,
+                cwd: &cwd,
+                fds: &[],
+                stdio: Stdio {
+                    stdin: devnull.as_fd(),
+                    stdout: None,
+                    stderr: devnull.as_fd(),
+                },
+                parent_death_signal: None,
+                credentials: None,
+                signal_child_after_fork: Some(libc::SIGUSR1),
+            };
+            let child = spawn(&plan).unwrap_or_else(|e| panic!("spawn: {e}"));
+            let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child.pid), None)
+                .unwrap_or_else(|e| panic!("waitpid: {e}"));
+            assert_eq!(
+                status,
+                WaitStatus::Signaled(
+                    nix::unistd::Pid::from_raw(child.pid),
+                    nix::sys::signal::Signal::SIGUSR1,
+                    false
+                ),
+                "the child must die of the signal sent to it"
+            );
+            deaths += 1;
+        }
+        assert_eq!(deaths, 30);
+        // No child ran the parent's handler.
+        drop(w);
+        REPORT_FD.store(-1, Ordering::Relaxed);
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::from(r), &mut buf)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let own = std::process::id() as i32;
+        let foreign: Vec<i32> = buf
+            .chunks_exact(4)
+            .map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+            .filter(|p| *p != own)
+            .collect();
+        assert!(
+            foreign.is_empty(),
+            "children ran baton's handler: {foreign:?}"
+        );
+    }
 
     #[test]
     fn decimal_without_allocation() {

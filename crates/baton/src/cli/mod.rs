@@ -1,0 +1,225 @@
+//! The command line: `baton run` starts a supervisor; `upgrade`,
+//! `rollback`, `status` and `stop` talk to one over its control socket.
+//!
+//! Exit codes (stable, for scripts): 0 success; 1 the operation failed
+//! (the upgrade failed and the old generation still serves, another
+//! upgrade is running, nothing to roll back to); 2 usage, configuration or
+//! environment error (bad flag, bad config, address in use, supervisor
+//! unreachable). [`CliError::exit_code`] is the one place errors map to them.
+
+mod client;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use baton::config::{self, ListenSpec, ReadySpec, SignalSpec};
+use baton::protocol::{ErrorKind, ErrorReply};
+use clap::{Args, Parser, Subcommand};
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "baton",
+    version,
+    about = "Zero-downtime socket-handoff supervisor"
+)]
+pub struct Cli {
+    /// Control socket of the supervisor
+    /// [default: $XDG_RUNTIME_DIR/baton/control.sock, /run/baton/control.sock as root, else /tmp/baton-$UID/control.sock]
+    #[arg(long, global = true, env = "BATON_CONTROL", value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+// Parsed once per process; boxing `Run` would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Cmd {
+    /// Bind the sockets, start the app and supervise it
+    Run(RunArgs),
+    /// Start a new generation from the current configuration and cut over
+    Upgrade(UpgradeArgs),
+    /// Start the previous successful release and cut over to it
+    Rollback(UpgradeArgs),
+    /// Show the supervisor, its sockets and generations
+    Status {
+        /// Print JSON for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain every generation, then exit the supervisor
+    Stop,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// Return as soon as the new generation is active, without waiting for
+    /// the old one to finish draining
+    #[arg(long)]
+    pub no_wait_drain: bool,
+    /// Print the raw event stream (NDJSON)
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML); flags override its values
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Listener NAME=ADDRESS (IP:PORT, [IPv6]:PORT, unix:/path[,mode=0660]); repeatable, in fd order
+    #[arg(long = "listen", value_name = "NAME=ADDRESS")]
+    pub listen: Vec<ListenSpec>,
+    /// Readiness check: notify, http:/PATH, tcp, exec:COMMAND, delay:DURATION [default: notify]
+    #[arg(long, value_name = "CHECK")]
+    pub ready: Option<ReadySpec>,
+    /// How long a new generation may take to become ready [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+    pub ready_timeout: Option<Duration>,
+    /// Signal telling a generation to drain [default: SIGTERM]
+    #[arg(long, value_name = "SIGNAL")]
+    pub drain_signal: Option<SignalSpec>,
+    /// Time a draining generation gets before SIGKILL [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+    pub drain_timeout: Option<Duration>,
+    /// Working directory of the app, resolved (symlinks followed) at every start
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
+    /// Extra environment variable for the app; repeatable
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Start the app with only --env/config variables, not baton's environment
+    #[arg(long)]
+    pub env_clear: bool,
+    /// Listen backlog of every socket [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub backlog: Option<u32>,
+    /// Run the app as this user (baton must be root)
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Run the app with this group (default: the user's primary group)
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// The app's command; `{fd:NAME}` becomes that listener's fd number
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!(
+            "bad environment assignment {s:?}: expected KEY=VALUE"
+        )),
+    }
+}
+
+/// Everything that can go wrong in a command, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("checking the app's command")]
+    Resolve(#[from] baton::process::ResolveError),
+    #[error(transparent)]
+    Bind(#[from] baton::listener::BindError),
+    #[error(transparent)]
+    Control(#[from] baton::control::ControlError),
+    #[error("{what}")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--user/--group need baton to run as root")]
+    NeedsRoot,
+    #[error("cannot start the app: {0}")]
+    StartApp(String),
+    #[error("{what} refused: {}", .reply.message)]
+    Refused {
+        what: &'static str,
+        reply: ErrorReply,
+    },
+    #[error("the supervisor closed the stream before the {0} ended")]
+    StreamEnded(&'static str),
+    #[error("no status in the supervisor's reply")]
+    NoStatus,
+    #[error("the supervisor is still draining after 5 minutes")]
+    StillDraining,
+    #[error("printing JSON")]
+    Json(#[from] serde_json::Error),
+}
+
+impl CliError {
+    /// The one place errors map to exit codes.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Refused { reply, .. } => match reply.kind {
+                ErrorKind::Busy | ErrorKind::Stopping | ErrorKind::NoPrevious => EXIT_FAILED,
+                ErrorKind::BadRequest | ErrorKind::Config | ErrorKind::Forbidden => EXIT_USAGE,
+            },
+            Self::StreamEnded(_) | Self::NoStatus | Self::StillDraining | Self::Json(_) => {
+                EXIT_FAILED
+            }
+            Self::Config(_)
+            | Self::Resolve(_)
+            | Self::Bind(_)
+            | Self::Control(_)
+            | Self::Setup { .. }
+            | Self::NeedsRoot
+            | Self::StartApp(_) => EXIT_USAGE,
+        }
+    }
+}
+
+/// Logs go to stderr through a non-blocking writer: a slow or stuck log
+/// reader must never delay a cutover or a kill timer. Lines that do not
+/// fit its buffer are dropped. The guard flushes (boundedly) when dropped.
+pub fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
+    guard
+}
+
+/// Runs a parsed command line; `Ok` carries the exit code of a command
+/// that reported its own outcome (an upgrade that failed exits 1).
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|source| CliError::Setup {
+            what: "starting the runtime",
+            source,
+        })?;
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Cmd::Run(args) => run::supervise(args, cli.control).await,
+            Cmd::Upgrade(args) => client::upgrade(control_path(cli.control), false, args).await,
+            Cmd::Rollback(args) => client::upgrade(control_path(cli.control), true, args).await,
+            Cmd::Status { json } => client::status(control_path(cli.control), json).await,
+            Cmd::Stop => client::stop(control_path(cli.control)).await,
+        }
+    });
+    // Don't wait for lingering blocking tasks (none should remain).
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    result.map(ExitCode::from)
+}
+
+fn control_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.unwrap_or_else(config::default_control_path)
+}

@@ -1,0 +1,162 @@
+//! `baton run`: check everything, bind, then supervise until stopped.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use baton::config::{ConfigSource, Overrides};
+use baton::notify::NotifySocket;
+use baton::protocol::Trigger;
+use baton::supervisor::{Handle, Supervisor};
+use baton::{control, listener, process};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+use super::{CliError, RunArgs, EXIT_OK};
+
+pub async fn supervise(args: RunArgs, control: Option<PathBuf>) -> Result<u8, CliError> {
+    let setup = |what| move |source| CliError::Setup { what, source };
+    let base_dir = std::env::current_dir().map_err(setup("reading the current directory"))?;
+    let source = ConfigSource {
+        file: args.config.clone(),
+        overrides: Overrides {
+            listen: args.listen,
+            command: args.command,
+            cwd: args.cwd,
+            env: args.env,
+            env_clear: args.env_clear,
+            ready: args.ready,
+            ready_timeout: args.ready_timeout,
+            drain_signal: args.drain_signal,
+            drain_timeout: args.drain_timeout,
+            control,
+            backlog: args.backlog,
+            user: args.user,
+            group: args.group,
+        },
+        base_dir,
+    };
+    let config = source.load()?;
+    // Everything that can be checked is checked before the first bind, so
+    // a bad invocation starts nothing.
+    process::resolve_config(&config, &process::own_env())?;
+    if (config.user.is_some() || config.group.is_some()) && !nix::unistd::geteuid().is_root() {
+        return Err(CliError::NeedsRoot);
+    }
+    // Signal handlers before anything starts: without them SIGTERM would
+    // kill baton outright and leave its apps to the parent-death signal.
+    let signals = Signals::install().map_err(setup("installing signal handlers"))?;
+    let listeners = listener::bind_all(&config.listen, config.backlog)?;
+    for l in &listeners {
+        tracing::info!(name = %l.name, address = %l.address, "listening");
+    }
+    let control_listener = control::bind(&config.control, !config.control_allow_uids.is_empty())?;
+    let runtime_dir = notify_dir(config.user.is_some() || config.group.is_some())
+        .map_err(setup("creating the notify socket's directory"))?;
+    let notify = NotifySocket::bind(&runtime_dir.path().join("notify.sock"))
+        .map_err(setup("binding the notify socket"))?;
+    let control_path = config.control.clone();
+    let allowed = config.control_allow_uids.clone();
+    let supervisor = Supervisor::new(source, config, listeners, notify)
+        .map_err(setup("starting the spawner thread"))?;
+    let handle = supervisor.handle();
+    tracing::info!(control = %control_path.display(), pid = std::process::id(), "supervisor started");
+    let connections = control::Connections::default();
+    let server = tokio::spawn(control::serve(
+        control_listener,
+        handle.clone(),
+        allowed,
+        connections.clone(),
+    ));
+    let signal_task = tokio::spawn(signals.serve(handle));
+    let result = supervisor.run(std::future::pending()).await;
+    server.abort();
+    signal_task.abort();
+    // Let replies in flight (`stop`'s own) reach their clients.
+    connections.drained(Duration::from_secs(1)).await;
+    let _ = std::fs::remove_file(&control_path);
+    drop(runtime_dir);
+    result.map_err(CliError::StartApp)?;
+    Ok(EXIT_OK)
+}
+
+/// A private directory for the notify socket, reachable (0711) by apps
+/// that run as another user. With `--user`, `$XDG_RUNTIME_DIR` (a 0700
+/// per-user directory) would be out of the app's reach, so the system
+/// runtime dir (or the temp dir) is used instead.
+fn notify_dir(other_user: bool) -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let base = if other_user {
+        Some(PathBuf::from("/run")).filter(|d| d.is_dir())
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+    }
+    .unwrap_or_else(std::env::temp_dir);
+    let dir = tempfile::Builder::new().prefix("baton-").tempdir_in(base)?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
+    Ok(dir)
+}
+
+/// SIGHUP upgrades; SIGTERM and SIGINT stop.
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        install_all(&[
+            SignalKind::hangup(),
+            SignalKind::terminate(),
+            SignalKind::interrupt(),
+        ])
+        .map(|mut s| {
+            let int = s.pop().expect("three handlers");
+            let term = s.pop().expect("three handlers");
+            let hup = s.pop().expect("three handlers");
+            Self { hup, term, int }
+        })
+    }
+
+    async fn serve(mut self, handle: Handle) {
+        loop {
+            tokio::select! {
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: upgrade requested");
+                    if let Err(e) = handle.upgrade(Trigger::Signal, false).await {
+                        tracing::info!("SIGHUP: {}", e.message);
+                    }
+                }
+                _ = self.term.recv() => { tracing::info!("SIGTERM: stopping"); handle.stop().await; }
+                _ = self.int.recv() => { tracing::info!("SIGINT: stopping"); handle.stop().await; }
+            }
+        }
+    }
+}
+
+/// Installs a handler for each kind, or fails on the first that cannot be.
+fn install_all(kinds: &[SignalKind]) -> std::io::Result<Vec<Signal>> {
+    kinds.iter().map(|k| signal(*k)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handler that cannot be installed is an error, not a log line:
+    /// `baton run` turns it into a start-up failure (exit 2).
+    #[tokio::test]
+    async fn a_handler_that_cannot_be_installed_is_an_error() {
+        let forbidden = SignalKind::from_raw(libc_sigkill());
+        assert!(install_all(&[SignalKind::hangup(), forbidden]).is_err());
+        assert!(
+            install_all(&[SignalKind::hangup()]).is_ok(),
+            "positive control"
+        );
+    }
+
+    fn libc_sigkill() -> i32 {
+        nix::sys::signal::Signal::SIGKILL as i32
+    }
+}

@@ -1,0 +1,232 @@
+//! From the machine's values to the control protocol's: events, status,
+//! and the words users read (signal names, durations, failure reasons).
+//! The internal state is not the wire type; this is the one place that
+//! maps one to the other.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_core::{EventKind as Core, ExitStatus, Failure, GenId, Machine, Phase, Time, Via};
+
+use crate::config::Config;
+use crate::process::StderrTail;
+use crate::protocol::{
+    Event, EventKind, GenState, GenerationStatus, SocketStatus, Status, Trigger,
+};
+
+pub fn core_trigger(t: Trigger) -> baton_core::Trigger {
+    match t {
+        Trigger::Start => baton_core::Trigger::Start,
+        Trigger::Control => baton_core::Trigger::Control,
+        Trigger::Signal => baton_core::Trigger::Signal,
+        Trigger::Rollback => baton_core::Trigger::Rollback,
+    }
+}
+
+fn wire_trigger(t: baton_core::Trigger) -> Trigger {
+    match t {
+        baton_core::Trigger::Start => Trigger::Start,
+        baton_core::Trigger::Control => Trigger::Control,
+        baton_core::Trigger::Signal => Trigger::Signal,
+        baton_core::Trigger::Rollback => Trigger::Rollback,
+    }
+}
+
+/// "exit status 3", "killed by SIGKILL (core dumped)".
+pub fn status_words(status: ExitStatus) -> String {
+    match status {
+        ExitStatus::Code(c) => format!("exit status {c}"),
+        ExitStatus::Signaled {
+            signal,
+            core_dumped,
+        } => {
+            let name = nix::sys::signal::Signal::try_from(signal)
+                .map_or_else(|_| format!("signal {signal}"), |s| s.as_str().to_owned());
+            format!(
+                "killed by {name}{}",
+                if core_dumped { " (core dumped)" } else { "" }
+            )
+        }
+    }
+}
+
+fn duration_words(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// Why generation `gen` was abandoned, in a sentence.
+pub fn failure_words(gen: GenId, failure: &Failure) -> String {
+    match failure {
+        Failure::Spawn(e) => format!("cannot start generation {gen}: {e}"),
+        Failure::Exited(status) => format!(
+            "generation {gen} exited before it was ready ({})",
+            status_words(*status)
+        ),
+        Failure::Timeout(d) => format!("not ready within {}", duration_words(*d)),
+        Failure::Check(reason) => reason.clone(),
+        Failure::Stopping => "the supervisor is stopping".into(),
+    }
+}
+
+fn via_words(via: &Via) -> String {
+    match via {
+        Via::Notify { from } => format!("notify READY=1 from pid {from}"),
+        Via::Probe(words) => words.clone(),
+        Via::Delay(d) => format!("delay {}", duration_words(*d)),
+    }
+}
+
+/// The wire form of a machine event that happened at `now`.
+pub fn event(
+    ev: &baton_core::Event,
+    machine: &Machine<Arc<Config>>,
+    tails: &BTreeMap<GenId, StderrTail>,
+    now: Time,
+) -> Event {
+    let gen = ev.gen;
+    let spec = machine.spec(gen);
+    let kind = match &ev.kind {
+        Core::Requested { trigger } => EventKind::UpgradeRequested {
+            trigger: wire_trigger(*trigger),
+        },
+        Core::Spawned { pid } => EventKind::Spawned {
+            pid: pid.0,
+            dir: spec.map_or_else(String::new, |s| s.release.dir.display().to_string()),
+        },
+        Core::SpawnFailed { error } => EventKind::SpawnFailed {
+            error: error.clone(),
+        },
+        Core::Ready { pid, via } => EventKind::Ready {
+            pid: pid.0,
+            via: via_words(via),
+        },
+        Core::Active { pid } => EventKind::Active { pid: Some(pid.0) },
+        Core::Draining { pid } => EventKind::Draining {
+            pid: pid.0,
+            signal: spec
+                .map_or("SIGTERM", |s| s.payload.drain_signal.0.as_str())
+                .to_owned(),
+        },
+        Core::Killed { pid } => EventKind::Killed { pid: pid.0 },
+        Core::Exited { pid, status } => EventKind::Exited {
+            pid: pid.0,
+            status: status_words(*status),
+        },
+        Core::Restarting { delay, restarts } => EventKind::Restarting {
+            delay_ms: delay.as_millis() as u64,
+            restarts: *restarts,
+        },
+        Core::Status { text } => EventKind::Status { text: text.clone() },
+        Core::Stopping { pid } => EventKind::Stopping { pid: pid.0 },
+        Core::UpgradeSucceeded => EventKind::UpgradeSucceeded,
+        Core::UpgradeFailed { failure } => EventKind::UpgradeFailed {
+            reason: failure_words(gen, failure),
+            stderr_tail: tails.get(&gen).map(StderrTail::lines).unwrap_or_default(),
+        },
+    };
+    Event {
+        time_us: crate::supervisor::wall_us(),
+        generation: gen.0,
+        upgrade: ev.upgrade.map(|u| u.id.0),
+        elapsed_us: ev.upgrade.map(|u| now.since(u.started).as_micros() as u64),
+        kind,
+    }
+}
+
+/// The supervisor's state as `baton status` shows it. `pids` (the live
+/// members of each group) are filled in by the caller, off the loop.
+pub fn status(
+    machine: &Machine<Arc<Config>>,
+    sockets: &[SocketStatus],
+    now: Time,
+    uptime: Duration,
+) -> Status {
+    let active = machine.traffic().active;
+    Status {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_ms: uptime.as_millis() as u64,
+        stopping: machine.stopping(),
+        sockets: sockets.to_vec(),
+        active: active.map(|g| g.0),
+        upgrading: machine.upgrade().map(|u| u.candidate.0),
+        generations: machine
+            .generations()
+            .map(|g| {
+                // The running main process, whatever the phase (a draining
+                // generation's too).
+                let running = machine
+                    .procs()
+                    .iter()
+                    .find(|(_, p)| p.gen == g.id() && p.exit.is_none());
+                let state = match g.phase() {
+                    Phase::Spawning
+                    | Phase::Starting { .. }
+                    | Phase::Recycling { .. }
+                    | Phase::Restarting { .. } => GenState::Starting,
+                    Phase::Serving { .. } if active == Some(g.id()) => GenState::Active,
+                    Phase::Serving { .. } => GenState::Ready,
+                    Phase::Draining { .. } => GenState::Draining,
+                    Phase::Finished { failure: None, .. } => GenState::Exited,
+                    Phase::Finished {
+                        failure: Some(_), ..
+                    } => GenState::Failed,
+                };
+                let spec = g.spec();
+                GenerationStatus {
+                    number: g.id().0,
+                    state,
+                    pid: running.map(|(pid, _)| pid.0),
+                    pids: Vec::new(),
+                    dir: spec.release.dir.display().to_string(),
+                    command: spec.release.argv.clone(),
+                    uptime_ms: running.map(|(_, p)| now.since(p.started).as_millis() as u64),
+                    status_text: g.status_text().map(str::to_owned),
+                    restarts: g.restarts(),
+                    last_exit: g.last_exit().map(status_words),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// One log line per event, with the generation as a field.
+pub fn log_event(ev: &Event) {
+    use tracing::{info, warn};
+    let gen = ev.generation;
+    match &ev.kind {
+        EventKind::UpgradeRequested { trigger } => {
+            info!(generation = gen, ?trigger, "generation requested")
+        }
+        EventKind::Spawned { pid, dir } => info!(generation = gen, pid, dir, "generation started"),
+        EventKind::SpawnFailed { error } => {
+            warn!(generation = gen, "generation failed to start: {error}")
+        }
+        EventKind::Ready { pid, via } => info!(generation = gen, pid, via, "generation ready"),
+        EventKind::Active { pid } => info!(generation = gen, pid, "generation active"),
+        EventKind::Draining { pid, signal } => {
+            info!(generation = gen, pid, signal, "generation draining")
+        }
+        EventKind::Killed { pid } => {
+            warn!(generation = gen, pid, "drain timeout: generation killed")
+        }
+        EventKind::Exited { pid, status } => {
+            info!(generation = gen, pid, status, "generation exited")
+        }
+        EventKind::Restarting { delay_ms, restarts } => {
+            warn!(
+                generation = gen,
+                delay_ms, restarts, "restarting generation"
+            )
+        }
+        EventKind::Status { text } => info!(generation = gen, status = text, "generation status"),
+        EventKind::Stopping { pid } => {
+            info!(generation = gen, pid, "generation reports STOPPING=1")
+        }
+        EventKind::UpgradeSucceeded => info!(generation = gen, "upgrade succeeded"),
+        EventKind::UpgradeFailed { reason, .. } => {
+            warn!(generation = gen, "upgrade failed: {reason}")
+        }
+    }
+}
