@@ -128,6 +128,11 @@ pub struct LoadArgs {
     /// Time between upgrades (with --control)
     #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "1s")]
     pub interval: Duration,
+    /// File the app stamps READY=1 and its drain signal into, for the
+    /// cutover latency (with --control; the example app writes it when
+    /// baton runs with HELLO_STAMPS=FILE in its environment)
+    #[arg(long, value_name = "FILE")]
+    pub stamps: Option<PathBuf>,
     /// Print the report as JSON on stdout
     #[arg(long)]
     pub json: bool,

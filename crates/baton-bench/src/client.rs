@@ -12,6 +12,11 @@
 //! arrives, the server may simply have closed an idle connection as the
 //! request was sent, so the request is sent again on a new connection and
 //! counted as retried. Everything else is a failure, by cause.
+//!
+//! The first response on each new connection is also read for the
+//! `generation=N` the example app puts in its body: a connection belongs
+//! to one app process, so that is where the generation can change, and a
+//! keep-alive request pays nothing for it.
 
 use std::io;
 use std::net::SocketAddr;
@@ -246,6 +251,8 @@ pub struct Client {
     buf: Vec<u8>,
     conn: Option<TcpStream>,
     retried: bool,
+    /// `generation=N` from the first response on the current connection.
+    generation: Option<u64>,
 }
 
 impl Client {
@@ -258,7 +265,14 @@ impl Client {
             buf: Vec::with_capacity(4096),
             conn: None,
             retried: false,
+            generation: None,
         }
+    }
+
+    /// The app generation that answered the last successful request, if its
+    /// body said (`generation=N`, as the example app's `GET /` does).
+    pub fn generation(&self) -> Option<u64> {
+        self.generation
     }
 
     /// Sends one request; returns its outcome and whether it was retried
@@ -290,6 +304,7 @@ impl Client {
                 Err(Fail::Unanswered) => self.retried = true,
             }
         }
+        self.generation = None;
         let mut stream = match TcpStream::connect(self.addr).await {
             Ok(s) => s,
             Err(e) => return Outcome::Failed(Cause::of_io(&e)),
@@ -349,7 +364,12 @@ impl Client {
                     });
                 }
                 return match head {
-                    Some(h) if h.body == BodyLen::UntilClose => Ok(finish(h, false)?),
+                    Some(h) if h.body == BodyLen::UntilClose => {
+                        if !reused {
+                            self.generation = generation_of(&self.buf[h.head_len..]);
+                        }
+                        Ok(finish(h, false)?)
+                    }
                     _ => Err(Fail::Failed(Cause::Truncated)),
                 };
             }
@@ -360,6 +380,9 @@ impl Client {
                 if let BodyLen::Exact(len) = h.body {
                     let want = h.head_len + len;
                     if self.buf.len() >= want {
+                        if !reused {
+                            self.generation = generation_of(&self.buf[h.head_len..want]);
+                        }
                         return finish(h, self.keep_alive);
                     }
                     // Make room for the rest of the body in one go.
@@ -368,6 +391,17 @@ impl Client {
             }
         }
     }
+}
+
+/// The `N` of the first `generation=N` in a response body.
+pub fn generation_of(body: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"generation=";
+    let at = body.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = body[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&body[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Decides the outcome of a complete response.
@@ -458,6 +492,18 @@ mod tests {
     }
 
     #[test]
+    fn generation_from_the_body() {
+        assert_eq!(
+            generation_of(b"version=dev generation=12 pid=345\n"),
+            Some(12)
+        );
+        assert_eq!(generation_of(b"generation=0"), Some(0));
+        assert_eq!(generation_of(b"version=dev pid=345\n"), None);
+        assert_eq!(generation_of(b"generation=x"), None);
+        assert_eq!(generation_of(b""), None);
+    }
+
+    #[test]
     fn status_without_reason() {
         let h = head("HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n")
             .expect("parses")
@@ -508,20 +554,22 @@ mod tests {
                 .expect("bind");
             let addr = listener.local_addr().expect("addr");
             let server = tokio::spawn(async move {
-                const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                const OK1: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\ngeneration=1";
+                const OK2: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\ngeneration=2";
                 // First connection: answer one request, then close it
                 // without answering the second.
                 let (mut s, _) = listener.accept().await.expect("accept");
                 let mut buf = vec![0u8; 1024];
                 let _ = s.read(&mut buf).await;
-                s.write_all(OK).await.expect("write");
+                s.write_all(OK1).await.expect("write");
                 let _ = s.read(&mut buf).await;
                 drop(s);
-                // Second connection: answer. Third: read the request and
-                // close without answering (a fresh connection: a failure).
+                // Second connection (another app process): answer. Third:
+                // read the request and close without answering (a fresh
+                // connection: a failure).
                 let (mut s, _) = listener.accept().await.expect("accept");
                 let _ = s.read(&mut buf).await;
-                s.write_all(OK).await.expect("write");
+                s.write_all(OK2).await.expect("write");
                 let (mut s3, _) = listener.accept().await.expect("accept");
                 let _ = s3.read(&mut buf).await;
                 drop(s3);
@@ -530,16 +578,19 @@ mod tests {
             let req = request_bytes(addr, "/", true);
             let mut c = Client::new(addr, req, true, Duration::from_secs(5));
             assert_eq!(c.get().await, (Outcome::Ok, false));
+            assert_eq!(c.generation(), Some(1));
             assert_eq!(
                 c.get().await,
                 (Outcome::Ok, true),
                 "retried on a new connection"
             );
+            assert_eq!(c.generation(), Some(2), "read on the new connection");
             c.conn = None; // force a fresh connection
             assert_eq!(
                 c.get().await,
                 (Outcome::Failed(Cause::ClosedBeforeResponse), false)
             );
+            assert_eq!(c.generation(), None, "no answer, no generation");
             server.await.expect("server");
         });
     }

@@ -46,11 +46,40 @@ pub struct Cutover {
     /// When the old version was gone and the new one serving.
     pub end_us: i64,
     pub phases: Vec<Phase>,
-    /// baton only: from the candidate's `ready` event to the old
-    /// generation's `draining` event: the time the supervisor itself adds.
-    pub supervisor_share_us: Option<u64>,
+    /// baton only: the candidate and the process it replaced, as baton's
+    /// events name them; only used to find those processes' own stamps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_app: Option<AppId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old_app: Option<AppId>,
+    /// From the apps' stamps ([`crate::stamps`]), µs on the run's clock:
+    /// the new version about to send READY=1...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_ready_us: Option<i64>,
+    /// ...and the old version receiving its drain signal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_drain_us: Option<i64>,
+    /// `app_drain - app_ready` (from the stamps' ns): the cutover latency,
+    /// measured outside baton.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cutover_latency_us: Option<i64>,
+    /// When the first response from the new generation reached the load
+    /// generator, µs on the run's clock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_response_us: Option<i64>,
+    /// `first_response - app_ready`; negative when the new version answered
+    /// before its READY=1 (it accepts on the shared socket just before).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready_to_first_response_us: Option<i64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<EventNote>,
+}
+
+/// An app process: its generation and, if an event said, its pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct AppId {
+    pub generation: u64,
+    pub pid: Option<i32>,
 }
 
 impl Cutover {
@@ -58,7 +87,7 @@ impl Cutover {
         self.phases.iter().find(|p| p.name == name).map(|p| p.at_us)
     }
 
-    fn new(index: u32, start_us: i64) -> Cutover {
+    pub fn new(index: u32, start_us: i64) -> Cutover {
         Cutover {
             index,
             ok: true,
@@ -66,7 +95,13 @@ impl Cutover {
             start_us,
             end_us: start_us,
             phases: Vec::new(),
-            supervisor_share_us: None,
+            new_app: None,
+            old_app: None,
+            app_ready_us: None,
+            app_drain_us: None,
+            cutover_latency_us: None,
+            first_response_us: None,
+            ready_to_first_response_us: None,
             events: Vec::new(),
         }
     }
@@ -106,7 +141,9 @@ fn event_name(kind: &EventKind) -> &'static str {
 /// Builds a cutover from the replies of one `upgrade` request (`wait_drain`
 /// set). `sent_us`/`done_us` are when the bench sent the request and saw the
 /// stream end. Phases: `requested`, `spawned`, `ready`, `active` (the
-/// candidate), `draining`, `exited` (the old generation).
+/// candidate), `draining`, `exited` (the old generation), at the times
+/// baton's events carry. The events also name the candidate and the old
+/// process, whose own stamps [`crate::stamps::attach`] adds later.
 pub fn from_replies(
     index: u32,
     sent_us: i64,
@@ -116,8 +153,7 @@ pub fn from_replies(
 ) -> Cutover {
     let mut c = Cutover::new(index, sent_us);
     let mut candidate: Option<u64> = None;
-    let mut ready: Option<(i64, Option<u64>)> = None;
-    let mut draining: Option<(i64, Option<u64>)> = None;
+    let mut draining = false;
     let mut exited: Option<i64> = None;
     let mut done = false;
     for r in replies {
@@ -137,14 +173,21 @@ pub fn from_replies(
                         c.start_us = at;
                         c.mark("requested", at);
                     }
-                    EventKind::Spawned { .. } if is_candidate => c.mark("spawned", at),
-                    EventKind::Ready { .. } if is_candidate => {
-                        ready = Some((at, e.elapsed_us));
-                        c.mark("ready", at);
+                    EventKind::Spawned { pid, .. } if is_candidate => {
+                        c.new_app = Some(AppId {
+                            generation: e.generation,
+                            pid: Some(*pid),
+                        });
+                        c.mark("spawned", at);
                     }
+                    EventKind::Ready { .. } if is_candidate => c.mark("ready", at),
                     EventKind::Active { .. } if is_candidate => c.mark("active", at),
-                    EventKind::Draining { .. } if !is_candidate && draining.is_none() => {
-                        draining = Some((at, e.elapsed_us));
+                    EventKind::Draining { pid, .. } if !is_candidate && !draining => {
+                        draining = true;
+                        c.old_app = Some(AppId {
+                            generation: e.generation,
+                            pid: Some(*pid),
+                        });
                         c.mark("draining", at);
                     }
                     EventKind::Exited { .. } if !is_candidate => exited = Some(at),
@@ -168,13 +211,6 @@ pub fn from_replies(
     }
     if let Some(at) = exited {
         c.mark("exited", at);
-    }
-    if let (Some((r_at, r_el)), Some((d_at, d_el))) = (ready, draining) {
-        // Prefer the supervisor's monotonic clock; wall time as a fallback.
-        c.supervisor_share_us = Some(match (r_el, d_el) {
-            (Some(r), Some(d)) if d >= r => d - r,
-            _ => (d_at - r_at).max(0) as u64,
-        });
     }
     if !done {
         c.fail("the upgrade stream ended without a result");
@@ -485,7 +521,7 @@ mod tests {
     }
 
     #[test]
-    fn phases_and_supervisor_share_from_events() {
+    fn phases_and_processes_from_events() {
         let clock = Clock::with_wall(1_000_000);
         let replies = vec![
             ev(
@@ -552,8 +588,21 @@ mod tests {
         assert_eq!(c.phase("ready"), Some(110_000));
         assert_eq!(c.phase("draining"), Some(110_090));
         assert_eq!(c.phase("exited"), Some(130_000));
-        // From the monotonic elapsed_us: 10_080 - 10_000.
-        assert_eq!(c.supervisor_share_us, Some(80));
+        assert_eq!(
+            (c.new_app, c.old_app),
+            (
+                Some(AppId {
+                    generation: 3,
+                    pid: Some(9)
+                }),
+                Some(AppId {
+                    generation: 2,
+                    pid: Some(8)
+                })
+            )
+        );
+        // Timings of the apps' own come from their stamps, not from here.
+        assert_eq!(c.cutover_latency_us, None);
         assert_eq!(c.events.len(), 7);
         let names: Vec<_> = c.phases.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(

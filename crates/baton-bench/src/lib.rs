@@ -18,6 +18,7 @@ pub mod procstat;
 pub mod report;
 pub mod scenario;
 pub mod schedule;
+pub mod stamps;
 pub mod summary;
 
 use std::io::Write;
@@ -133,6 +134,7 @@ fn load_cmd(args: &LoadArgs) -> Result<u8, BenchError> {
         plan,
         sample_pid: pid,
         tree_pid: None,
+        stamps: args.stamps.clone(),
         quiet: args.quiet,
     };
     let deployer = match args.control.clone() {

@@ -11,6 +11,7 @@
 //! corrected, a stall is never hidden. The pacer's own lag (at most
 //! [`PACER_TICK_US`] plus a thread wake-up) is reported as `send_lag`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,12 +28,15 @@ pub const PACER_TICK_US: u64 = 100;
 /// Runs are limited to this so that times fit in u32 microseconds.
 pub const MAX_RUN: Duration = Duration::from_secs(3_600);
 
-/// A run's time base: monotonic offsets, and the wall-clock time of the
-/// start, to place the supervisor's events (wall-clock µs) on the same axis.
+/// A run's time base: monotonic offsets, and the wall-clock and
+/// CLOCK_MONOTONIC times of the start, to place the supervisor's events
+/// (wall-clock µs) and the apps' stamps (CLOCK_MONOTONIC ns) on the same
+/// axis.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     t0: Instant,
     t0_wall_us: u64,
+    t0_mono_ns: Option<u64>,
 }
 
 impl Default for Clock {
@@ -43,7 +47,10 @@ impl Default for Clock {
 
 impl Clock {
     pub fn new() -> Clock {
+        // `Instant` reads CLOCK_MONOTONIC too, but keeps the value to
+        // itself: read it once more for the origin the apps' stamps use.
         let t0 = Instant::now();
+        let t0_mono_ns = crate::stamps::mono_now_ns();
         let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -51,6 +58,7 @@ impl Clock {
         Clock {
             t0,
             t0_wall_us: wall,
+            t0_mono_ns,
         }
     }
 
@@ -59,6 +67,15 @@ impl Clock {
         Clock {
             t0: Instant::now(),
             t0_wall_us,
+            t0_mono_ns: None,
+        }
+    }
+
+    /// A clock with given wall-clock and CLOCK_MONOTONIC origins (tests).
+    pub fn with_origins(t0_wall_us: u64, t0_mono_ns: u64) -> Clock {
+        Clock {
+            t0_mono_ns: Some(t0_mono_ns),
+            ..Clock::with_wall(t0_wall_us)
         }
     }
 
@@ -73,6 +90,12 @@ impl Clock {
 
     pub fn wall_origin_us(&self) -> u64 {
         self.t0_wall_us
+    }
+
+    /// A CLOCK_MONOTONIC time (ns) as µs from the start.
+    pub fn mono_to_us(&self, mono_ns: u64) -> Option<i64> {
+        let t0 = self.t0_mono_ns?;
+        Some((mono_ns as i64 - t0 as i64).div_euclid(1_000))
     }
 }
 
@@ -199,6 +222,10 @@ pub struct LoadOutput {
     /// Open loop: requests whose time came but that no worker was free to
     /// send before the run ended (a stall at the very end).
     pub unsent: u64,
+    /// For each app generation that answered (`generation=N` in the body),
+    /// when its first response reached the load generator (µs since the
+    /// run's start).
+    pub first_response: BTreeMap<u64, u32>,
 }
 
 /// Runs load against `addr` until `shared` says stop. Blocks the calling
@@ -259,7 +286,7 @@ pub fn run_load(
         }
         None => None,
     };
-    let records = runtime.block_on(async {
+    let (records, first_response) = runtime.block_on(async {
         let mut tasks = Vec::with_capacity(concurrency);
         for _ in 0..concurrency {
             let mut client = Client::new(addr, request.clone(), keep_alive, spec.timeout);
@@ -267,6 +294,9 @@ pub fn run_load(
             let pacing = pacing.clone();
             tasks.push(tokio::spawn(async move {
                 let mut out = Vec::with_capacity(expect_per_worker);
+                // (generation, end) each time the answering generation changes.
+                let mut changes: Vec<(u64, u32)> = Vec::new();
+                let mut last_generation = None;
                 let clock = shared.clock;
                 loop {
                     let sched = match &pacing {
@@ -297,13 +327,21 @@ pub fn run_load(
                     };
                     note(&shared.progress, &rec);
                     out.push(rec);
+                    if outcome == Outcome::Ok && client.generation() != last_generation {
+                        last_generation = client.generation();
+                        if let Some(g) = last_generation {
+                            changes.push((g, end as u32));
+                        }
+                    }
                 }
-                out
+                (out, changes)
             }));
         }
         let mut all = Vec::new();
+        let mut first = BTreeMap::new();
         for t in tasks {
-            if let Ok(v) = t.await {
+            if let Ok((v, changes)) = t.await {
+                first_responses(&mut first, &changes);
                 if all.is_empty() {
                     all = v;
                 } else {
@@ -311,7 +349,7 @@ pub fn run_load(
                 }
             }
         }
-        all
+        (all, first)
     });
     if let Some(p) = pacer {
         let _ = p.join();
@@ -329,7 +367,19 @@ pub fn run_load(
         started_us,
         ended_us,
         unsent,
+        first_response,
     })
+}
+
+/// Merges one worker's generation changes into the earliest response seen
+/// from each generation.
+fn first_responses(first: &mut BTreeMap<u64, u32>, changes: &[(u64, u32)]) {
+    for &(generation, at) in changes {
+        first
+            .entry(generation)
+            .and_modify(|t| *t = (*t).min(at))
+            .or_insert(at);
+    }
 }
 
 fn note(p: &Progress, r: &Record) {
@@ -382,4 +432,30 @@ fn pace(p: &Pacing, shared: &Shared) {
         ));
     }
     p.sem.close();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_response_per_generation_is_the_earliest_of_all_workers() {
+        let mut first = BTreeMap::new();
+        first_responses(&mut first, &[(1, 100), (2, 5_000), (3, 9_000)]);
+        first_responses(&mut first, &[(1, 50), (2, 4_200)]);
+        first_responses(&mut first, &[(3, 9_500)]);
+        assert_eq!(
+            first.into_iter().collect::<Vec<_>>(),
+            [(1, 50), (2, 4_200), (3, 9_000)]
+        );
+    }
+
+    #[test]
+    fn monotonic_stamps_on_the_run_axis() {
+        let c = Clock::with_origins(0, 5_000_000_000);
+        assert_eq!(c.mono_to_us(5_000_000_000), Some(0));
+        assert_eq!(c.mono_to_us(5_001_234_999), Some(1_234));
+        assert_eq!(c.mono_to_us(4_999_999_000), Some(-1));
+        assert_eq!(Clock::with_wall(0).mono_to_us(1), None);
+    }
 }

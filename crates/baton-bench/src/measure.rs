@@ -6,6 +6,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use crate::cutover::{Cutover, Deployer};
 use crate::load::{run_load, Clock, LoadOutput, LoadSpec, Model, Shared};
 use crate::procstat::{self, Sample};
 use crate::schedule::CutoverPlan;
+use crate::stamps::{self, Stamps};
 
 /// How often the monitor samples the supervisor.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
@@ -33,6 +35,9 @@ pub struct RunSpec {
     /// Root of the process tree under test, for its CPU share (defaults to
     /// `sample_pid`).
     pub tree_pid: Option<i32>,
+    /// The file the apps stamp their lifecycle into (`HELLO_STAMPS`), read
+    /// after the run for the cutovers' outside view ([`crate::stamps`]).
+    pub stamps: Option<PathBuf>,
     pub quiet: bool,
 }
 
@@ -146,12 +151,31 @@ pub fn measure(
         (Some(m), Some(c), Some(t)) => Some((m * cores - c - t).max(0.0)),
         _ => None,
     };
-    let (cutovers, deployer) = match driver {
+    let (mut cutovers, deployer) = match driver {
         Some(d) => d.join().unwrap_or_default(),
         None => (Vec::new(), unused),
     };
     let samples = monitor.join().unwrap_or_default();
     let load = load?;
+    if !cutovers.is_empty() {
+        // Each cutover waited for the old generation's exit, and the run
+        // went on for its tail after the last one: the apps have written
+        // their stamps by now.
+        let stamps = match &spec.stamps {
+            Some(path) => Stamps::read(path).unwrap_or_else(|e| {
+                eprintln!("baton-bench: reading {}: {e}", path.display());
+                Stamps::default()
+            }),
+            None => Stamps::default(),
+        };
+        if stamps.malformed > 0 {
+            eprintln!(
+                "baton-bench: {} unreadable lines in the stamps file",
+                stamps.malformed
+            );
+        }
+        stamps::attach(&mut cutovers, &stamps, &load.first_response, &clock);
+    }
     Ok((
         RunData {
             spec,

@@ -167,13 +167,21 @@ pub fn spawn_app(app: &Path, port: u16, log: &Path) -> io::Result<Proc> {
     cmd.env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDNAMES")
-        .env_remove("NOTIFY_SOCKET");
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove(crate::stamps::ENV);
     Proc::spawn(cmd, "app", log)
 }
 
 /// Starts `baton run` with the app and waits until its first generation is
-/// active and the port accepts.
-pub fn spawn_baton(bins: &Bins, port: u16, control: &Path, log: &Path) -> Result<Proc, String> {
+/// active and the port accepts. With `stamps`, every app generation gets
+/// `HELLO_STAMPS` (see [`crate::stamps`]) through baton's environment.
+pub fn spawn_baton(
+    bins: &Bins,
+    port: u16,
+    control: &Path,
+    stamps: Option<&Path>,
+    log: &Path,
+) -> Result<Proc, String> {
     let mut cmd = Command::new(&bins.baton);
     cmd.arg("run")
         .arg("--listen")
@@ -185,7 +193,11 @@ pub fn spawn_baton(bins: &Bins, port: u16, control: &Path, log: &Path) -> Result
     cmd.env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
         .env_remove("NOTIFY_SOCKET")
-        .env_remove("BATON_CONTROL");
+        .env_remove("BATON_CONTROL")
+        .env_remove(crate::stamps::ENV);
+    if let Some(path) = stamps {
+        cmd.env(crate::stamps::ENV, path);
+    }
     let mut p = Proc::spawn(cmd, "baton", log).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -133,12 +133,14 @@ impl Split {
     }
 }
 
-/// Median, 90th percentile and maximum of a set of durations (ms).
+/// Median, 90th percentile and maximum of a set of durations (ms), and
+/// how many there were.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Stat {
     pub median: f64,
     pub p90: f64,
     pub max: f64,
+    pub n: usize,
 }
 
 pub fn stat(mut v: Vec<f64>) -> Option<Stat> {
@@ -151,7 +153,21 @@ pub fn stat(mut v: Vec<f64>) -> Option<Stat> {
         median: at(0.5),
         p90: at(0.9),
         max: v[v.len() - 1],
+        n: v.len(),
     })
+}
+
+/// A per-cutover figure in µs, over the successful cutovers that have it
+/// (like the phases), in ms.
+pub fn stat_of(cutovers: &[Cutover], f: impl Fn(&Cutover) -> Option<i64>) -> Option<Stat> {
+    stat(
+        cutovers
+            .iter()
+            .filter(|c| c.ok)
+            .filter_map(f)
+            .map(|us| us as f64 / 1e3)
+            .collect(),
+    )
 }
 
 /// What happened to the requests in one cutover's window.
@@ -249,9 +265,15 @@ pub struct RunReport {
     pub service: Latencies,
     pub cutover_count: usize,
     pub cutovers_ok: usize,
-    /// Time from each phase to the next, over all cutovers (ms).
+    /// Time from each phase to the next, over all cutovers (ms), from the
+    /// times in baton's events.
     pub phases_ms: BTreeMap<String, Stat>,
-    pub supervisor_share_ms: Option<Stat>,
+    /// The new version's READY=1 to the old version's drain signal, from
+    /// the apps' own stamps (see [`crate::stamps`]).
+    pub cutover_latency_ms: Option<Stat>,
+    /// The new version's READY=1 to its first response at the load
+    /// generator (negative: it answered before saying READY).
+    pub ready_to_first_response_ms: Option<Stat>,
     pub failed_in_windows: u64,
     pub failed_outside_windows: u64,
     /// Latency per ms around the cutovers' start, all cutovers together.
@@ -395,12 +417,6 @@ pub fn analyze(run: &RunData) -> (RunReport, Split) {
             window: window_stats(range(records, c.start_us - PAD_US, c.end_us + PAD_US)),
         })
         .collect();
-    let shares: Vec<f64> = run
-        .cutovers
-        .iter()
-        .filter_map(|c| c.supervisor_share_us)
-        .map(|us| us as f64 / 1e3)
-        .collect();
     let report = RunReport {
         name: run.spec.name.clone(),
         target: run.spec.target.clone(),
@@ -433,7 +449,8 @@ pub fn analyze(run: &RunData) -> (RunReport, Split) {
         cutover_count: run.cutovers.len(),
         cutovers_ok: run.cutovers.iter().filter(|c| c.ok).count(),
         phases_ms: phase_stats(&run.cutovers),
-        supervisor_share_ms: stat(shares),
+        cutover_latency_ms: stat_of(&run.cutovers, |c| c.cutover_latency_us),
+        ready_to_first_response_ms: stat_of(&run.cutovers, |c| c.ready_to_first_response_us),
         failed_in_windows: failed_in,
         failed_outside_windows: failed_out,
         profile: if run.cutovers.is_empty() {
@@ -628,12 +645,27 @@ pub fn text(r: &RunReport) -> String {
                 v.median, v.p90, v.max
             );
         }
-        if let Some(v) = &r.supervisor_share_ms {
-            let _ = writeln!(
-                s,
-                "     {:<34} median {:8.3}  p90 {:8.3}  max {:8.3} ms",
-                "supervisor share (ready→draining)", v.median, v.p90, v.max
-            );
+        let outside = [
+            ("cutover latency (app stamps)", &r.cutover_latency_ms),
+            (
+                "READY=1 → first new response",
+                &r.ready_to_first_response_ms,
+            ),
+        ];
+        for (k, v) in outside {
+            match v {
+                Some(v) => {
+                    let _ = writeln!(
+                        s,
+                        "     {k:<34} median {:8.3}  p90 {:8.3}  max {:8.3} ms  (n={})",
+                        v.median, v.p90, v.max, v.n
+                    );
+                }
+                None if r.target == "baton" => {
+                    let _ = writeln!(s, "     {k:<34} no data");
+                }
+                None => {}
+            }
         }
     }
     let _ = writeln!(
@@ -735,8 +767,7 @@ mod tests {
                     at_us: end,
                 },
             ],
-            supervisor_share_us: Some(100),
-            events: vec![],
+            ..Cutover::new(index, start)
         }
     }
 
@@ -796,10 +827,20 @@ mod tests {
             Stat {
                 median: 3.0,
                 p90: 5.0,
-                max: 5.0
+                max: 5.0,
+                n: 5
             }
         );
         assert!(stat(vec![]).is_none());
+        let mut c = [cut(0, 0, 1), cut(1, 0, 1), cut(2, 0, 1)];
+        c[0].cutover_latency_us = Some(40);
+        c[2].cutover_latency_us = Some(1_500);
+        let s = stat_of(&c, |c| c.cutover_latency_us).expect("stat");
+        assert_eq!((s.median, s.max, s.n), (1.5, 1.5, 2));
+        c[2].ok = false; // a failed cutover is left out, as in the phases
+        let s = stat_of(&c, |c| c.cutover_latency_us).expect("stat");
+        assert_eq!((s.median, s.max, s.n), (0.04, 0.04, 1));
+        assert_eq!(stat_of(&c, |c| c.first_response_us), None);
         let records = [
             rec(0, 1, Outcome::Failed(Cause::Refused)),
             rec(0, 1, Outcome::Failed(Cause::Refused)),
@@ -862,6 +903,7 @@ mod tests {
                 plan: None,
                 sample_pid: None,
                 tree_pid: None,
+                stamps: None,
                 quiet: true,
             },
             clock: Clock::with_wall(0),
@@ -870,8 +912,13 @@ mod tests {
                 started_us: 0,
                 ended_us: 2_000_000,
                 unsent: 0,
+                first_response: BTreeMap::new(),
             },
-            cutovers: vec![cut(0, 1_000_000, 1_015_000)],
+            cutovers: vec![{
+                let mut c = cut(0, 1_000_000, 1_015_000);
+                c.cutover_latency_us = Some(60);
+                c
+            }],
             samples: vec![],
             client_cpu_pct: Some(12.0),
             machine_busy_pct: None,
@@ -893,7 +940,10 @@ mod tests {
         assert!(v["latency"]["cutover"]["p999_ms"].is_number());
         assert_eq!(v["cutovers"][0]["phases"][0]["name"], "requested");
         assert_eq!(v["cutovers"][0]["window"]["failed"], 1);
-        assert!(v["supervisor_share_ms"]["median"].is_number());
+        assert_eq!(v["cutover_latency_ms"]["median"], 0.06);
+        assert_eq!(v["cutover_latency_ms"]["n"], 1);
+        assert!(v["ready_to_first_response_ms"].is_null());
+        assert!(v.get("supervisor_share_ms").is_none());
         assert_eq!(v["failures"][0]["cause"], "closed_before_response");
     }
 

@@ -159,6 +159,7 @@ impl Ctx<'_> {
             plan: None,
             sample_pid: None,
             tree_pid: None,
+            stamps: None,
             quiet: self.args.quiet,
         }
     }
@@ -315,6 +316,17 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
     std::fs::create_dir_all(&logs).map_err(BenchError::io("creating the output directory"))?;
     let scratch = Scratch::new().map_err(BenchError::io("creating a scratch directory"))?;
     let control = scratch.0.join("ctl").join("control.sock");
+    // The apps under baton stamp READY=1 and their drain signal here.
+    let stamps = out.join("app-stamps.txt");
+    match std::fs::remove_file(&stamps) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(BenchError::Io {
+                what: "removing the previous run's stamps",
+                source: e,
+            })
+        }
+        _ => {}
+    }
     let mut ctx = Ctx {
         args,
         out,
@@ -334,8 +346,14 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
             ctx.log("app-alone").display()
         )));
     }
-    let baton = procs::spawn_baton(&bins, baton_port, &control, &ctx.log("baton"))
-        .map_err(BenchError::Env)?;
+    let baton = procs::spawn_baton(
+        &bins,
+        baton_port,
+        &control,
+        Some(&stamps),
+        &ctx.log("baton"),
+    )
+    .map_err(BenchError::Env)?;
     let baton_pid = baton.pid();
     let start_sample = procstat::sample(baton_pid, 0);
     eprintln!(
@@ -435,6 +453,7 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
         let mut spec = ctx.spec(&name, "baton", baton_port, Model::Open { rate }, mode);
         spec.plan = Some(plan(preset.cutovers, preset.interval));
         spec.sample_pid = Some(baton_pid);
+        spec.stamps = Some(stamps.clone());
         let (run, dep) =
             measure::measure(spec, deployer.take()).map_err(BenchError::io("running the load"))?;
         deployer = dep;
@@ -551,12 +570,13 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
     // Summary.
     let under = comparison(&baton_done);
     let naive = comparison(&naive_done);
-    let shares: Vec<f64> = baton_done
+    let baton_cutovers: Vec<cutover::Cutover> = baton_done
         .iter()
-        .flat_map(|d| d.report.cutovers.iter())
-        .filter_map(|c| c.cutover.supervisor_share_us)
-        .map(|us| us as f64 / 1e3)
+        .flat_map(|d| d.report.cutovers.iter().map(|c| c.cutover.clone()))
         .collect();
+    let cutover_latency = report::stat_of(&baton_cutovers, |c| c.cutover_latency_us);
+    let ready_to_first_response =
+        report::stat_of(&baton_cutovers, |c| c.ready_to_first_response_us);
     let rss: Vec<u64> = cutover_samples
         .iter()
         .map(|s| s.rss_kb)
@@ -606,7 +626,7 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
         &control_reports,
         &ratio_by_mode,
         &ceilings,
-        &shares,
+        cutover_latency.as_ref(),
         &supervisor,
         &naive,
     );
@@ -637,7 +657,8 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
         throughput_ratio_by_mode: ratio_by_mode,
         p99_steady_ms: under.p99_steady_ms,
         p99_cutover_ms: under.p99_cutover_ms,
-        supervisor_share_ms: report::stat(shares),
+        cutover_latency_ms: cutover_latency,
+        ready_to_first_response_ms: ready_to_first_response,
         supervisor,
         ceilings,
         naive,

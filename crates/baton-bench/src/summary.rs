@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::load::Model;
-use crate::report::{self, Latency, RunReport, Stat};
+use crate::report::{Latency, RunReport, Stat};
 use crate::scenario::Preset;
 
 /// Where the figures were measured.
@@ -129,7 +129,13 @@ pub struct Summary {
     /// Over the cutover runs under baton (all modes together).
     pub p99_steady_ms: f64,
     pub p99_cutover_ms: f64,
-    pub supervisor_share_ms: Option<Stat>,
+    /// Per cutover under baton: the old version's drain-signal stamp minus
+    /// the new version's READY=1 stamp, both written by the apps on
+    /// CLOCK_MONOTONIC (measured outside baton; see [`crate::stamps`]).
+    pub cutover_latency_ms: Option<Stat>,
+    /// Per cutover under baton: the new version's READY=1 stamp to the
+    /// first response from it at the load generator.
+    pub ready_to_first_response_ms: Option<Stat>,
     pub supervisor: Supervisor,
     pub ceilings: Vec<Ceiling>,
     pub naive: Comparison,
@@ -177,7 +183,7 @@ pub fn targets(
     control: &[RunReport],
     ratio_by_mode: &BTreeMap<&'static str, f64>,
     ceilings: &[Ceiling],
-    shares: &[f64],
+    latency: Option<&Stat>,
     sup: &Supervisor,
     naive: &Comparison,
 ) -> Vec<Target> {
@@ -219,18 +225,10 @@ pub fn targets(
             ok: *ratio >= 0.98,
         });
     }
-    let share = report::stat(shares.to_vec());
-    t.push(Target {
-        name: "supervisor's share of a cutover".into(),
-        goal: "ready → old generation's drain signal, median < 5 ms".into(),
-        measured: share.map_or("no data".into(), |s| {
-            format!(
-                "median {:.3} ms, p90 {:.3} ms, max {:.3} ms",
-                s.median, s.p90, s.max
-            )
-        }),
-        ok: share.is_some_and(|s| s.median < 5.0),
-    });
+    t.push(latency_target(
+        latency,
+        baton.iter().map(|r| r.cutovers_ok).sum(),
+    ));
     let x = |cu: f64, st: f64| if st > 0.0 { cu / st } else { 0.0 };
     for r in baton {
         let (st, cu) = (&r.latency.steady, &r.latency.cutover);
@@ -309,6 +307,22 @@ pub fn targets(
     t
 }
 
+/// The cutover latency target: measured from the apps' stamps, for every
+/// successful cutover.
+fn latency_target(latency: Option<&Stat>, cutovers_ok: usize) -> Target {
+    Target {
+        name: "cutover latency, as the apps saw it".into(),
+        goal: "new version's READY=1 → old version's drain signal (app stamps), median < 5 ms, every cutover measured".into(),
+        measured: latency.map_or("no data (no stamps)".into(), |s| {
+            format!(
+                "median {:.3} ms, p90 {:.3} ms, max {:.3} ms over {} of {} cutovers",
+                s.median, s.p90, s.max, s.n, cutovers_ok
+            )
+        }),
+        ok: latency.is_some_and(|s| s.median < 5.0 && s.n == cutovers_ok),
+    }
+}
+
 /// The readable summary.
 pub fn text(s: &Summary) -> String {
     use std::fmt::Write;
@@ -354,13 +368,24 @@ pub fn text(s: &Summary) -> String {
         "throughput under baton / app alone: {}",
         ratios.join(", ")
     );
-    if let Some(sh) = &s.supervisor_share_ms {
-        let _ = writeln!(
-            o,
-            "supervisor share (ready → drain signal): median {:.3} ms, p90 {:.3} ms, max {:.3} ms",
-            sh.median, sh.p90, sh.max
-        );
-    }
+    let stat = |v: &Option<Stat>| {
+        v.map_or("no data".into(), |v| {
+            format!(
+                "median {:.3} ms, p90 {:.3} ms, max {:.3} ms (n={})",
+                v.median, v.p90, v.max, v.n
+            )
+        })
+    };
+    let _ = writeln!(
+        o,
+        "cutover latency (new app's READY=1 → old app's drain signal, app stamps): {}",
+        stat(&s.cutover_latency_ms)
+    );
+    let _ = writeln!(
+        o,
+        "new app's READY=1 → its first response at the client: {}",
+        stat(&s.ready_to_first_response_ms)
+    );
     let sup = &s.supervisor;
     let _ = writeln!(
         o,
@@ -425,6 +450,7 @@ pub fn text(s: &Summary) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report;
 
     #[test]
     fn summary_json_has_the_headline_fields() {
@@ -434,6 +460,7 @@ mod tests {
             throughput_ratio: 0.99,
             p99_steady_ms: 1.5,
             p99_cutover_ms: 2.0,
+            cutover_latency_ms: report::stat(vec![0.05, 0.04, 0.3]),
             ..Summary::default()
         };
         s.failed_by_cause.insert("refused", 0);
@@ -447,7 +474,8 @@ mod tests {
             "throughput_ratio",
             "p99_steady_ms",
             "p99_cutover_ms",
-            "supervisor_share_ms",
+            "cutover_latency_ms",
+            "ready_to_first_response_ms",
             "supervisor",
             "ceilings",
             "naive",
@@ -459,9 +487,23 @@ mod tests {
             assert!(v.get(key).is_some(), "missing {key}");
         }
         assert_eq!(v["cutovers"], 20);
+        assert_eq!(v["cutover_latency_ms"]["median"], 0.05);
+        assert_eq!(v["cutover_latency_ms"]["max"], 0.3);
+        assert_eq!(v["cutover_latency_ms"]["n"], 3);
+        assert!(v.get("supervisor_share_ms").is_none());
         assert_eq!(v["failed_by_cause"]["refused"], 0);
         assert!(v["supervisor"].get("idle_cpu_pct").is_some());
         assert!(v["supervisor"].get("rss_kb_max").is_some());
+    }
+
+    #[test]
+    fn latency_target_needs_every_cutover_measured_and_fast() {
+        let fast = report::stat(vec![0.05, 0.06, 0.2]);
+        assert!(latency_target(fast.as_ref(), 3).ok);
+        assert!(!latency_target(fast.as_ref(), 4).ok, "a cutover unmeasured");
+        assert!(!latency_target(None, 3).ok, "no stamps");
+        let slow = report::stat(vec![4.0, 6.0, 7.0]);
+        assert!(!latency_target(slow.as_ref(), 3).ok, "median 6 ms");
     }
 
     #[test]

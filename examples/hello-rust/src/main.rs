@@ -11,9 +11,24 @@
 //! - `--delay-ready` sleeps before serving and sending READY=1 (slow start).
 //!
 //! Endpoints: `GET /` -> `version=.. generation=.. pid=..`, `GET /healthz` -> `ok`.
+//!
+//! `HELLO_STAMPS=<path>` (opt-in, for baton-bench): append one line per
+//! lifecycle moment to `<path>`, `<event> <generation> <pid> <ns>` where `ns`
+//! is CLOCK_MONOTONIC in nanoseconds (comparable across processes):
+//! - `ready`: read right before READY=1 is sent; the line is written just
+//!   after the send, so the write does not delay READY.
+//! - `drain`: read as soon as the app's signal listener wakes for its drain
+//!   signal (SIGTERM/SIGINT), before anything else of the drain.
+//!
+//! Each line is one `write` on an `O_APPEND` file, so lines from several
+//! processes never interleave. Nothing else is written: no per-request cost.
+
+#![forbid(unsafe_code)]
 
 use std::convert::Infallible;
+use std::fs::File;
 use std::future::ready;
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +41,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use listenfd::ListenFd;
+use nix::time::{clock_gettime, ClockId};
 use sd_notify::NotifyState;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::signal::unix::{signal, SignalKind};
@@ -50,6 +66,56 @@ struct Args {
     version_tag: Option<String>,
     listen: String,
     delay_ready: Duration,
+}
+
+/// Where `HELLO_STAMPS` asked for lifecycle stamps (see the crate docs).
+struct Stamps {
+    file: Option<File>,
+    generation: String,
+    pid: u32,
+}
+
+impl Stamps {
+    /// Opens `$HELLO_STAMPS` for appending, if set. A file that cannot be
+    /// opened is reported and the app runs without stamps: measuring must
+    /// not stop it from serving.
+    fn from_env(generation: &str, pid: u32) -> Stamps {
+        let file = std::env::var_os("HELLO_STAMPS").and_then(|path| {
+            File::options()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| eprintln!("hello: cannot open HELLO_STAMPS {path:?}: {e}"))
+                .ok()
+        });
+        Stamps {
+            file,
+            generation: generation.to_owned(),
+            pid,
+        }
+    }
+
+    /// CLOCK_MONOTONIC now, in ns; only read when stamps were asked for.
+    fn now(&self) -> Option<u64> {
+        self.file.as_ref()?;
+        let t = clock_gettime(ClockId::CLOCK_MONOTONIC).ok()?;
+        Some(u64::try_from(t.tv_sec()).ok()? * 1_000_000_000 + u64::try_from(t.tv_nsec()).ok()?)
+    }
+
+    /// Appends `<event> <generation> <pid> <ns>` in one write.
+    fn write(&self, event: &str, ns: Option<u64>) {
+        let (Some(mut file), Some(ns)) = (self.file.as_ref(), ns) else {
+            return;
+        };
+        let line = stamp_line(event, &self.generation, self.pid, ns);
+        if let Err(e) = file.write_all(line.as_bytes()) {
+            eprintln!("hello: writing HELLO_STAMPS: {e}");
+        }
+    }
+}
+
+fn stamp_line(event: &str, generation: &str, pid: u32, ns: u64) -> String {
+    format!("{event} {generation} {pid} {ns}\n")
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -220,6 +286,7 @@ async fn run(
     args: Args,
     root: Bytes,
     banner: String,
+    stamps: Stamps,
 ) -> std::io::Result<()> {
     // Register handlers first so an early SIGTERM drains instead of killing us.
     let mut term = signal(SignalKind::terminate())?;
@@ -258,10 +325,13 @@ async fn run(
     }
     drop(drain);
     eprintln!("{banner} serving {} listeners", tasks.len());
+    let ready_at = stamps.now();
     // Errors only mean NOTIFY_SOCKET is unusable, e.g. running standalone.
     let _ = sd_notify::notify(false, &[NotifyState::Ready, NotifyState::Status("serving")]);
+    stamps.write("ready", ready_at);
 
     stop.await;
+    stamps.write("drain", stamps.now());
     eprintln!("hello: draining");
     let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
     // Stop accepting: aborting the loops drops the listeners (and their Arcs).
@@ -312,6 +382,7 @@ fn main() -> ExitCode {
         "version={version} generation={generation} pid={pid}\n"
     ));
     let banner = format!("hello: version={version} generation={generation} pid={pid}");
+    let stamps = Stamps::from_env(&generation, pid);
 
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -323,11 +394,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(listeners, args, root, banner)) {
+    match rt.block_on(run(listeners, args, root, banner, stamps)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hello: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamp_lines_are_one_line_of_four_fields() {
+        assert_eq!(
+            stamp_line("ready", "7", 4242, 123_456_789),
+            "ready 7 4242 123456789\n"
+        );
     }
 }
