@@ -7,3 +7,4 @@ mod failures;
 mod hardening;
 mod lifecycle;
 mod protocol;
+mod regressions;

@@ -24,7 +24,7 @@ use std::time::Duration;
 use baton_core::{ExitStatus, GenId, Pid, Release};
 use baton_protocol::app;
 use nix::sys::wait::WaitStatus;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::{Config, EnvInherit, ListenAddr, PROBE_FD_NAME};
@@ -562,13 +562,24 @@ fn proc_table() -> Vec<ProcEntry> {
     .collect()
 }
 
-/// Starts passing `stderr` through; the tail fills as lines arrive, and
-/// `StderrClosed` is reported at its end.
-pub fn forward(pid: Pid, stderr: OwnedFd, events: UnboundedSender<ProcessEvent>) -> StderrTail {
+/// Where the apps' stderr lines go: baton's own stderr, through a writer
+/// that never blocks (lines are dropped if baton's stderr stays stuck long
+/// enough to fill its buffer), so a stuck log reader cannot freeze an app
+/// writing to stderr.
+pub type StderrSink = tracing_appender::non_blocking::NonBlocking;
+
+/// Starts passing `stderr` through to `sink`; the tail fills as lines
+/// arrive, and `StderrClosed` is reported at its end.
+pub fn forward(
+    pid: Pid,
+    stderr: OwnedFd,
+    sink: StderrSink,
+    events: UnboundedSender<ProcessEvent>,
+) -> StderrTail {
     let (tail, closer) = StderrTail::new();
     let t = tail.clone();
     tokio::spawn(async move {
-        forward_stderr(stderr, t, closer).await;
+        forward_stderr(stderr, sink, t, closer).await;
         let _ = events.send(ProcessEvent::StderrClosed { pid });
     });
     tail
@@ -582,13 +593,17 @@ pub fn probe_addr(probe: &Listener) -> Option<std::net::SocketAddr> {
     }
 }
 
-async fn forward_stderr(fd: OwnedFd, tail: StderrTail, closer: tokio::sync::watch::Sender<bool>) {
+async fn forward_stderr(
+    fd: OwnedFd,
+    mut sink: StderrSink,
+    tail: StderrTail,
+    closer: tokio::sync::watch::Sender<bool>,
+) {
+    use std::io::Write;
     let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
         return;
     };
     let mut reader = BufReader::new(pipe);
-    // Async, so a blocked stderr of baton's never stalls a runtime thread.
-    let mut out = tokio::io::stderr();
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -599,14 +614,13 @@ async fn forward_stderr(fd: OwnedFd, tail: StderrTail, closer: tokio::sync::watc
         {
             Ok(0) | Err(_) => break,
             Ok(_) => {
-                // Pass through unchanged; a closed stderr is not the app's problem.
-                let _ = out.write_all(&line).await;
+                // Passed through unchanged; the sink never blocks.
+                let _ = sink.write_all(&line);
                 let text = String::from_utf8_lossy(&line);
                 tail.push(text.trim_end_matches(['\n', '\r']).to_owned());
             }
         }
     }
-    let _ = out.flush().await;
     let _ = closer.send(true);
 }
 

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use crate::config::{Config, ConfigSource, ReadySpec};
 use crate::listener::Listener;
 use crate::notify::{NotifyMessage, NotifySocket, Received};
-use crate::process::{self, PidFd, ProcessEvent, SpawnJob, Spawner, StderrTail};
+use crate::process::{self, PidFd, ProcessEvent, SpawnJob, Spawner, StderrSink, StderrTail};
 use crate::protocol::{ErrorKind, ErrorReply, Event, SocketStatus, Status, Trigger};
 use crate::{probe, wire};
 
@@ -208,6 +208,7 @@ pub struct Supervisor {
     listeners: Option<Arc<Vec<Listener>>>,
     sockets: Vec<SocketStatus>,
     notify_path: PathBuf,
+    stderr_sink: StderrSink,
     spawner: Spawner,
     procs: HashMap<Pid, ProcHandle>,
     /// The stderr of each generation's latest process, for failure reports.
@@ -232,12 +233,14 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// `listeners` are bound by the caller (so bind errors surface before
-    /// anything starts); `notify` is the socket apps report to.
+    /// anything starts); `notify` is the socket apps report to; the apps'
+    /// stderr goes to `stderr_sink`.
     pub fn new(
         source: ConfigSource,
         config: Config,
         listeners: Vec<Listener>,
         notify: NotifySocket,
+        stderr_sink: StderrSink,
     ) -> std::io::Result<Self> {
         let (cmd_tx, commands) = mpsc::channel(64);
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
@@ -286,6 +289,7 @@ impl Supervisor {
             listeners: Some(Arc::new(listeners)),
             sockets,
             notify_path,
+            stderr_sink,
             spawner,
             procs: HashMap::new(),
             tails: BTreeMap::new(),
@@ -549,7 +553,12 @@ impl Supervisor {
             Ok(started) => {
                 let pid = started.pid;
                 let pidfd = PidFd::new(started.pidfd);
-                let tail = process::forward(pid, started.stderr, self.process_tx.clone());
+                let tail = process::forward(
+                    pid,
+                    started.stderr,
+                    self.stderr_sink.clone(),
+                    self.process_tx.clone(),
+                );
                 self.tails.insert(gen, tail);
                 let watcher =
                     tokio::spawn(process::watch(pid, pidfd.clone(), self.process_tx.clone()))

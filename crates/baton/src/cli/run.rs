@@ -55,7 +55,10 @@ pub async fn supervise(args: RunArgs, control: Option<PathBuf>) -> Result<u8, Cl
         .map_err(setup("binding the notify socket"))?;
     let control_path = config.control.clone();
     let allowed = config.control_allow_uids.clone();
-    let supervisor = Supervisor::new(source, config, listeners, notify)
+    // The apps' stderr lines share baton's stderr through their own
+    // non-blocking writer (flushed, boundedly, when the guard drops).
+    let (app_stderr, _app_stderr_guard) = tracing_appender::non_blocking(std::io::stderr());
+    let supervisor = Supervisor::new(source, config, listeners, notify, app_stderr)
         .map_err(setup("starting the spawner thread"))?;
     let handle = supervisor.handle();
     tracing::info!(control = %control_path.display(), pid = std::process::id(), "supervisor started");
