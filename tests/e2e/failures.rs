@@ -145,14 +145,15 @@ fn concurrent_upgrade_is_refused_while_one_runs() {
         &ready("notify"),
         "FAKE_READY_DELAY_MS = \"1500\"",
     ));
-    let first = std::process::Command::new(bin("baton"))
+    let mut first = std::process::Command::new(bin("baton"));
+    first
         .arg("--control")
         .arg(&baton.control)
         .arg("upgrade")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(std::process::Stdio::piped());
+    let first_cmd = format!("{first:?}");
+    let first = first.spawn().unwrap();
     baton
         .stderr
         .wait_for(&["generation started", "generation=2 "], 1, WAIT);
@@ -164,7 +165,7 @@ fn concurrent_upgrade_is_refused_while_one_runs() {
         describe_output(&second)
     );
     assert!(String::from_utf8_lossy(&second.stderr).contains("already in progress"));
-    let first = first.wait_with_output().unwrap();
+    let first = finish(first_cmd, first);
     assert!(first.status.success(), "{}", describe_output(&first));
     assert_eq!(baton.status()["active"], 2);
 }

@@ -333,7 +333,7 @@ fn control_socket_is_private() {
     let shared = open.path().join("shared");
     std::fs::create_dir(&shared).unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = std::process::Command::new(bin("baton"))
+    let out = run(std::process::Command::new(bin("baton"))
         .arg("--control")
         .arg(shared.join("c.sock"))
         .args([
@@ -342,9 +342,7 @@ fn control_socket_is_private() {
             "http=127.0.0.1:0",
             "--",
             bin("hello").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+        ]));
     assert_eq!(out.status.code(), Some(2), "{}", describe_output(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("writable by others"));
 }
@@ -404,14 +402,12 @@ fn other_uids_are_refused_unless_allowed() {
     assert_eq!(mode, 0o666);
     let as_uid = |uid: u32| {
         use std::os::unix::process::CommandExt;
-        std::process::Command::new(bin("baton"))
+        run(std::process::Command::new(bin("baton"))
             .arg("--control")
             .arg(&baton.control)
             .arg("status")
             .uid(uid)
-            .gid(65534)
-            .output()
-            .unwrap()
+            .gid(65534))
     };
     let out = as_uid(65534);
     assert_eq!(out.status.code(), Some(2), "{}", describe_output(&out));
