@@ -333,9 +333,19 @@ fn control_socket_is_private() {
     let shared = open.path().join("shared");
     std::fs::create_dir(&shared).unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = refuse_control_dir(&shared);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("writable by others"),
+        "{}",
+        describe_output(&out)
+    );
+}
+
+/// Runs `baton run` with its control socket in `dir`, expecting exit 2.
+fn refuse_control_dir(dir: &std::path::Path) -> CmdOutput {
     let out = run(std::process::Command::new(bin("baton"))
         .arg("--control")
-        .arg(shared.join("c.sock"))
+        .arg(dir.join("c.sock"))
         .args([
             "run",
             "--listen",
@@ -344,11 +354,59 @@ fn control_socket_is_private() {
             bin("hello").to_str().unwrap(),
         ]));
     assert_eq!(out.status.code(), Some(2), "{}", describe_output(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("writable by others"));
+    assert!(!dir.join("c.sock").exists(), "socket created anyway");
+    out
 }
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
+/// A control directory owned by another user (here nobody, 65534) is
+/// refused like a world-writable one: that user could replace the socket.
+#[test]
+#[cfg_attr(not(baton_root), ignore = "needs root (chowns to another user)")]
+fn control_directory_owned_by_another_user_is_refused() {
+    assert_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let theirs = tmp.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let out = refuse_control_dir(&theirs);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("owned by another user"),
+        "{}",
+        describe_output(&out)
+    );
+    // Positive control: the same directory, given back to us, is accepted.
+    std::os::unix::fs::chown(&theirs, Some(0), Some(0)).unwrap();
+    let mut ok = std::process::Command::new(bin("baton"))
+        .arg("--control")
+        .arg(theirs.join("c.sock"))
+        .args(["run", "--listen", "http=127.0.0.1:0", "--"])
+        .arg(bin("hello"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock = theirs.join("c.sock");
+    wait_until("baton to take the directory once it is ours", WAIT, || {
+        let exited = ok.try_wait().unwrap();
+        assert!(exited.is_none(), "refused our own directory: {exited:?}");
+        cli(&sock, &["status"]).status.success()
+    });
+    let out = cli(&sock, &["stop"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert!(ok.wait().unwrap().success());
+}
+
+/// For the tests that need root: they are compiled as ignored unless the
+/// tests were built by root (`cfg(baton_root)`, see tests/build.rs), and
+/// must then really run as root.
+fn assert_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "built as root (cfg baton_root) but running as uid {}: rebuild the tests as this user",
+        nix::unistd::geteuid()
+    );
 }
 
 /// Creates (once) the unprivileged user and extra group the tests use.
@@ -377,11 +435,9 @@ fn test_user() -> (u32, u32, u32) {
 }
 
 #[test]
+#[cfg_attr(not(baton_root), ignore = "needs root (acts as other uids)")]
 fn other_uids_are_refused_unless_allowed() {
-    if !is_root() {
-        eprintln!("skipped: needs root to act as another uid");
-        return;
-    }
+    assert_root();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("baton.toml"),
@@ -421,11 +477,12 @@ fn other_uids_are_refused_unless_allowed() {
 }
 
 #[test]
+#[cfg_attr(
+    not(baton_root),
+    ignore = "needs root (creates a user, switches to it)"
+)]
 fn runs_generations_as_the_configured_user_and_group() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    assert_root();
     let (uid, gid, extra_gid) = test_user();
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
