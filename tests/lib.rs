@@ -3,9 +3,15 @@
 //! (never on fixed sleeps), drive load against it, and print everything
 //! useful when a test fails.
 //!
-//! Binaries are taken from the workspace's target directory; build them
-//! first (`cargo build --workspace --bins`), which the README's test
-//! command does.
+//! Binaries are taken from the workspace's target directory. The first
+//! call to [`bin`] in a test run builds them (`cargo build --workspace
+//! --bins` with this test binary's profile and target directory), so a
+//! test never runs a stale binary; when nothing changed that is a quick
+//! no-op.
+//!
+//! Every failure prints what is needed to understand it: the command run,
+//! its exit status, stdout and stderr, and (through `Baton`'s `Drop`, which
+//! runs while a failing test unwinds) baton's whole log.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -13,25 +19,70 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Upper bound for any single wait in the tests.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// Path of a workspace binary (`baton`, `hello`, `test-socketfd`).
+/// Path of a workspace binary (`baton`, `hello`, `test-socketfd`), built
+/// fresh once per test run.
 pub fn bin(name: &str) -> PathBuf {
-    // target/debug/deps/e2e-HASH -> target/debug
+    // target/<profile>/deps/e2e-HASH -> target/<profile>
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    if let Err(e) = BUILT.get_or_init(|| build_binaries(dir)) {
+        panic!("{e}");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} not found: run `cargo build --workspace --bins` before the tests",
+        "{} not found after the build",
         path.display()
     );
     path
+}
+
+/// `cargo build --workspace --bins` into `profile_dir` (`target/<profile>`),
+/// with the cargo that runs these tests.
+fn build_binaries(profile_dir: &Path) -> Result<(), String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let profile = profile_dir
+        .file_name()
+        .and_then(|p| p.to_str())
+        .ok_or("cannot tell the profile from the test binary's path")?;
+    let target_dir = profile_dir.parent().ok_or("no target directory")?;
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--workspace",
+        "--bins",
+        "--quiet",
+        "--manifest-path",
+    ])
+    .arg(repo_path("Cargo.toml"))
+    .arg("--target-dir")
+    .arg(target_dir);
+    match profile {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    let out = run(&mut cmd);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "building the binaries for the tests failed\n{}",
+            describe_output(&out)
+        ))
+    }
 }
 
 /// A baton.toml running the fake app (`test-socketfd`) on one loopback
@@ -54,6 +105,18 @@ address = "127.0.0.1:0"
 "#,
         bin("test-socketfd").display()
     )
+}
+
+/// [`fake_config`] for the fake app answering `version`, whose READY=1
+/// waits until `gate` exists (so a test holds an upgrade open for as long
+/// as it needs), with a ready timeout of 30 s.
+pub fn gated_fake_config(version: &str, gate: &Path) -> String {
+    fake_config("", &format!("FAKE_READY_GATE = \"{}\"", gate.display()))
+        .replace(
+            "FAKE_VERSION = \"good\"",
+            &format!("FAKE_VERSION = \"{version}\""),
+        )
+        .replace("ready_timeout = \"3s\"", "ready_timeout = \"30s\"")
 }
 
 /// Path of a file in the repository.
@@ -173,6 +236,22 @@ impl Baton {
 
     /// [`Baton::spawn`] with extra environment variables for baton itself.
     pub fn spawn_with_env(dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn_inner(dir, args, env, None)
+    }
+
+    /// [`Baton::spawn`], with baton inheriting (not close-on-exec) `file`
+    /// open as descriptor `fd`, as from a careless parent: a shell opens it
+    /// and then execs baton, keeping the pid.
+    pub fn spawn_holding_fd(dir: tempfile::TempDir, args: &[&str], fd: u32, file: &Path) -> Self {
+        Self::spawn_inner(dir, args, &[], Some((fd, file)))
+    }
+
+    fn spawn_inner(
+        dir: tempfile::TempDir,
+        args: &[&str],
+        env: &[(&str, &str)],
+        inherit: Option<(u32, &Path)>,
+    ) -> Self {
         let control = dir.path().join("ctl/control.sock");
         let mut full = vec![
             "--control".to_owned(),
@@ -180,7 +259,18 @@ impl Baton {
             "run".into(),
         ];
         full.extend(args.iter().map(|s| s.to_string()));
-        let mut child = Command::new(bin("baton"))
+        let mut cmd = match inherit {
+            None => Command::new(bin("baton")),
+            Some((fd, file)) => {
+                let mut c = Command::new("/bin/sh");
+                c.arg("-c")
+                    .arg(format!("exec {fd}<\"$0\" && exec \"$@\""))
+                    .arg(file)
+                    .arg(bin("baton"));
+                c
+            }
+        };
+        let mut child = cmd
             .args(&full)
             .current_dir(dir.path())
             .env("BATON_LOG", "info")
@@ -189,7 +279,7 @@ impl Baton {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let stdout = Lines::default();
         let stderr = Lines::default();
         let readers = vec![
@@ -222,7 +312,7 @@ impl Baton {
     }
 
     /// Runs a CLI subcommand against this supervisor.
-    pub fn cli(&self, args: &[&str]) -> Output {
+    pub fn cli(&self, args: &[&str]) -> CmdOutput {
         cli(&self.control, args)
     }
 
@@ -230,10 +320,12 @@ impl Baton {
         let out = self.cli(&["status", "--json"]);
         assert!(
             out.status.success(),
-            "status failed: {}",
-            describe_output(&out)
+            "status failed:\n{}\n--- baton log:\n{}",
+            describe_output(&out),
+            self.stderr.text()
         );
-        serde_json::from_slice(&out.stdout).unwrap()
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status printed no JSON ({e}):\n{}", describe_output(&out)))
     }
 
     /// The bound address of listener `name`.
@@ -261,7 +353,7 @@ impl Baton {
     }
 
     /// Runs `baton upgrade` and asserts its exit code.
-    pub fn upgrade_expect(&self, extra: &[&str], code: i32) -> Output {
+    pub fn upgrade_expect(&self, extra: &[&str], code: i32) -> CmdOutput {
         let mut args = vec!["upgrade"];
         args.extend_from_slice(extra);
         let out = self.cli(&args);
@@ -291,10 +383,23 @@ impl Baton {
             }
             assert!(
                 Instant::now() < deadline,
-                "baton did not exit in {timeout:?}; log:\n{}",
-                self.stderr.text()
+                "baton did not exit in {timeout:?}\n{}",
+                self.logs()
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// [`wait_until`] whose failure message carries baton's log.
+    pub fn wait_until(&self, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !cond() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -330,20 +435,49 @@ impl Drop for Baton {
     }
 }
 
-pub fn cli(control: &Path, args: &[&str]) -> Output {
-    Command::new(bin("baton"))
+/// A command's output with the command line, for failure messages.
+pub struct CmdOutput {
+    pub command: String,
+    pub output: Output,
+}
+
+impl std::ops::Deref for CmdOutput {
+    type Target = Output;
+    fn deref(&self) -> &Output {
+        &self.output
+    }
+}
+
+/// Runs `cmd` to completion, capturing its output.
+pub fn run(cmd: &mut Command) -> CmdOutput {
+    let command = format!("{cmd:?}");
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command}: {e}"));
+    CmdOutput { command, output }
+}
+
+/// Waits for a spawned command (stdout and stderr piped) to finish.
+pub fn finish(command: String, child: Child) -> CmdOutput {
+    let output = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("waiting for {command}: {e}"));
+    CmdOutput { command, output }
+}
+
+pub fn cli(control: &Path, args: &[&str]) -> CmdOutput {
+    run(Command::new(bin("baton"))
         .arg("--control")
         .arg(control)
         .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+        .stdin(Stdio::null()))
 }
 
-pub fn describe_output(out: &Output) -> String {
+pub fn describe_output(out: &CmdOutput) -> String {
     format!(
-        "exit: {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
-        out.status.code(),
+        "command: {}\nexit: {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+        out.command,
+        out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
@@ -679,10 +813,15 @@ pub fn zombies_of(pid: i32) -> Vec<i32> {
 }
 
 /// Waits until `cond` holds, polling; panics with `what` after `timeout`.
+/// (A `Baton` in scope prints its log as the panic unwinds; see also
+/// [`Baton::wait_until`].)
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -722,4 +861,42 @@ pub fn wait_accepted_by(pid: i32, client: &TcpStream) {
             })
             .unwrap_or(false)
     });
+}
+
+// ----- root-only tests ------------------------------------------------------
+
+/// For the tests that need root: they are compiled as ignored unless the
+/// tests were built by root (`cfg(baton_root)`, see tests/build.rs), and
+/// must then really run as root.
+pub fn assert_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "built as root (cfg baton_root) but running as uid {}: rebuild the tests as this user",
+        nix::unistd::geteuid()
+    );
+}
+
+/// Creates (once) the unprivileged user and extra group the tests use.
+pub fn test_user() -> (u32, u32, u32) {
+    let run = |cmd: &[&str]| {
+        let _ = std::process::Command::new(cmd[0]).args(&cmd[1..]).output();
+    };
+    run(&["groupadd", "--system", "baton-extra"]);
+    run(&[
+        "useradd",
+        "--system",
+        "--no-create-home",
+        "--shell",
+        "/usr/sbin/nologin",
+        "--user-group",
+        "baton-test",
+    ]);
+    run(&["usermod", "-aG", "baton-extra", "baton-test"]);
+    let user = nix::unistd::User::from_name("baton-test")
+        .unwrap()
+        .expect("user baton-test");
+    let extra = nix::unistd::Group::from_name("baton-extra")
+        .unwrap()
+        .expect("group baton-extra");
+    (user.uid.as_raw(), user.gid.as_raw(), extra.gid.as_raw())
 }

@@ -81,6 +81,10 @@ fn sighup_upgrades() {
     baton.wait_active(2);
 }
 
+/// The working directory is resolved at every spawn: an upgrade after
+/// `current` moved starts the new release, a crash restart runs the
+/// release the generation was (even after `current` moved), and
+/// `baton rollback` starts the previous release.
 #[test]
 fn symlinked_release_is_honoured_and_rollback_returns() {
     let dir = tempfile::tempdir().unwrap();
@@ -109,12 +113,37 @@ fn symlinked_release_is_honoured_and_rollback_returns() {
     baton.wait_active(1);
     let addr = baton.addr("http");
     assert_eq!(version_of(&get(addr, "/").unwrap().body), "v1");
-    let load = Load::start(addr, &[Mode::NewConnection], 2, Duration::from_secs(60));
 
-    // Deploy: repoint `current` atomically, then upgrade.
+    // Deploy: repoint `current` atomically...
     let tmp = baton.path("current.tmp");
     std::os::unix::fs::symlink("releases/v2", &tmp).unwrap();
     std::fs::rename(&tmp, baton.path("current")).unwrap();
+    // ...but before the upgrade, generation 1 crashes: its restart runs
+    // the release it was, not the one `current` now points to.
+    let crashed = baton.generation(1)["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(crashed),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    baton
+        .stderr
+        .wait_for(&["generation active", "generation=1 "], 2, WAIT);
+    let g1 = baton.generation(1);
+    assert_eq!(g1["restarts"], 1, "{g1}");
+    assert_ne!(g1["pid"].as_i64().unwrap() as i32, crashed, "{g1}");
+    assert!(g1["dir"].as_str().unwrap().ends_with("releases/v1"), "{g1}");
+    let restarted = g1["pid"].as_i64().unwrap();
+    let cwd = std::fs::read_link(format!("/proc/{restarted}/cwd")).unwrap();
+    assert!(
+        cwd.ends_with("releases/v1"),
+        "restarted in {}",
+        cwd.display()
+    );
+    assert_eq!(version_of(&get(addr, "/").unwrap().body), "v1");
+
+    let load = Load::start(addr, &[Mode::NewConnection], 2, Duration::from_secs(60));
+    // ...then upgrade.
     baton.upgrade_expect(&[], 0);
     assert_eq!(version_of(&get(addr, "/").unwrap().body), "v2");
     assert!(baton.generation(2)["dir"]

@@ -69,7 +69,30 @@ fn stop_drains_everything_and_leaves_no_process() {
             "process group {pid} still alive"
         );
     }
+    assert_all_drained(&baton, 2);
     assert!(!baton.control.exists(), "control socket removed");
+}
+
+/// Generations 1..=n each exited by themselves after their drain signal
+/// (the example app exits 0 when drained), none was killed.
+fn assert_all_drained(baton: &Baton, n: u64) {
+    let lines = baton.stderr.all();
+    for g in 1..=n {
+        let tag = format!("generation={g} ");
+        let has = |what: &str| lines.iter().any(|l| l.contains(what) && l.contains(&tag));
+        assert!(
+            has("generation draining"),
+            "generation {g} not drained\n{}",
+            baton.logs()
+        );
+        assert!(
+            lines.iter().any(|l| l.contains("generation exited")
+                && l.contains(&tag)
+                && l.contains("exit status 0")),
+            "generation {g} did not exit by itself\n{}",
+            baton.logs()
+        );
+    }
 }
 
 #[test]
@@ -88,6 +111,7 @@ fn sigterm_stops_like_stop() {
     .unwrap();
     assert_eq!(baton.wait_exit(WAIT), 0);
     assert!(group_members(pid).is_empty());
+    assert_all_drained(&baton, 1);
 }
 
 /// Runs `baton run ARGS` expecting it to refuse to start.
@@ -101,6 +125,12 @@ fn refuses_to_start(args: &[&str]) -> String {
         err.lines().filter(|l| l.contains("error")).count(),
         1,
         "one error line:\n{err}"
+    );
+    // Refused before anything started.
+    assert!(
+        !err.contains("generation started") && !err.contains("generation requested"),
+        "{}",
+        baton.logs()
     );
     err
 }
@@ -119,7 +149,6 @@ fn startup_errors_are_one_line_and_exit_2() {
     assert!(err.contains("no-such-server"), "{err}");
     let err = refuses_to_start(&["--listen", "a=unix:/proc/nope/x.sock", "--", hello]);
     assert!(err.contains("/proc/nope/x.sock"), "{err}");
-    // Nothing was started: the port is still only ours.
     drop(taken);
 }
 

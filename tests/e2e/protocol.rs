@@ -34,15 +34,21 @@ fn open_fds(report: &Value) -> Vec<i64> {
         .collect()
 }
 
+/// The child gets exactly the declared sockets as fds 3, 4, 5 (TCP v4,
+/// v6, Unix), their names, its own pid as LISTEN_PID, its own process
+/// group, and no other descriptor: not even one baton itself inherited
+/// (baton is started holding a file open as fd 7, not close-on-exec).
 #[test]
 fn child_receives_exactly_the_declared_sockets() {
     let dir = tempfile::tempdir().unwrap();
     let report_path = dir.path().join("report.json");
     let unix = dir.path().join("admin.sock");
+    let inherited = dir.path().join("inherited-by-baton");
+    std::fs::write(&inherited, "baton's own fd\n").unwrap();
     let fake = bin("test-socketfd");
     let admin = format!("admin=unix:{},mode=0660", unix.display());
     let env = format!("TEST_SOCKETFD_REPORT={}", report_path.display());
-    let baton = Baton::spawn(
+    let baton = Baton::spawn_holding_fd(
         dir,
         &[
             "--listen",
@@ -58,8 +64,16 @@ fn child_receives_exactly_the_declared_sockets() {
             "--fd",
             "{fd:api}",
         ],
+        7,
+        &inherited,
     );
     baton.wait_active(1);
+    // Positive control: baton itself holds the inherited fd 7.
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{}/fd/7", baton.pid())).ok(),
+        Some(inherited.clone()),
+        "baton did not inherit fd 7"
+    );
     let r = read_report(&report_path);
     let pid = baton.generation(1)["pid"].as_i64().unwrap();
 
@@ -80,6 +94,11 @@ fn child_receives_exactly_the_declared_sockets() {
         vec![0, 1, 2, 3, 4, 5],
         "no other descriptor leaks: {r}"
     );
+    assert!(
+        !r["fds"].to_string().contains("inherited-by-baton"),
+        "baton's inherited fd leaked: {r}"
+    );
+    assert_eq!(r["fds"][0]["target"], "/dev/null", "{r}");
 
     let fds = r["fds"].as_array().unwrap();
     let s = baton.status();
@@ -132,27 +151,88 @@ fn http_readiness_adds_the_private_probe_listener_last() {
     assert!(baton.stderr.text().contains("http /healthz 200"));
 }
 
+/// Runs the fake app under baton started with extra variables in its own
+/// environment (including protocol variables, as if baton itself had been
+/// socket-activated); returns the fake's environment.
+fn child_env(baton_env: &[(&str, &str)], flags: &[&str]) -> serde_json::Map<String, Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let report_path = dir.path().join("report.json");
+    let env = format!("TEST_SOCKETFD_REPORT={}", report_path.display());
+    let fake = bin("test-socketfd");
+    let mut args = vec!["--listen", "http=127.0.0.1:0"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--env", &env, "--", fake.to_str().unwrap()]);
+    let baton = Baton::spawn_with_env(dir, &args, baton_env);
+    baton.wait_active(1);
+    let r = read_report(&report_path);
+    let pid = baton.generation(1)["pid"].as_i64().unwrap();
+    let env = r["env"].as_object().unwrap().clone();
+    // The protocol variables are always baton's own, never inherited.
+    assert_eq!(env["LISTEN_FDS"], "1", "{r}");
+    assert_eq!(env["LISTEN_FDNAMES"], "http", "{r}");
+    assert_eq!(env["LISTEN_PID"], pid.to_string(), "{r}");
+    assert_eq!(env["BATON_GENERATION"], "1", "{r}");
+    assert_ne!(env["NOTIFY_SOCKET"], "/inherited/notify", "{r}");
+    env
+}
+
+const BATON_ENV: &[(&str, &str)] = &[
+    ("FROM_BATON", "yes"),
+    ("ALSO_FROM_BATON", "yes"),
+    ("LISTEN_FDS", "9"),
+    ("LISTEN_FDNAMES", "inherited"),
+    ("LISTEN_PID", "1"),
+    ("NOTIFY_SOCKET", "/inherited/notify"),
+    ("BATON_GENERATION", "99"),
+];
+
+fn keys(env: &serde_json::Map<String, Value>) -> Vec<&str> {
+    env.keys().map(|k| k.as_str()).collect()
+}
+
+/// By default the app gets baton's environment; `env_inherit` narrows it
+/// to a list; `--env-clear` passes only the configured and protocol
+/// variables. Protocol variables are never inherited.
 #[test]
-fn env_clear_passes_only_configured_and_protocol_variables() {
-    let (_baton, r) = run_fake(&[
-        "--listen",
-        "http=127.0.0.1:0",
-        "--env-clear",
-        "--env",
-        "A=b",
-    ]);
-    let mut keys: Vec<&str> = r["env"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(|k| k.as_str())
-        .collect();
-    keys.sort();
+fn env_is_inherited_listed_or_cleared_and_protocol_variables_never_inherited() {
+    let env = child_env(BATON_ENV, &["--env", "A=b"]);
+    assert_eq!(env["FROM_BATON"], "yes");
+    assert_eq!(env["ALSO_FROM_BATON"], "yes");
+    assert_eq!(env["A"], "b");
+    assert!(env.contains_key("PATH"), "{:?}", keys(&env));
+
+    let env = child_env(BATON_ENV, &["--env-clear", "--env", "A=b"]);
+    let mut k = keys(&env);
+    k.sort();
     assert_eq!(
-        keys,
+        k,
         vec![
             "A",
             "BATON_GENERATION",
+            "LISTEN_FDNAMES",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "NOTIFY_SOCKET",
+            "TEST_SOCKETFD_REPORT"
+        ]
+    );
+
+    // env_inherit lives in the config file.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("baton.toml"),
+        "env_inherit = [\"FROM_BATON\", \"LISTEN_FDS\"]\n",
+    )
+    .unwrap();
+    let config = dir.path().join("baton.toml").display().to_string();
+    let env = child_env(BATON_ENV, &["--config", &config]);
+    let mut k = keys(&env);
+    k.sort();
+    assert_eq!(
+        k,
+        vec![
+            "BATON_GENERATION",
+            "FROM_BATON",
             "LISTEN_FDNAMES",
             "LISTEN_FDS",
             "LISTEN_PID",

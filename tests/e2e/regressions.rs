@@ -238,30 +238,30 @@ impl Drop for KillOnDrop<'_> {
 }
 
 /// Runs a CLI command; fails the test if it has not finished in `limit`.
-fn cli_within(control: &std::path::Path, args: &[&str], limit: Duration) -> std::process::Output {
-    let mut child = Command::new(bin("baton"))
-        .arg("--control")
+fn cli_within(control: &std::path::Path, args: &[&str], limit: Duration) -> CmdOutput {
+    let mut cmd = Command::new(bin("baton"));
+    cmd.arg("--control")
         .arg(control)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    let command = format!("{cmd:?}");
+    let mut child = cmd.spawn().unwrap();
     let deadline = Instant::now() + limit;
     while child.try_wait().unwrap().is_none() {
         if Instant::now() >= deadline {
             let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
+            let output = child.wait_with_output().unwrap();
             panic!(
-                "baton {} did not finish in {limit:?}\n{}",
-                args.join(" "),
-                describe_output(&out)
+                "did not finish in {limit:?}\n{}",
+                describe_output(&CmdOutput { command, output })
             );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    child.wait_with_output().unwrap()
+    let output = child.wait_with_output().unwrap();
+    CmdOutput { command, output }
 }
 
 /// Bytes waiting in a pipe: reads what is there without blocking.
@@ -297,14 +297,15 @@ fn stop_refuses_new_connections_and_finishes_requests_in_flight() {
     // Sent before the stop; the app answers it whether or not it has read
     // it yet (connections accepted before a drain get their first answer).
     let in_flight = std::thread::spawn(move || roundtrip(&mut slow, "/slow", false));
-    let stopper = Command::new(bin("baton"))
+    let mut stop_cmd = Command::new(bin("baton"));
+    stop_cmd
         .arg("--control")
         .arg(&baton.control)
         .arg("stop")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    let stop_command = format!("{stop_cmd:?}");
+    let stopper = stop_cmd.spawn().unwrap();
     baton
         .stderr
         .wait_for(&["stopping: draining every generation"], 1, WAIT);
@@ -335,34 +336,22 @@ fn stop_refuses_new_connections_and_finishes_requests_in_flight() {
         .unwrap()
         .unwrap_or_else(|e| panic!("in-flight request failed: {e:?}"));
     assert_eq!(r.body.trim(), "slow done");
-    let out = stopper.wait_with_output().unwrap();
+    let out = CmdOutput {
+        command: stop_command,
+        output: stopper.wait_with_output().unwrap(),
+    };
     assert!(out.status.success(), "{}", describe_output(&out));
     assert_eq!(baton.wait_exit(WAIT), 0);
-}
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
 }
 
 /// With `--user`, the credential change used to clear the parent-death
 /// signal (it was set before setuid): a SIGKILLed baton left the app
 /// serving the port, unsupervised. Now it drains and exits.
 #[test]
+#[cfg_attr(not(baton_root), ignore = "needs root (runs the app as another user)")]
 fn apps_run_as_another_user_get_their_drain_signal_when_baton_is_killed() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let _ = Command::new("useradd")
-        .args([
-            "--system",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            "--user-group",
-            "baton-test",
-        ])
-        .output();
+    assert_root();
+    test_user();
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let out_dir = dir.path().join("out");

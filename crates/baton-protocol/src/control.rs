@@ -10,8 +10,10 @@ pub const REQUEST_PATH: &str = "/v1/request";
 /// Larger request bodies are refused (413): requests are tiny.
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+/// A request: one JSON object with a `cmd` key. Unknown commands, unknown
+/// fields (for every command) and anything but an object are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
     /// Re-read the configuration and start a new generation from it.
@@ -27,6 +29,46 @@ pub enum Request {
     },
     /// Drain every generation and exit.
     Stop,
+}
+
+impl<'de> Deserialize<'de> for Request {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Taking a map first refuses arrays, which serde's derive for
+        // internally tagged enums would accept (`["upgrade", true]`).
+        let map = serde_json::Map::deserialize(d)?;
+        WireRequest::deserialize(serde_json::Value::Object(map))
+            .map(Request::from)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The decoding form of [`Request`]: `status` and `stop` are empty struct
+/// variants because serde applies `deny_unknown_fields` to struct variants
+/// of an internally tagged enum but not to unit ones.
+#[derive(Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+enum WireRequest {
+    Status {},
+    Upgrade {
+        #[serde(default)]
+        wait_drain: bool,
+    },
+    Rollback {
+        #[serde(default)]
+        wait_drain: bool,
+    },
+    Stop {},
+}
+
+impl From<WireRequest> for Request {
+    fn from(r: WireRequest) -> Self {
+        match r {
+            WireRequest::Status {} => Self::Status,
+            WireRequest::Upgrade { wait_drain } => Self::Upgrade { wait_drain },
+            WireRequest::Rollback { wait_drain } => Self::Rollback { wait_drain },
+            WireRequest::Stop {} => Self::Stop,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -515,27 +515,36 @@ mod tests {
     }
 
     /// A control connection served in memory, with a fake supervisor that
-    /// answers status and accepts upgrades as generation 7.
+    /// answers status and accepts upgrades as generation 7. The returned
+    /// watch counts the upgrade commands the fake supervisor has received.
     fn serve_fake(
         access: Result<(), Option<u32>>,
-    ) -> (UnixStream, tokio::sync::broadcast::Sender<Event>) {
+    ) -> (
+        UnixStream,
+        tokio::sync::broadcast::Sender<Event>,
+        tokio::sync::watch::Receiver<u32>,
+    ) {
         let (client, server) = UnixStream::pair().unwrap();
         let (handle, mut commands, events) = Handle::detached();
+        let (upgrades_tx, upgrades) = tokio::sync::watch::channel(0u32);
         tokio::spawn(serve_connection(server, handle, access));
         tokio::spawn(async move {
             while let Some(cmd) = commands.recv().await {
                 match cmd {
                     Command::Status(r) => drop(r.send(status())),
-                    Command::Upgrade { reply, .. } => drop(reply.send(Ok(7))),
+                    Command::Upgrade { reply, .. } => {
+                        upgrades_tx.send_modify(|n| *n += 1);
+                        drop(reply.send(Ok(7)))
+                    }
                     Command::Stop(r) => drop(r.send(())),
                 }
             }
         });
-        (client, events)
+        (client, events, upgrades)
     }
 
     async fn raw(request: &[u8], access: Result<(), Option<u32>>) -> String {
-        let (mut client, _events) = serve_fake(access);
+        let (mut client, _events, _) = serve_fake(access);
         client.write_all(request).await.unwrap();
         let mut out = String::new();
         let _ = client.read_to_string(&mut out).await;
@@ -552,7 +561,7 @@ mod tests {
 
     #[tokio::test]
     async fn status_round_trip() {
-        let (client, _events) = serve_fake(Ok(()));
+        let (client, _events, _) = serve_fake(Ok(()));
         let mut replies = Vec::new();
         request_on(client, &Request::Status, |r| replies.push(r))
             .await
@@ -597,7 +606,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn stalled_client_is_dropped() {
-        let (mut client, _events) = serve_fake(Ok(()));
+        let (mut client, _events, _) = serve_fake(Ok(()));
         client
             .write_all(b"POST /v1/request HTTP/1.1\r\nhost:")
             .await
@@ -611,7 +620,7 @@ mod tests {
 
     #[tokio::test]
     async fn upgrade_streams_until_the_old_generation_exited() {
-        let (client, events) = serve_fake(Ok(()));
+        let (client, events, mut upgrades) = serve_fake(Ok(()));
         let emit = move |generation: u64, kind: EventKind| {
             let _ = events.send(Event {
                 time_us: 0,
@@ -630,8 +639,12 @@ mod tests {
             .unwrap();
             replies
         });
-        // Let the server subscribe and ask before events flow.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The server subscribes before it asks for the upgrade, so once the
+        // fake supervisor has the request, every event sent is seen.
+        tokio::time::timeout(Duration::from_secs(10), upgrades.wait_for(|n| *n == 1))
+            .await
+            .expect("the upgrade request never reached the supervisor")
+            .unwrap();
         emit(
             7,
             EventKind::Ready {

@@ -15,6 +15,9 @@ use tokio::net::UnixDatagram;
 
 pub use baton_protocol::notify::{parse, NotifyMessage, MAX_DATAGRAM};
 
+/// The most descriptors Linux passes in one message (`SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
+
 /// The supervisor's notify socket.
 pub struct NotifySocket {
     socket: UnixDatagram,
@@ -60,9 +63,12 @@ impl NotifySocket {
         loop {
             let got = self.socket.async_io(Interest::READABLE, || {
                 let mut iov = [IoSliceMut::new(&mut buf)];
-                // Room for credentials and a few passed fds (FDSTORE=1),
-                // which we close: baton keeps no fd store.
-                let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials, [RawFd; 16]);
+                // Room for credentials and as many passed fds as one
+                // datagram can carry (SCM_MAX_FD), so none is ever cut off
+                // unseen (and left open): every one is closed below, since
+                // baton keeps no fd store.
+                let mut cmsg =
+                    nix::cmsg_space!(nix::sys::socket::UnixCredentials, [RawFd; SCM_MAX_FD]);
                 let msg = socket::recvmsg::<()>(
                     self.socket.as_raw_fd(),
                     &mut iov,

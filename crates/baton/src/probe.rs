@@ -139,21 +139,57 @@ mod tests {
         assert!(err.contains("500"), "{err}");
     }
 
+    /// Whether a client connection to `port` on 127.0.0.1 is established,
+    /// per the kernel's table (client side: remote port = `port`).
+    fn connected_to(port: u16) -> bool {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        let remote = format!("0100007F:{port:04X}");
+        table.lines().skip(1).any(|row| {
+            let f: Vec<&str> = row.split_whitespace().collect();
+            // rem_address is column 2, st column 3 (01 = ESTABLISHED).
+            f.get(2) == Some(&remote.as_str()) && f.get(3) == Some(&"01")
+        })
+    }
+
+    /// The tcp probe finishes only once its connection has been accepted:
+    /// with the connection established and waiting in the accept queue
+    /// for many times the probe's settle time, it must still be waiting;
+    /// once accepted, it must finish.
     #[tokio::test]
     async fn tcp_waits_for_accept() {
+        /// Far longer than the probe's 50 ms settle time.
+        const NOT_ACCEPTED: Duration = Duration::from_millis(500);
+        const BOUND: Duration = Duration::from_secs(10);
         let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = std_l.local_addr().unwrap();
         let copy = std_l.try_clone().unwrap();
         use std::os::fd::AsFd;
-        let probe = tokio::spawn(async move { tcp(addr, copy.as_fd()).await });
-        // Nobody accepts yet: the probe must still be waiting.
-        tokio::task::yield_now().await;
-        assert!(!probe.is_finished());
-        let (_conn, _) = tokio::task::spawn_blocking(move || std_l.accept())
+        let mut probe = tokio::spawn(async move { tcp(addr, copy.as_fd()).await });
+        // Positive control: the probe really connected (it is waiting on a
+        // queued connection, not on something else).
+        let deadline = tokio::time::Instant::now() + BOUND;
+        while !connected_to(addr.port()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the probe never connected"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Nobody accepts: the probe must not finish.
+        let early = tokio::time::timeout(NOT_ACCEPTED, &mut probe).await;
+        assert!(
+            early.is_err(),
+            "probe finished without an accept: {early:?}"
+        );
+        std_l.set_nonblocking(true).unwrap();
+        let (_conn, _) = std_l
+            .accept()
+            .expect("the probe's connection was waiting in the queue");
+        let done = tokio::time::timeout(BOUND, probe)
             .await
-            .unwrap()
+            .expect("probe did not finish after the accept")
             .unwrap();
-        assert!(probe.await.unwrap().is_ok());
+        assert_eq!(done, Ok("tcp accept".to_owned()));
     }
 
     #[tokio::test]

@@ -6,7 +6,10 @@
 //! its readlink target, cloexec flag and socket info). Then it serves HTTP on
 //! every LISTEN_FDS fd (TCP or Unix; only when LISTEN_PID is its own pid):
 //! `GET /` -> `version=.. generation=.. pid=..`, `GET /healthz`, `GET /report`
-//! (the start-up report, when TEST_SOCKETFD_REPORT asked for one; else `{}`), `GET /slow`.
+//! (the start-up report, when TEST_SOCKETFD_REPORT asked for one; else `{}`), `GET /slow`,
+//! `GET /after-drain` (prints `fake: /after-drain waiting for the drain`, answers
+//! `answered after drain` only once the drain signal has arrived; 503 if it
+//! never does within 20 s).
 //!
 //! Environment:
 //! - `TEST_SOCKETFD_REPORT=<path>`: write the report there (atomically, via `<path>.tmp`).
@@ -16,13 +19,24 @@
 //! - `FAKE_HEALTH_STATUS=<code>`: status of `GET /healthz` (default 200).
 //! - `FAKE_SLOW_MS=<ms>`: `GET /slow` sleeps that long, then answers `slow done` (default 0).
 //! - `FAKE_READY_DELAY_MS=<ms>`: wait before sending READY=1 (default 0).
+//! - `FAKE_READY_GATE=<path>`: send READY=1 only once `<path>` exists (checked
+//!   every 10 ms), so a test can hold an upgrade open as long as it needs.
 //! - `FAKE_STATUS=<s>`: STATUS= sent with READY=1 (default `fake serving`).
 //! - `FAKE_NEVER_READY=1`: serve, but never send READY=1.
 //! - `FAKE_CRASH_AFTER_READY_MS=<ms>`: exit(3) that long after READY=1.
 //! - `FAKE_IGNORE_TERM=1`: ignore SIGTERM (keep serving until SIGKILL).
-//! - `FAKE_NOTIFY_FORGE=1`: never send READY=1 itself; instead spawn a copy of
-//!   itself (`FAKE_ROLE=forger`) in a new process group that sends READY=1 to
-//!   NOTIFY_SOCKET from another pid, which the supervisor must ignore.
+//! - `FAKE_SIGNAL_LOG=<path>`: append `TERM` to `<path>` when SIGTERM arrives,
+//!   so a test can tell a drained process from a killed one.
+//! - `FAKE_SKIP_PROBE_FD=1`: do not serve the fd named `baton-probe` (the
+//!   private probe listener), as an app that only serves its own names.
+//! - `FAKE_NOTIFY_FORGE=1`: first spawn a copy of itself (`FAKE_ROLE=forger`)
+//!   in a new process group, which sends `READY=1` to NOTIFY_SOCKET from its
+//!   own pid, prints `fake: forger pid=<pid> sent READY=1` on stderr and stays
+//!   alive (until this process drains, dies, or 60 s pass) so its pid and
+//!   group are real when the supervisor looks at them. Only after the forger
+//!   reports its datagram sent does this process go on with its own
+//!   readiness (so the forged datagram is queued first), as set by the
+//!   other variables (`FAKE_NEVER_READY=1` for none).
 //!
 //! On SIGTERM (unless ignored): print `fake: draining`, stop accepting, let
 //! in-flight requests finish (cap 30 s), exit 0.
@@ -32,7 +46,6 @@ use std::convert::Infallible;
 use std::env;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
-use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -200,8 +213,18 @@ fn take_listeners() -> std::io::Result<Vec<Listener>> {
     if env_num::<u32>("LISTEN_PID") != Some(std::process::id()) {
         return Ok(out);
     }
+    let names: Vec<String> = env::var("LISTEN_FDNAMES")
+        .unwrap_or_default()
+        .split(':')
+        .map(str::to_owned)
+        .collect();
+    let skip_probe = env_flag("FAKE_SKIP_PROBE_FD");
     let mut fds = listenfd::ListenFd::from_env();
     for i in 0..fds.len() {
+        if skip_probe && names.get(i).is_some_and(|n| n == "baton-probe") {
+            eprintln!("fake: not serving fd {} (baton-probe)", 3 + i);
+            continue;
+        }
         if let Ok(Some(l)) = fds.take_tcp_listener(i) {
             l.set_nonblocking(true)?;
             out.push(Listener::Tcp(tokio::net::TcpListener::from_std(l)?));
@@ -220,7 +243,12 @@ struct State {
     report: Bytes,
     health: StatusCode,
     slow: Duration,
+    /// Becomes true when the drain signal arrives.
+    term: watch::Receiver<bool>,
 }
+
+/// How long `GET /after-drain` waits for the drain signal.
+const AFTER_DRAIN_CAP: Duration = Duration::from_secs(20);
 
 async fn handle(
     req: Request<Incoming>,
@@ -235,6 +263,19 @@ async fn handle(
         (&Method::GET, "/slow") => {
             tokio::time::sleep(st.slow).await;
             text(StatusCode::OK, b"slow done\n")
+        }
+        (&Method::GET, "/after-drain") => {
+            eprintln!("fake: /after-drain waiting for the drain");
+            let mut term = st.term.clone();
+            let drained = tokio::time::timeout(AFTER_DRAIN_CAP, term.wait_for(|t| *t))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if drained {
+                tokio::time::sleep(st.slow).await;
+                text(StatusCode::OK, b"answered after drain\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, b"the drain never came\n")
+            }
         }
         _ => text(StatusCode::NOT_FOUND, b"not found\n"),
     };
@@ -316,32 +357,71 @@ async fn accept_loop(l: Listener, drain: Drain, st: Arc<State>) {
     }
 }
 
-/// Starts the forger: a copy of this program in its own process group.
-fn spawn_forger() {
+/// How long the forger stays alive at most.
+const FORGER_CAP: Duration = Duration::from_secs(60);
+
+/// Starts the forger (a copy of this program in its own process group) and
+/// waits until it has sent its datagram. Returns it, to be killed at drain.
+async fn spawn_forger() -> Option<tokio::process::Child> {
+    use tokio::io::AsyncBufReadExt;
     let exe = match env::current_exe() {
         Ok(p) => p,
-        Err(e) => return eprintln!("fake: cannot find own exe: {e}"),
+        Err(e) => {
+            eprintln!("fake: cannot find own exe: {e}");
+            return None;
+        }
     };
-    let child = std::process::Command::new(exe)
-        .env("FAKE_ROLE", "forger")
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.env("FAKE_ROLE", "forger")
+        .env("FAKE_FORGER_PARENT", std::process::id().to_string())
         .env_remove("TEST_SOCKETFD_REPORT")
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDNAMES")
+        .stdout(std::process::Stdio::piped())
         .process_group(0)
-        .spawn();
-    match child {
-        // Reap it in the background so it does not linger as a zombie.
-        Ok(mut c) => drop(std::thread::spawn(move || c.wait())),
-        Err(e) => eprintln!("fake: cannot spawn forger: {e}"),
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fake: cannot spawn forger: {e}");
+            return None;
+        }
+    };
+    // The forger prints `sent` once its datagram is in the supervisor's
+    // socket queue; ours, sent after that, queues behind it.
+    let stdout = child.stdout.take()?;
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(stdout);
+    let read = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await;
+    if !matches!(read, Ok(Ok(_))) || line.trim() != "sent" {
+        eprintln!("fake: forger did not report its datagram sent: {read:?} {line:?}");
     }
+    Some(child)
 }
 
-/// Sends READY=1, or forges it, or never does, per the FAKE_* variables.
-async fn readiness(sent_ready: Arc<AtomicBool>) {
+/// The forger's whole life: send READY=1 from this pid, report, linger.
+fn forger_main() -> ExitCode {
+    // Leave with the parent; exit at once if it is already gone.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    if env_num::<i32>("FAKE_FORGER_PARENT") != Some(unistd::getppid().as_raw()) {
+        return ExitCode::FAILURE;
+    }
+    notify("READY=1\nSTATUS=forged\n");
+    eprintln!("fake: forger pid={} sent READY=1", std::process::id());
+    println!("sent");
+    std::thread::sleep(FORGER_CAP);
+    ExitCode::SUCCESS
+}
+
+/// Sends READY=1 (after a forger, a delay, a gate) or never, per the
+/// FAKE_* variables. A forger is handed to `forger` so the drain ends it.
+async fn readiness(
+    sent_ready: Arc<AtomicBool>,
+    forger: Arc<tokio::sync::Mutex<Option<tokio::process::Child>>>,
+) {
     if env_flag("FAKE_NOTIFY_FORGE") {
-        spawn_forger();
-        return;
+        *forger.lock().await = spawn_forger().await;
     }
     if env_flag("FAKE_NEVER_READY") {
         eprintln!("fake: never sending READY=1");
@@ -349,6 +429,12 @@ async fn readiness(sent_ready: Arc<AtomicBool>) {
     }
     let delay = Duration::from_millis(env_num("FAKE_READY_DELAY_MS").unwrap_or(0));
     tokio::time::sleep(delay).await;
+    if let Ok(gate) = env::var("FAKE_READY_GATE") {
+        eprintln!("fake: waiting for {gate} before READY=1");
+        while !std::path::Path::new(&gate).exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     let status = env::var("FAKE_STATUS").unwrap_or_else(|_| "fake serving".to_string());
     notify(&format!("READY=1\nSTATUS={status}\n"));
     sent_ready.store(true, Ordering::SeqCst);
@@ -360,7 +446,11 @@ async fn readiness(sent_ready: Arc<AtomicBool>) {
     }
 }
 
-async fn run(listeners: Vec<Listener>, st: Arc<State>) -> std::io::Result<()> {
+async fn run(
+    listeners: Vec<Listener>,
+    st: Arc<State>,
+    term_seen: watch::Sender<bool>,
+) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let (start_drain, draining) = watch::channel(false);
     let (live, mut all_done) = mpsc::channel::<()>(1);
@@ -376,16 +466,32 @@ async fn run(listeners: Vec<Listener>, st: Arc<State>) -> std::io::Result<()> {
     }
     drop(drain);
     let sent_ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(readiness(sent_ready.clone()));
+    let forger = Arc::default();
+    tokio::spawn(readiness(sent_ready.clone(), Arc::clone(&forger)));
 
     loop {
         term.recv().await;
+        if let Ok(path) = env::var("FAKE_SIGNAL_LOG") {
+            use std::io::Write;
+            let logged = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(b"TERM\n"));
+            if let Err(e) = logged {
+                eprintln!("fake: cannot log the signal to {path}: {e}");
+            }
+        }
         if !env_flag("FAKE_IGNORE_TERM") {
             break;
         }
         eprintln!("fake: ignoring SIGTERM");
     }
     eprintln!("fake: draining");
+    let _ = term_seen.send(true);
+    if let Some(mut f) = forger.lock().await.take() {
+        let _ = f.kill().await;
+    }
     if sent_ready.load(Ordering::SeqCst) {
         notify("STOPPING=1\n");
     }
@@ -409,11 +515,7 @@ async fn run(listeners: Vec<Listener>, st: Arc<State>) -> std::io::Result<()> {
 
 fn main() -> ExitCode {
     if env::var("FAKE_ROLE").is_ok_and(|r| r == "forger") {
-        notify("READY=1\nSTATUS=forged\n");
-        eprintln!("fake: forger pid={} sent READY=1", std::process::id());
-        // Stay alive briefly so the sender pid is still valid when it is checked.
-        std::thread::sleep(Duration::from_secs(2));
-        return ExitCode::SUCCESS;
+        return forger_main();
     }
 
     // Before anything opens fds or touches the environment. Only when a
@@ -443,6 +545,7 @@ fn main() -> ExitCode {
     let health = env_num::<u16>("FAKE_HEALTH_STATUS")
         .and_then(|c| StatusCode::from_u16(c).ok())
         .unwrap_or(StatusCode::OK);
+    let (term_seen, term) = watch::channel(false);
     let st = Arc::new(State {
         root: Bytes::from(format!(
             "version={version} generation={generation} pid={pid}\n"
@@ -450,6 +553,7 @@ fn main() -> ExitCode {
         report: Bytes::from(report),
         health,
         slow: Duration::from_millis(env_num("FAKE_SLOW_MS").unwrap_or(0)),
+        term,
     });
     // Single-threaded: listenfd edits the environment, which is only sound
     // while no other thread runs; one thread is plenty for tests anyway.
@@ -464,7 +568,7 @@ fn main() -> ExitCode {
         }
     };
     // Taking the fds marks them cloexec, so the forger cannot inherit them.
-    let res = rt.block_on(async { run(take_listeners()?, st).await });
+    let res = rt.block_on(async { run(take_listeners()?, st, term_seen).await });
     if let Err(e) = res {
         eprintln!("fake: {e}");
         return ExitCode::FAILURE;
