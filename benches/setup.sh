@@ -13,6 +13,6 @@ if ! command -v haproxy >/dev/null; then
 fi
 # Debian's package starts a system haproxy on port 80 where systemd runs;
 # the bench never uses it and starts its own instances on free ports.
-haproxy -v | head -1
+haproxy -v | sed -n 1p  # sed reads it all: no SIGPIPE under pipefail
 
 cargo build --release --workspace

@@ -185,7 +185,7 @@ pub fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let (writer, guard) = stderr_writer("baton-log");
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
@@ -193,6 +193,24 @@ pub fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
         .with_ansi(ansi)
         .init();
     guard
+}
+
+/// A writer to baton's stderr that never blocks: lines go through a
+/// bounded buffer to a thread of its own, and are dropped if it is full.
+/// 8 192 lines: enough for any burst baton or an app writes, and the
+/// buffer is allocated whole up front (the default, 128 000, cost 4 MB
+/// of RSS per writer).
+pub fn stderr_writer(
+    thread: &str,
+) -> (
+    tracing_appender::non_blocking::NonBlocking,
+    tracing_appender::non_blocking::WorkerGuard,
+) {
+    tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(8192)
+        .lossy(true)
+        .thread_name(thread)
+        .finish(std::io::stderr())
 }
 
 /// Runs a parsed command line; `Ok` carries the exit code of a command

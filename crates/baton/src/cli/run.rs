@@ -57,7 +57,7 @@ pub async fn supervise(args: RunArgs, control: Option<PathBuf>) -> Result<u8, Cl
     let allowed = config.control_allow_uids.clone();
     // The apps' stderr lines share baton's stderr through their own
     // non-blocking writer (flushed, boundedly, when the guard drops).
-    let (app_stderr, _app_stderr_guard) = tracing_appender::non_blocking(std::io::stderr());
+    let (app_stderr, _app_stderr_guard) = super::stderr_writer("baton-app-stderr");
     let supervisor = Supervisor::new(source, config, listeners, notify, app_stderr)
         .map_err(setup("starting the spawner thread"))?;
     let handle = supervisor.handle();
