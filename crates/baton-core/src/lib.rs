@@ -15,23 +15,28 @@
 //!   holding exactly the data valid in it;
 //! - the process groups ([`Proc`]) the machine answers for, from spawn until
 //!   the last member is gone;
-//! - the [`TrafficPlan`]: which generation new connections go to.
+//! - the [`TrafficPlan`]: which generation new connections go to (the
+//!   active one, a dark or canary candidate, a parked previous one).
 //!
 //! The thin shell that performs the effects lives in the `baton` crate.
 #![forbid(unsafe_code)]
 
 mod backoff;
+mod io;
 mod machine;
+mod state;
 mod traffic;
 mod types;
 
 pub use backoff::Backoff;
-pub use machine::{
-    Check, Command, Effect, Event, EventKind, Failure, Generation, Input, Machine, Note, Phase,
-    Proc, Refusal, Reply, RequestId, Upgrade, UpgradePhase, UpgradeRef, Via, FINISHED_KEPT,
-    RELEASES_KEPT, STDERR_GRACE,
+pub use io::{
+    Command, Effect, Event, EventKind, Failure, Input, Note, Refusal, Reply, RequestId, UpgradeRef,
+    Via,
 };
-pub use traffic::TrafficPlan;
+pub use machine::{Machine, FINISHED_KEPT, RELEASES_KEPT, RETIRE_WAIT, STDERR_GRACE};
+pub use state::{Check, Generation, Phase, Proc, Upgrade, UpgradePhase};
+pub use traffic::{Candidate, TrafficPlan};
 pub use types::{
-    ExitStatus, GenId, Pid, Readiness, Release, Report, Settings, Signal, Spec, Time, Trigger,
+    ExitStatus, GenId, Health, Pid, Readiness, Release, Report, Settings, Signal, Spec, Time,
+    TrafficMode, Trigger, UpgradeOptions,
 };

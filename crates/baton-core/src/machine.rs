@@ -1,18 +1,40 @@
 //! The lifecycle state machine: every decision about generations,
-//! upgrades, readiness, cutover, drain, crash restarts and stop.
+//! upgrades, readiness, traffic, cutover, bake, rollback, drain, crash
+//! restarts and stop.
 //!
 //! The shell feeds [`Input`]s with the time they happened and performs the
 //! [`Effect`]s it gets back, in order; it asks [`Machine::poll_timeout`]
 //! when to call again with [`Input::Tick`]. Nothing here reads a clock,
 //! touches a process or waits.
+//!
+//! An upgrade, with steered traffic:
+//! 1. the candidate starts dark: only baton's probes reach it;
+//! 2. once ready, it takes a canary share (and waits for promote), or all
+//!    new connections;
+//! 3. the previous generation stays parked for the bake window, ready to
+//!    take the traffic back at once (rollback by request, or automatically
+//!    if the new one dies or fails its health checks);
+//! 4. a generation that no longer gets connections is *retired*: it keeps
+//!    accepting what already waits in its sockets, and is drained once
+//!    they are empty, so nothing queued is lost.
+//!
+//! With one shared socket there is nothing to steer: the candidate serves
+//! from its first accept(), there is no canary or bake, and an old
+//! generation is drained at cutover.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::backoff::Backoff;
-use crate::traffic::TrafficPlan;
+use crate::io::{
+    Command, Effect, Event, EventKind, Failure, Input, Note, Refusal, Reply, RequestId, UpgradeRef,
+    Via,
+};
+use crate::state::{Check, Generation, Phase, Proc, Upgrade, UpgradePhase};
+use crate::traffic::{Candidate, TrafficPlan};
 use crate::types::{
-    ExitStatus, GenId, Pid, Readiness, Release, Report, Settings, Signal, Spec, Time, Trigger,
+    ExitStatus, GenId, Pid, Readiness, Release, Report, Signal, Spec, Time, TrafficMode, Trigger,
+    UpgradeOptions,
 };
 
 /// Finished generations kept for `status`; older ones are forgotten so
@@ -23,44 +45,10 @@ pub const RELEASES_KEPT: usize = 16;
 /// How long a failure report waits for a dead candidate's last stderr
 /// lines (a grandchild may hold its stderr open forever).
 pub const STDERR_GRACE: Duration = Duration::from_millis(200);
-
-/// Identifies a request so its [`Effect::Reply`] reaches the asker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RequestId(pub u64);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command<P> {
-    /// Start a new generation from `spec` and cut over to it once ready.
-    /// `Err` says the shell could not even resolve the release (a missing
-    /// program or directory): the upgrade gets its number and fails at
-    /// once with that error, like a spawn that failed.
-    Upgrade {
-        trigger: Trigger,
-        spec: Result<Spec<P>, String>,
-    },
-    /// Start the previous successful release and cut over to it.
-    Rollback,
-    /// Drain every generation; the machine is done once all have exited.
-    Stop,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    /// The upgrade started; its candidate is this generation.
-    Upgrading(GenId),
-    Refused(Refusal),
-    /// Stop has begun (or had already).
-    Stopping,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// Another upgrade is in progress; its candidate.
-    Busy(GenId),
-    Stopping,
-    /// No earlier successful release to roll back to.
-    NoPrevious,
-}
+/// How long a retiring generation may take to accept what waits in its
+/// sockets before it is drained regardless (an app that stopped accepting
+/// would otherwise hold it forever).
+pub const RETIRE_WAIT: Duration = Duration::from_secs(5);
 
 /// Why an upgrade cannot start a generation.
 enum Unstartable {
@@ -68,357 +56,10 @@ enum Unstartable {
     Unresolved(String),
 }
 
-/// Everything the machine reacts to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Input<P> {
-    /// Start the first generation.
-    Start {
-        spec: Spec<P>,
-    },
-    Command {
-        id: RequestId,
-        command: Command<P>,
-    },
-    /// The process asked for by [`Effect::Spawn`] runs.
-    Spawned {
-        gen: GenId,
-        pid: Pid,
-    },
-    /// [`Effect::Spawn`] could not start a process.
-    SpawnFailed {
-        gen: GenId,
-        error: String,
-    },
-    /// A generation's main process exited. The shell keeps it unreaped, so
-    /// its pid (and with it the process group id) cannot be reused until
-    /// [`Effect::Release`]. `group_empty` says whether the group had no
-    /// other member left when the exit was seen.
-    Exited {
-        pid: Pid,
-        status: ExitStatus,
-        group_empty: bool,
-    },
-    /// Every member of the group led by `pid` (which has exited) is gone.
-    GroupEmpty {
-        pid: Pid,
-    },
-    /// The readiness check started by [`Effect::StartProbe`] ended.
-    Probe {
-        gen: GenId,
-        pid: Pid,
-        result: Result<String, String>,
-    },
-    /// A notify datagram, attributed by the kernel-verified sender `pid`
-    /// and its process group at arrival.
-    Notify {
-        pid: Pid,
-        pgid: Option<Pid>,
-        reports: Vec<Report>,
-    },
-    /// The stderr of `pid` reached its end.
-    StderrClosed {
-        pid: Pid,
-    },
-    /// A time given by [`Machine::poll_timeout`] has come.
-    Tick,
-}
-
-/// What the shell must do, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Effect {
-    /// Start a process for `gen` from its spec ([`Machine::spec`]); answer
-    /// with [`Input::Spawned`] or [`Input::SpawnFailed`].
-    Spawn {
-        gen: GenId,
-    },
-    /// Run `gen`'s readiness check against `pid`; answer with
-    /// [`Input::Probe`].
-    StartProbe {
-        gen: GenId,
-        pid: Pid,
-    },
-    /// Abandon `gen`'s readiness check, if one runs.
-    StopProbe {
-        gen: GenId,
-    },
-    /// Send `signal` to the process group led by `pid`.
-    Signal {
-        pid: Pid,
-        signal: Signal,
-    },
-    /// The group led by `pid` is gone: reap its leader and forget it.
-    Release {
-        pid: Pid,
-    },
-    /// New connections now go by this plan.
-    Traffic(TrafficPlan),
-    /// Stop taking new connections: baton is stopping.
-    CloseListeners,
-    /// Load the configuration again and upgrade, as a SIGHUP would: a
-    /// SIGHUP arrived during the last upgrade.
-    RequestUpgrade,
-    Reply {
-        id: RequestId,
-        reply: Reply,
-    },
-    Event(Event),
-    /// Something worth a log line that is no lifecycle event.
-    Note(Note),
-}
-
-/// A lifecycle event, emitted once it is true.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
-    pub gen: GenId,
-    /// The upgrade this event belongs to.
-    pub upgrade: Option<UpgradeRef>,
-    pub kind: EventKind,
-}
-
-/// An upgrade, as events refer to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UpgradeRef {
-    /// The candidate's generation number.
-    pub id: GenId,
-    pub started: Time,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EventKind {
-    Requested {
-        trigger: Trigger,
-    },
-    Spawned {
-        pid: Pid,
-    },
-    SpawnFailed {
-        error: String,
-    },
-    Ready {
-        pid: Pid,
-        via: Via,
-    },
-    /// The generation receives new connections.
-    Active {
-        pid: Pid,
-    },
-    /// The drain signal went to the group led by `pid`.
-    Draining {
-        pid: Pid,
-    },
-    /// The drain timeout expired; SIGKILL went to the group.
-    Killed {
-        pid: Pid,
-    },
-    Exited {
-        pid: Pid,
-        status: ExitStatus,
-    },
-    Restarting {
-        delay: Duration,
-        restarts: u32,
-    },
-    Status {
-        text: String,
-    },
-    Stopping {
-        pid: Pid,
-    },
-    UpgradeSucceeded,
-    UpgradeFailed {
-        failure: Failure,
-    },
-}
-
-/// How a generation proved it was ready.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Via {
-    /// `READY=1` from this process (the main one or one of its group).
-    Notify {
-        from: Pid,
-    },
-    /// The shell's check passed; its words.
-    Probe(String),
-    Delay(Duration),
-}
-
-/// Why a generation was abandoned before it served.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
-    /// Its process could not be started.
-    Spawn(String),
-    /// Its main process exited before it was ready.
-    Exited(ExitStatus),
-    /// Not ready within the ready timeout.
-    Timeout(Duration),
-    /// The readiness check said no; its words.
-    Check(String),
-    /// baton began to stop.
-    Stopping,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Note {
-    /// A notify datagram from a process of no generation.
-    NotifyFromStranger { pid: Pid },
-    /// A generation's main process exited while others in its group live:
-    /// they are drained too.
-    GroupOutlivesLeader { gen: GenId, pid: Pid },
-    /// Members of an exited leader's group outstayed the drain timeout.
-    KillingLeftovers { gen: GenId, pid: Pid },
-    /// The active generation failed its readiness check and is drained to
-    /// be restarted.
-    Recycling { gen: GenId, failure: Failure },
-    /// The upgrade requested by SIGHUP during the last one starts now.
-    FollowUpUpgrade,
-}
-
-/// What a generation's main process is doing. Each phase holds exactly
-/// the data valid in it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Phase {
-    /// [`Effect::Spawn`] is out; its answer has not arrived.
-    Spawning,
-    /// Running, not yet ready; fails if not ready by `deadline`.
-    Starting {
-        pid: Pid,
-        deadline: Time,
-        check: Check,
-    },
-    /// Passed its readiness check; the traffic plan says what it gets.
-    Serving {
-        pid: Pid,
-    },
-    /// The active generation failed its readiness check: drained, and
-    /// restarted once `pid` has exited.
-    Recycling {
-        pid: Pid,
-    },
-    /// The active generation's process died; the next one starts `at`.
-    Restarting {
-        at: Time,
-    },
-    /// Told to finish; done once its process groups are gone and no spawn
-    /// is outstanding. `failure` is why a candidate was abandoned.
-    Draining {
-        failure: Option<Failure>,
-        spawn_pending: bool,
-    },
-    Finished {
-        failure: Option<Failure>,
-        at: Time,
-    },
-}
-
-/// How a starting generation proves it is ready.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Check {
-    Notify,
-    Probe,
-    Delay { at: Time },
-}
-
-/// One generation: a release, started (and restarted) from one spec.
-#[derive(Debug, Clone)]
-pub struct Generation<P> {
-    id: GenId,
-    spec: Spec<P>,
-    phase: Phase,
-    /// The upgrade that started it, or later the one that drained it.
-    upgrade: Option<UpgradeRef>,
-    restarts: u32,
-    backoff: Backoff,
-    status_text: Option<String>,
-    last_exit: Option<ExitStatus>,
-}
-
-impl<P> Generation<P> {
-    pub fn id(&self) -> GenId {
-        self.id
-    }
-    pub fn spec(&self) -> &Spec<P> {
-        &self.spec
-    }
-    pub fn phase(&self) -> &Phase {
-        &self.phase
-    }
-    pub fn restarts(&self) -> u32 {
-        self.restarts
-    }
-    pub fn status_text(&self) -> Option<&str> {
-        self.status_text.as_deref()
-    }
-    pub fn last_exit(&self) -> Option<ExitStatus> {
-        self.last_exit
-    }
-    pub fn upgrade(&self) -> Option<UpgradeRef> {
-        self.upgrade
-    }
-
-    /// The main process the phase is about, while it runs.
-    pub fn main_pid(&self) -> Option<Pid> {
-        match self.phase {
-            Phase::Starting { pid, .. } | Phase::Serving { pid } | Phase::Recycling { pid } => {
-                Some(pid)
-            }
-            _ => None,
-        }
-    }
-
-    fn settings(&self) -> &Settings {
-        &self.spec.settings
-    }
-}
-
-/// A process group the machine is responsible for: from [`Input::Spawned`]
-/// until [`Effect::Release`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Proc {
-    pub gen: GenId,
-    pub started: Time,
-    /// `None` while the main process runs; its status once it has exited
-    /// (other members of its group may still run).
-    pub exit: Option<ExitStatus>,
-    /// When the group gets SIGKILL; set by the first drain signal and
-    /// never moved.
-    pub kill_at: Option<Time>,
-    pub killed: bool,
-}
-
-/// An upgrade in progress (at most one, by construction).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upgrade {
-    pub candidate: GenId,
-    pub started: Time,
-    pub trigger: Trigger,
-    pub phase: UpgradePhase,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpgradePhase {
-    /// The candidate is starting.
-    Starting,
-    /// The candidate died before it was ready; the failure is reported
-    /// once its stderr has ended or at `at`, so its last lines are in.
-    Reporting {
-        failure: Failure,
-        pid: Pid,
-        at: Time,
-    },
-}
-
-impl Upgrade {
-    fn as_ref(&self) -> UpgradeRef {
-        UpgradeRef {
-            id: self.candidate,
-            started: self.started,
-        }
-    }
-}
-
 /// The supervisor's state. `P` is the shell's per-generation payload.
 #[derive(Debug, Clone)]
 pub struct Machine<P> {
+    mode: TrafficMode,
     gens: BTreeMap<GenId, Generation<P>>,
     procs: BTreeMap<Pid, Proc>,
     upgrade: Option<Upgrade>,
@@ -435,15 +76,10 @@ pub struct Machine<P> {
     out: Vec<Effect>,
 }
 
-impl<P: Clone> Default for Machine<P> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl<P: Clone> Machine<P> {
-    pub fn new() -> Self {
+    pub fn new(mode: TrafficMode) -> Self {
         Self {
+            mode,
             gens: BTreeMap::new(),
             procs: BTreeMap::new(),
             upgrade: None,
@@ -458,6 +94,10 @@ impl<P: Clone> Machine<P> {
     }
 
     // ----- queries ---------------------------------------------------------
+
+    pub fn mode(&self) -> TrafficMode {
+        self.mode
+    }
 
     pub fn generations(&self) -> impl Iterator<Item = &Generation<P>> {
         self.gens.values()
@@ -514,6 +154,7 @@ impl<P: Clone> Machine<P> {
                 _ => deadline,
             }),
             Phase::Restarting { at } => Some(at),
+            Phase::Retiring { until, .. } => Some(until),
             _ => None,
         });
         let kills = self
@@ -521,14 +162,13 @@ impl<P: Clone> Machine<P> {
             .values()
             .filter(|p| !p.killed)
             .filter_map(|p| p.kill_at);
-        let report = match &self.upgrade {
-            Some(Upgrade {
-                phase: UpgradePhase::Reporting { at, .. },
-                ..
-            }) => Some(*at),
-            _ => None,
-        };
-        gens.chain(kills).chain(report).min()
+        let upgrade = self.upgrade.as_ref().and_then(|u| match u.phase {
+            UpgradePhase::Reporting { at, .. } => Some(at),
+            UpgradePhase::Canary { promote_at, .. } => promote_at,
+            UpgradePhase::Baking { until, .. } => Some(until),
+            UpgradePhase::Starting => None,
+        });
+        gens.chain(kills).chain(upgrade).min()
     }
 
     // ----- the step ----------------------------------------------------------
@@ -549,12 +189,25 @@ impl<P: Clone> Machine<P> {
             } => self.on_exited(pid, status, group_empty),
             Input::GroupEmpty { pid } => self.on_group_empty(pid),
             Input::Probe { gen, pid, result } => self.on_probe(gen, pid, result),
+            Input::Health { gen, pid, result } => self.on_health(gen, pid, result),
             Input::Notify { pid, pgid, reports } => self.on_notify(pid, pgid, reports),
             Input::StderrClosed { pid } => self.on_stderr_closed(pid),
+            Input::QueueEmpty { gen } => {
+                if matches!(
+                    self.gens.get(&gen).map(|g| &g.phase),
+                    Some(Phase::Retiring { .. })
+                ) {
+                    self.drain(gen, None);
+                }
+            }
             Input::Tick => self.on_tick(),
         }
         self.prune();
         std::mem::take(&mut self.out)
+    }
+
+    fn steered(&self) -> bool {
+        self.mode == TrafficMode::Steered
     }
 
     fn emit(&mut self, gen: GenId, kind: EventKind) {
@@ -566,11 +219,8 @@ impl<P: Clone> Machine<P> {
         self.out.push(Effect::Event(Event { gen, upgrade, kind }));
     }
 
-    fn set_active(&mut self, gen: GenId) {
-        if self.traffic.active != Some(gen) {
-            self.traffic.active = Some(gen);
-            self.out.push(Effect::Traffic(self.traffic.clone()));
-        }
+    fn publish_traffic(&mut self) {
+        self.out.push(Effect::Traffic(self.traffic.clone()));
     }
 
     fn is_candidate(&self, gen: GenId) -> bool {
@@ -612,16 +262,59 @@ impl<P: Clone> Machine<P> {
         );
         // The first generation owns the traffic from the start: connections
         // wait in its queue, and a crash restarts it.
-        self.set_active(gen);
+        self.traffic.active = Some(gen);
+        self.publish_traffic();
         self.out.push(Effect::Spawn { gen });
     }
 
     fn command(&mut self, id: RequestId, command: Command<P>) {
         let reply = match command {
-            Command::Upgrade { trigger, spec } => {
-                self.start_upgrade(trigger, spec.map_err(Unstartable::Unresolved))
+            Command::Upgrade {
+                trigger,
+                spec,
+                options,
+            } => {
+                if options.canary.is_some() && !self.steered() {
+                    Reply::Refused(Refusal::NeedsSteering)
+                } else {
+                    let spec = spec.map_err(Unstartable::Unresolved);
+                    self.start_upgrade(trigger, spec, options)
+                }
             }
-            Command::Rollback => {
+            Command::Rollback => self.rollback(),
+            Command::Promote => self.promote(),
+            Command::Stop => {
+                self.stop();
+                Reply::Stopping
+            }
+        };
+        self.out.push(Effect::Reply { id, reply });
+    }
+
+    fn rollback(&mut self) -> Reply {
+        if self.stopping {
+            return Reply::Refused(Refusal::Stopping);
+        }
+        match self.upgrade.as_ref().map(|u| (u.candidate, &u.phase)) {
+            // The upgrade in progress is abandoned: the traffic goes back
+            // to where it was, at once.
+            Some((id, UpgradePhase::Starting | UpgradePhase::Canary { .. })) => {
+                self.fail_upgrade(Failure::RolledBack, None);
+                Reply::RolledBack(id)
+            }
+            Some((
+                id,
+                UpgradePhase::Baking {
+                    parked: Some(_), ..
+                },
+            )) => {
+                self.fail_upgrade(Failure::RolledBack, None);
+                Reply::RolledBack(id)
+            }
+            Some((id, _)) => Reply::Refused(Refusal::Busy(id)),
+            // A cold rollback: the previous successful release, started
+            // and cut over to like any upgrade.
+            None => {
                 let prev = self
                     .releases
                     .len()
@@ -638,17 +331,39 @@ impl<P: Clone> Machine<P> {
                     (Some(release), Some(base)) => Ok(Spec { release, ..base }),
                     _ => Err(Unstartable::Refused(Refusal::NoPrevious)),
                 };
-                self.start_upgrade(Trigger::Rollback, spec)
+                self.start_upgrade(Trigger::Rollback, spec, UpgradeOptions::default())
             }
-            Command::Stop => {
-                self.stop();
-                Reply::Stopping
-            }
-        };
-        self.out.push(Effect::Reply { id, reply });
+        }
     }
 
-    fn start_upgrade(&mut self, trigger: Trigger, spec: Result<Spec<P>, Unstartable>) -> Reply {
+    fn promote(&mut self) -> Reply {
+        let Some(up) = &self.upgrade else {
+            return Reply::Refused(Refusal::NothingToPromote);
+        };
+        let id = up.candidate;
+        match up.phase {
+            UpgradePhase::Canary { .. } => {
+                let pid = self.gens.get(&id).and_then(Generation::main_pid);
+                if let Some(pid) = pid {
+                    self.stop_health(id);
+                    self.cutover(id, pid);
+                }
+                Reply::Promoting(id)
+            }
+            UpgradePhase::Baking { .. } => {
+                self.end_bake();
+                Reply::Promoting(id)
+            }
+            _ => Reply::Refused(Refusal::NothingToPromote),
+        }
+    }
+
+    fn start_upgrade(
+        &mut self,
+        trigger: Trigger,
+        spec: Result<Spec<P>, Unstartable>,
+        options: UpgradeOptions,
+    ) -> Reply {
         if self.stopping {
             return Reply::Refused(Refusal::Stopping);
         }
@@ -690,10 +405,16 @@ impl<P: Clone> Machine<P> {
             candidate: gen,
             started,
             trigger,
+            options,
             phase: UpgradePhase::Starting,
         });
         self.emit(gen, EventKind::Requested { trigger });
         self.out.push(Effect::Spawn { gen });
+        if self.steered() {
+            // Dark: only baton's probes reach it until it is ready.
+            self.traffic.candidate = Some(Candidate { gen, share: 0 });
+            self.publish_traffic();
+        }
         Reply::Upgrading(gen)
     }
 
@@ -706,13 +427,25 @@ impl<P: Clone> Machine<P> {
         // New clients are refused from now on rather than accepted into a
         // queue that nobody will serve.
         self.out.push(Effect::CloseListeners);
-        if let Some(up) = &self.upgrade {
+        if let Some(up) = self.upgrade.take() {
             let failure = match &up.phase {
                 UpgradePhase::Reporting { failure, .. } => failure.clone(),
-                UpgradePhase::Starting => Failure::Stopping,
+                _ => Failure::Stopping,
             };
-            self.fail_upgrade(failure, None);
+            if matches!(
+                up.phase,
+                UpgradePhase::Canary { .. } | UpgradePhase::Baking { .. }
+            ) {
+                self.stop_health(up.candidate);
+            }
+            self.emit_in(
+                up.candidate,
+                Some(up.as_ref()),
+                EventKind::UpgradeFailed { failure },
+            );
         }
+        self.traffic.candidate = None;
+        self.traffic.parked = None;
         let all: Vec<GenId> = self.gens.keys().copied().collect();
         for gen in all {
             self.drain(gen, None);
@@ -741,7 +474,6 @@ impl<P: Clone> Machine<P> {
             return;
         };
         let settings = *g.settings();
-        let dir_event = EventKind::Spawned { pid };
         match &mut g.phase {
             Phase::Spawning => {
                 let check = match settings.readiness {
@@ -755,7 +487,7 @@ impl<P: Clone> Machine<P> {
                     check,
                 };
                 g.status_text = None;
-                self.emit(gen, dir_event);
+                self.emit(gen, EventKind::Spawned { pid });
                 if check == Check::Probe {
                     self.out.push(Effect::StartProbe { gen, pid });
                 }
@@ -763,12 +495,12 @@ impl<P: Clone> Machine<P> {
             Phase::Draining { spawn_pending, .. } => {
                 // Drained (stop, cutover) while it was being started.
                 *spawn_pending = false;
-                self.emit(gen, dir_event);
+                self.emit(gen, EventKind::Spawned { pid });
                 self.signal_drain(gen, pid);
             }
             _ => {
                 // No spawn was outstanding: drain the stray process.
-                self.emit(gen, dir_event);
+                self.emit(gen, EventKind::Spawned { pid });
                 self.signal_drain(gen, pid);
             }
         }
@@ -848,19 +580,48 @@ impl<P: Clone> Machine<P> {
                 ..
             }
         );
-        if self.is_candidate(gen) {
+        let upgrade_phase = self
+            .upgrade
+            .as_ref()
+            .filter(|u| u.candidate == gen)
+            .map(|u| u.phase.clone());
+        match upgrade_phase {
             // Report once its last stderr lines are in (a bounded wait);
             // the process is gone, so nothing can promote it meanwhile.
-            self.fail_upgrade(Failure::Exited(status), Some(pid));
-        } else if self.traffic.active == Some(gen) && !self.stopping {
-            if probing {
-                self.out.push(Effect::StopProbe { gen });
+            Some(UpgradePhase::Starting) => self.fail_upgrade(Failure::Exited(status), Some(pid)),
+            // After it served: the traffic goes back where it was.
+            Some(UpgradePhase::Canary { .. })
+            | Some(UpgradePhase::Baking {
+                parked: Some(_), ..
+            }) => self.fail_upgrade(Failure::Died(status), Some(pid)),
+            // Active, with nothing parked to go back to: restarted.
+            Some(UpgradePhase::Baking { parked: None, .. }) => self.restart_after(gen, uptime),
+            Some(UpgradePhase::Reporting { .. }) => self.end(gen, None),
+            None if self.traffic.active == Some(gen) && !self.stopping => {
+                if probing {
+                    self.out.push(Effect::StopProbe { gen });
+                }
+                self.restart_after(gen, uptime);
             }
-            self.restart_after(gen, uptime);
-        } else {
-            let failure = (was_starting && self.traffic.active != Some(gen))
-                .then_some(Failure::Exited(status));
-            self.end(gen, failure);
+            None if self.traffic.parked == Some(gen) => {
+                // Nothing left to roll back to; the bake goes on.
+                self.traffic.parked = None;
+                if let Some(Upgrade {
+                    phase: UpgradePhase::Baking { parked, .. },
+                    ..
+                }) = &mut self.upgrade
+                {
+                    *parked = None;
+                }
+                self.out.push(Effect::Note(Note::ParkedExited { gen }));
+                self.publish_traffic();
+                self.end(gen, None);
+            }
+            None => {
+                let failure = (was_starting && self.traffic.active != Some(gen))
+                    .then_some(Failure::Exited(status));
+                self.end(gen, failure);
+            }
         }
     }
 
@@ -898,7 +659,7 @@ impl<P: Clone> Machine<P> {
         self.emit(gen, EventKind::Restarting { delay, restarts });
     }
 
-    // ----- readiness ---------------------------------------------------------
+    // ----- readiness and health ----------------------------------------------
 
     fn on_probe(&mut self, gen: GenId, pid: Pid, result: Result<String, String>) {
         let current = self.gens.get(&gen).is_some_and(
@@ -910,6 +671,47 @@ impl<P: Clone> Machine<P> {
         match result {
             Ok(via) => self.ready(gen, pid, Via::Probe(via)),
             Err(reason) => self.not_ready(gen, Failure::Check(reason)),
+        }
+    }
+
+    fn on_health(&mut self, gen: GenId, pid: Pid, result: Result<String, String>) {
+        let current =
+            self.gens.get(&gen).and_then(Generation::main_pid) == Some(pid) && self.running(pid);
+        let threshold = self
+            .gens
+            .get(&gen)
+            .and_then(|g| g.settings().health)
+            .map_or(u32::MAX, |h| h.failures.max(1));
+        let Some(up) = self.upgrade.as_mut().filter(|u| u.candidate == gen) else {
+            return;
+        };
+        let (failures, can_roll_back) = match &mut up.phase {
+            UpgradePhase::Canary { failures, .. } => (failures, true),
+            UpgradePhase::Baking {
+                failures, parked, ..
+            } => {
+                let back = parked.is_some();
+                (failures, back)
+            }
+            _ => return,
+        };
+        if !current {
+            return;
+        }
+        match result {
+            Ok(_) => *failures = 0,
+            Err(reason) => {
+                *failures += 1;
+                let n = *failures;
+                self.out.push(Effect::Note(Note::HealthFailed {
+                    gen,
+                    failures: n,
+                    reason: reason.clone(),
+                }));
+                if n >= threshold && can_roll_back {
+                    self.fail_upgrade(Failure::Unhealthy(reason), None);
+                }
+            }
         }
     }
 
@@ -965,14 +767,42 @@ impl<P: Clone> Machine<P> {
             self.out.push(Effect::StopProbe { gen });
         }
         g.phase = Phase::Serving { pid };
+        let health = g.settings().health.is_some();
         self.emit(gen, EventKind::Ready { pid, via });
-        if self.is_candidate(gen) {
-            self.cutover(gen, pid);
+        // A candidate becoming ready for the first time (not one restarted
+        // during its bake, which is already active).
+        let first_ready = self
+            .upgrade
+            .as_ref()
+            .is_some_and(|u| u.candidate == gen && u.phase == UpgradePhase::Starting);
+        if first_ready {
+            let options = self.upgrade.as_ref().map(|u| u.options).unwrap_or_default();
+            match options.canary {
+                Some(share) if self.steered() => {
+                    let promote_at = options.canary_for.map(|d| self.now + d);
+                    if let Some(up) = self.upgrade.as_mut() {
+                        up.phase = UpgradePhase::Canary {
+                            share,
+                            promote_at,
+                            failures: 0,
+                        };
+                    }
+                    self.traffic.candidate = Some(Candidate { gen, share });
+                    self.publish_traffic();
+                    self.emit(gen, EventKind::CanaryStarted { share });
+                    if health {
+                        self.out.push(Effect::StartHealth { gen, pid });
+                    }
+                }
+                _ => self.cutover(gen, pid),
+            }
         } else if self.traffic.active == Some(gen) {
             // First start, or a restart of the active generation.
             self.emit(gen, EventKind::Active { pid });
             let release = self.gens[&gen].spec.release.clone();
-            self.remember_release(release);
+            if self.upgrade.is_none() {
+                self.remember_release(release);
+            }
         } else {
             // Nobody wants it any more.
             self.drain(gen, None);
@@ -1004,26 +834,115 @@ impl<P: Clone> Machine<P> {
         }
     }
 
-    /// The candidate is ready: it takes the traffic, then every older
-    /// generation still in service is told to drain.
+    // ----- cutover, bake, rollback -------------------------------------------
+
+    /// The candidate takes the traffic. With a bake window (steered), the
+    /// previous generation is parked and the upgrade waits it out; every
+    /// other older generation is retired.
     fn cutover(&mut self, gen: GenId, pid: Pid) {
-        let Some(up) = self.upgrade.take() else {
+        let Some(up) = &self.upgrade else {
             return;
         };
         let up_ref = up.as_ref();
-        self.set_active(gen);
+        let bake = match (self.steered(), up.options.bake) {
+            (false, _) => Duration::ZERO,
+            (true, Some(b)) => b,
+            (true, None) => self
+                .gens
+                .get(&gen)
+                .map_or(Duration::ZERO, |g| g.settings().bake),
+        };
+        let previous = self.traffic.active.filter(|a| {
+            *a != gen
+                && matches!(
+                    self.gens.get(a).map(|g| &g.phase),
+                    Some(Phase::Serving { .. })
+                )
+        });
+        let parked = previous.filter(|_| !bake.is_zero());
+        self.traffic.active = Some(gen);
+        self.traffic.candidate = None;
+        self.traffic.parked = parked;
+        self.publish_traffic();
         self.emit(gen, EventKind::Active { pid });
-        let older: Vec<GenId> = self.gens.keys().copied().filter(|g| *g != gen).collect();
+        let older: Vec<GenId> = self
+            .gens
+            .keys()
+            .copied()
+            .filter(|g| *g != gen && Some(*g) != parked)
+            .collect();
         for old in older {
-            self.drain(old, Some(up_ref));
+            self.retire(old, Some(up_ref), None);
         }
+        match parked {
+            Some(parked) => {
+                let health = self
+                    .gens
+                    .get(&gen)
+                    .is_some_and(|g| g.settings().health.is_some());
+                if let Some(up) = self.upgrade.as_mut() {
+                    up.phase = UpgradePhase::Baking {
+                        parked: Some(parked),
+                        until: self.now + bake,
+                        failures: 0,
+                    };
+                }
+                self.emit(gen, EventKind::BakeStarted { parked, bake });
+                if health {
+                    self.out.push(Effect::StartHealth { gen, pid });
+                }
+            }
+            None => self.succeed(),
+        }
+    }
+
+    /// The bake is over (its time, or a promote): the parked generation is
+    /// retired and the upgrade has succeeded.
+    fn end_bake(&mut self) {
+        let Some(Upgrade {
+            phase: UpgradePhase::Baking { parked, .. },
+            ..
+        }) = &self.upgrade
+        else {
+            return;
+        };
+        let up_ref = self.upgrade.as_ref().map(Upgrade::as_ref);
+        if let Some(parked) = *parked {
+            self.traffic.parked = None;
+            self.publish_traffic();
+            self.retire(parked, up_ref, None);
+        }
+        if let Some(up) = up_ref {
+            self.stop_health(up.id);
+        }
+        self.succeed();
+    }
+
+    /// Stops `gen`'s health checks, if it has any (they run during its
+    /// canary and bake).
+    fn stop_health(&mut self, gen: GenId) {
+        if self
+            .gens
+            .get(&gen)
+            .is_some_and(|g| g.settings().health.is_some())
+        {
+            self.out.push(Effect::StopHealth { gen });
+        }
+    }
+
+    /// The upgrade in progress has succeeded.
+    fn succeed(&mut self) {
+        let Some(up) = self.upgrade.take() else {
+            return;
+        };
+        let gen = up.candidate;
         if up.trigger == Trigger::Rollback {
             self.releases.pop();
-        } else {
-            let release = self.gens[&gen].spec.release.clone();
+        } else if let Some(g) = self.gens.get(&gen) {
+            let release = g.spec.release.clone();
             self.remember_release(release);
         }
-        self.emit(gen, EventKind::UpgradeSucceeded);
+        self.emit_in(gen, Some(up.as_ref()), EventKind::UpgradeSucceeded);
         self.after_upgrade();
     }
 
@@ -1038,15 +957,55 @@ impl<P: Clone> Machine<P> {
         }
     }
 
-    /// Abandons the upgrade in progress: its candidate is drained (it may
-    /// already serve clients), and the failure is reported now, or, when
-    /// the candidate died (`dead`), once its stderr has ended.
+    /// Abandons the upgrade in progress. The traffic goes back first (to
+    /// the parked generation during a bake, off the candidate during a
+    /// canary), then the candidate is retired (if it served) or drained,
+    /// and the failure is reported: now, or, when the candidate died
+    /// (`dead`), once its stderr has ended.
     fn fail_upgrade(&mut self, failure: Failure, dead: Option<Pid>) {
-        let Some(gen) = self.upgrade.as_ref().map(|u| u.candidate) else {
+        let Some(up) = &self.upgrade else {
             return;
         };
+        let (gen, up_ref, phase) = (up.candidate, up.as_ref(), up.phase.clone());
+        let served = match phase {
+            UpgradePhase::Baking {
+                parked: Some(parked),
+                ..
+            } => {
+                self.traffic.active = Some(parked);
+                self.traffic.parked = None;
+                self.publish_traffic();
+                let to = parked;
+                let f = failure.clone();
+                self.emit_in(gen, Some(up_ref), EventKind::RolledBack { to, failure: f });
+                self.stop_health(gen);
+                true
+            }
+            UpgradePhase::Canary { .. } => {
+                self.traffic.candidate = None;
+                self.publish_traffic();
+                if let Some(to) = self.traffic.active {
+                    let f = failure.clone();
+                    self.emit_in(gen, Some(up_ref), EventKind::RolledBack { to, failure: f });
+                }
+                self.stop_health(gen);
+                true
+            }
+            UpgradePhase::Starting => {
+                if self.traffic.candidate.is_some_and(|c| c.gen == gen) {
+                    self.traffic.candidate = None;
+                    self.publish_traffic();
+                }
+                false
+            }
+            UpgradePhase::Baking { parked: None, .. } | UpgradePhase::Reporting { .. } => false,
+        };
         // Drained first, so the outcome follows the drain it caused.
-        self.end(gen, Some(failure.clone()));
+        if served {
+            self.retire(gen, None, Some(failure.clone()));
+        } else {
+            self.end(gen, Some(failure.clone()));
+        }
         let at = self.now + STDERR_GRACE;
         match (dead, self.upgrade.as_mut()) {
             (Some(pid), Some(up)) if !self.stopping => {
@@ -1093,7 +1052,61 @@ impl<P: Clone> Machine<P> {
         }
     }
 
-    // ----- draining ----------------------------------------------------------
+    // ----- retiring and draining ---------------------------------------------
+
+    /// `gen` gets no new connections any more. With steered traffic it
+    /// keeps accepting what already waits in its sockets and is drained
+    /// once they are empty; with a shared socket (whose queue is the next
+    /// generation's too) it is drained at once.
+    fn retire(&mut self, gen: GenId, upgrade: Option<UpgradeRef>, failure: Option<Failure>) {
+        let until = self.now + RETIRE_WAIT;
+        // Only a running process can accept what waits in its sockets.
+        let keeps_accepting = self.steered()
+            && self
+                .gens
+                .get(&gen)
+                .and_then(Generation::main_pid)
+                .is_some_and(|pid| self.running(pid));
+        let Some(g) = self.gens.get_mut(&gen) else {
+            return;
+        };
+        let pid = match g.phase {
+            Phase::Serving { pid } | Phase::Starting { pid, .. } if keeps_accepting => pid,
+            _ => {
+                self.drain(gen, upgrade);
+                if let Some(Generation {
+                    phase: Phase::Draining { failure: f, .. },
+                    ..
+                }) = self.gens.get_mut(&gen)
+                {
+                    if f.is_none() {
+                        *f = failure;
+                    }
+                }
+                self.maybe_finish(gen);
+                return;
+            }
+        };
+        if upgrade.is_some() {
+            g.upgrade = upgrade;
+        }
+        if matches!(
+            g.phase,
+            Phase::Starting {
+                check: Check::Probe,
+                ..
+            }
+        ) {
+            self.out.push(Effect::StopProbe { gen });
+        }
+        g.phase = Phase::Retiring {
+            pid,
+            until,
+            failure,
+        };
+        self.emit(gen, EventKind::Retiring { pid });
+        self.out.push(Effect::WatchQueue { gen });
+    }
 
     /// Tells `gen` to finish: its running process gets the drain signal, a
     /// pending spawn is drained when it arrives, a pending restart is
@@ -1108,12 +1121,16 @@ impl<P: Clone> Machine<P> {
         if upgrade.is_some() {
             g.upgrade = upgrade;
         }
-        match g.phase {
+        match g.phase.clone() {
             Phase::Starting { pid, check, .. } => {
                 if check == Check::Probe {
                     self.out.push(Effect::StopProbe { gen });
                 }
                 self.set_draining(gen, None, false);
+                self.signal_drain(gen, pid);
+            }
+            Phase::Retiring { pid, failure, .. } => {
+                self.set_draining(gen, failure, false);
                 self.signal_drain(gen, pid);
             }
             Phase::Serving { pid } | Phase::Recycling { pid } => {
@@ -1208,6 +1225,9 @@ impl<P: Clone> Machine<P> {
                     failure: failure.take(),
                     at: now,
                 };
+                if self.mode == TrafficMode::Steered {
+                    self.out.push(Effect::FreeSockets { gen });
+                }
             }
         }
     }
@@ -1224,16 +1244,17 @@ impl<P: Clone> Machine<P> {
                     deadline, check, ..
                 } => now >= deadline || matches!(check, Check::Delay { at } if now >= at),
                 Phase::Restarting { at } => now >= at,
+                Phase::Retiring { until, .. } => now >= until,
                 _ => false,
             })
             .map(|g| (g.id, g.phase.clone()))
             .collect();
         // Readiness first: a cutover in this tick ends a generation due to
         // restart, rather than restarting it only to drain it.
-        let (starting, restarting): (Vec<_>, Vec<_>) = due
+        let (starting, rest): (Vec<_>, Vec<_>) = due
             .into_iter()
             .partition(|(_, phase)| matches!(phase, Phase::Starting { .. }));
-        for (gen, phase) in starting.into_iter().chain(restarting) {
+        for (gen, phase) in starting.into_iter().chain(rest) {
             if self.gens.get(&gen).map(|g| &g.phase) != Some(&phase) {
                 continue; // changed by an earlier decision in this tick
             }
@@ -1263,9 +1284,35 @@ impl<P: Clone> Machine<P> {
                         self.drain(gen, None);
                     }
                 }
+                Phase::Retiring { .. } => {
+                    self.out.push(Effect::Note(Note::QueueNotEmpty { gen }));
+                    self.drain(gen, None);
+                }
                 _ => {}
             }
         }
+        self.tick_upgrade(now);
+        self.tick_kills(now);
+    }
+
+    fn tick_upgrade(&mut self, now: Time) {
+        let Some(up) = &self.upgrade else {
+            return;
+        };
+        match up.phase {
+            UpgradePhase::Reporting { at, .. } if now >= at => self.finish_report(),
+            UpgradePhase::Canary {
+                promote_at: Some(at),
+                ..
+            } if now >= at => {
+                self.promote();
+            }
+            UpgradePhase::Baking { until, .. } if now >= until => self.end_bake(),
+            _ => {}
+        }
+    }
+
+    fn tick_kills(&mut self, now: Time) {
         let kills: Vec<Pid> = self
             .procs
             .iter()
@@ -1288,12 +1335,6 @@ impl<P: Clone> Machine<P> {
                 self.out
                     .push(Effect::Note(Note::KillingLeftovers { gen, pid }));
             }
-        }
-        if matches!(
-            &self.upgrade,
-            Some(Upgrade { phase: UpgradePhase::Reporting { at, .. }, .. }) if now >= *at
-        ) {
-            self.finish_report();
         }
     }
 

@@ -84,6 +84,43 @@ pub struct Settings {
     pub ready_timeout: Duration,
     pub drain_timeout: Duration,
     pub restart_backoff_max: Duration,
+    /// How long the previous generation stays parked after a cutover, ready
+    /// to take the traffic back (steered traffic only; zero: no bake).
+    pub bake: Duration,
+    /// Health checks during a canary and a bake, if configured.
+    pub health: Option<Health>,
+}
+
+/// When health checks fail a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    /// Consecutive failed checks that count as unhealthy.
+    pub failures: u32,
+}
+
+/// How new connections reach generations, fixed for the supervisor's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrafficMode {
+    /// One socket per listener, shared by every generation: whichever
+    /// process calls accept() gets the connection.
+    #[default]
+    Shared,
+    /// A socket per generation, and the kernel picks one for each new
+    /// connection by the traffic plan: dark candidates, canaries, parked
+    /// generations.
+    Steered,
+}
+
+/// What one upgrade request asks for, beyond the new spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UpgradeOptions {
+    /// Once ready, the candidate takes this percentage of new connections
+    /// and the upgrade waits for `promote` (or rollback).
+    pub canary: Option<u8>,
+    /// Promote a healthy canary by itself after this long.
+    pub canary_for: Option<Duration>,
+    /// Overrides the spec's bake window.
+    pub bake: Option<Duration>,
 }
 
 /// What a generation runs: resolved by the shell when the generation is

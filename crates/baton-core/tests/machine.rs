@@ -556,6 +556,7 @@ fn an_unresolvable_release_fails_its_upgrade_at_once() {
         d.command(Command::Upgrade {
             trigger: Trigger::Control,
             spec: Err("program \"./gone\" not found".into()),
+            options: UpgradeOptions::default(),
         }),
         [
             "2 requested Control",

@@ -22,8 +22,12 @@ enum Op {
     Upgrade {
         signal: bool,
         readiness: u8,
+        /// 0: plain; 1: a bake; 2: a canary; 3: a canary promoting itself.
+        style: u8,
+        health: bool,
     },
     Rollback,
+    Promote,
     Stop,
     /// Answer the n-th outstanding spawn.
     Resolve {
@@ -54,6 +58,15 @@ enum Op {
     StderrClosed {
         n: usize,
     },
+    /// The n-th process's generation's queue is reported empty.
+    QueueEmpty {
+        n: usize,
+    },
+    /// A health check result for the n-th process.
+    Health {
+        n: usize,
+        ok: bool,
+    },
     /// A message from a process baton never started.
     Stranger,
     Advance {
@@ -64,8 +77,11 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let n = 0..8usize;
     prop_oneof![
-        2 => (any::<bool>(), 0..3u8).prop_map(|(signal, readiness)| Op::Upgrade { signal, readiness }),
+        2 => (any::<bool>(), 0..3u8, 0..4u8, any::<bool>()).prop_map(|(signal, readiness, style, health)| Op::Upgrade { signal, readiness, style, health }),
         1 => Just(Op::Rollback),
+        1 => Just(Op::Promote),
+        2 => n.clone().prop_map(|n| Op::QueueEmpty { n }),
+        2 => (n.clone(), prop::bool::weighted(0.6)).prop_map(|(n, ok)| Op::Health { n, ok }),
         1 => Just(Op::Stop),
         4 => (n.clone(), prop::bool::weighted(0.85)).prop_map(|(n, ok)| Op::Resolve { n, ok }),
         3 => (n.clone(), any::<bool>(), 0..3i32).prop_map(|(n, group_empty, code)| Op::Exit { n, group_empty, code }),
@@ -102,9 +118,9 @@ struct Run {
 }
 
 impl Run {
-    fn new() -> Self {
+    fn new(mode: TrafficMode) -> Self {
         let mut r = Self {
-            d: Driver::new(),
+            d: Driver::with_mode(mode),
             w: World {
                 next_pid: 100,
                 ..World::default()
@@ -123,7 +139,12 @@ impl Run {
 
     fn apply(&mut self, op: &Op) {
         match *op {
-            Op::Upgrade { signal, readiness } => {
+            Op::Upgrade {
+                signal,
+                readiness,
+                style,
+                health,
+            } => {
                 self.w.versions += 1;
                 let readiness = match readiness {
                     0 => Readiness::Notify,
@@ -141,11 +162,49 @@ impl Run {
                 let spec = if self.w.versions % 7 == 0 {
                     Err("program not found".to_owned())
                 } else {
-                    Ok(spec(&name, readiness))
+                    let mut s = spec(&name, readiness);
+                    s.settings.health = health.then_some(Health { failures: 2 });
+                    Ok(s)
                 };
-                self.command(Command::Upgrade { trigger, spec });
+                let options = match style {
+                    0 => UpgradeOptions::default(),
+                    1 => UpgradeOptions {
+                        bake: Some(Duration::from_millis(3000)),
+                        ..UpgradeOptions::default()
+                    },
+                    2 => UpgradeOptions {
+                        canary: Some(10),
+                        ..UpgradeOptions::default()
+                    },
+                    _ => UpgradeOptions {
+                        canary: Some(50),
+                        canary_for: Some(Duration::from_millis(2000)),
+                        bake: Some(Duration::from_millis(1000)),
+                    },
+                };
+                self.command(Command::Upgrade {
+                    trigger,
+                    spec,
+                    options,
+                });
             }
             Op::Rollback => self.command(Command::Rollback),
+            Op::Promote => self.command(Command::Promote),
+            Op::QueueEmpty { n } => {
+                let Some((_, gen)) = self.nth(n) else { return };
+                self.feed(Input::QueueEmpty { gen });
+            }
+            Op::Health { n, ok } => {
+                let Some((pid, gen)) = self.nth(n) else {
+                    return;
+                };
+                let result = if ok {
+                    Ok("200".into())
+                } else {
+                    Err("answered 503".into())
+                };
+                self.feed(Input::Health { gen, pid, result });
+            }
             Op::Stop => self.command(Command::Stop),
             Op::Resolve { n, ok } => {
                 if self.w.pending.is_empty() {
@@ -344,16 +403,62 @@ impl Run {
         }
         // Only the active generation serves; while one serves, the active
         // one does.
-        let active = m.traffic().active;
+        // Only generations in the traffic plan serve: the active one, a
+        // canary, a parked one. The plan is consistent with the upgrade.
+        let plan = m.traffic().clone();
+        let active = plan.active;
         for g in m.generations() {
+            let id = g.id();
             if matches!(g.phase(), Phase::Serving { .. }) {
-                assert_eq!(
-                    active,
-                    Some(g.id()),
-                    "a serving generation is not active; {}",
+                let in_plan = active == Some(id)
+                    || plan.candidate.is_some_and(|c| c.gen == id)
+                    || plan.parked == Some(id);
+                assert!(
+                    in_plan,
+                    "generation {id} serves outside the plan; {}",
                     ctx()
                 );
             }
+            let gone = matches!(
+                g.phase(),
+                Phase::Retiring { .. } | Phase::Draining { .. } | Phase::Finished { .. }
+            );
+            if gone {
+                assert!(
+                    plan.candidate.is_none_or(|c| c.gen != id) && plan.parked != Some(id),
+                    "a retired generation is still in the plan; {}",
+                    ctx()
+                );
+                assert!(
+                    m.stopping() || active != Some(id),
+                    "the active generation was retired; {}",
+                    ctx()
+                );
+            }
+        }
+        if m.mode() == TrafficMode::Shared {
+            assert!(
+                plan.candidate.is_none() && plan.parked.is_none(),
+                "steering with shared sockets; {}",
+                ctx()
+            );
+        }
+        if let Some(c) = plan.candidate {
+            assert_ne!(Some(c.gen), active, "{}", ctx());
+            assert_eq!(
+                m.upgrade().map(|u| u.candidate),
+                Some(c.gen),
+                "a candidate without its upgrade; {}",
+                ctx()
+            );
+        }
+        if let Some(p) = plan.parked {
+            assert_ne!(Some(p), active, "{}", ctx());
+            let baking = matches!(
+                m.upgrade().map(|u| &u.phase),
+                Some(UpgradePhase::Baking { parked: Some(q), .. }) if *q == p
+            );
+            assert!(baking, "parked outside a bake; {}", ctx());
         }
         if let Some(a) = active {
             assert!(
@@ -438,8 +543,12 @@ proptest! {
     })]
 
     #[test]
-    fn invariants_hold_after_every_step(ops in prop::collection::vec(op(), 1..80)) {
-        let mut run = Run::new();
+    fn invariants_hold_after_every_step(
+        steered in any::<bool>(),
+        ops in prop::collection::vec(op(), 1..80),
+    ) {
+        let mode = if steered { TrafficMode::Steered } else { TrafficMode::Shared };
+        let mut run = Run::new(mode);
         for op in &ops {
             run.apply(op);
         }
@@ -451,7 +560,7 @@ proptest! {
 /// candidate does produce a Ready event, so the promotion check is live.
 #[test]
 fn the_harness_sees_a_promotion() {
-    let mut run = Run::new();
+    let mut run = Run::new(TrafficMode::Steered);
     run.apply(&Op::Resolve { n: 0, ok: true });
     run.apply(&Op::Ready {
         n: 0,
@@ -460,6 +569,8 @@ fn the_harness_sees_a_promotion() {
     run.apply(&Op::Upgrade {
         signal: false,
         readiness: 0,
+        style: 0,
+        health: false,
     });
     run.apply(&Op::Resolve { n: 0, ok: true });
     run.apply(&Op::Ready { n: 1, member: true });

@@ -29,6 +29,8 @@ pub fn settings(readiness: Readiness) -> Settings {
         ready_timeout: Duration::from_secs(3),
         drain_timeout: Duration::from_secs(5),
         restart_backoff_max: Duration::from_secs(1),
+        bake: Duration::ZERO,
+        health: None,
     }
 }
 
@@ -53,9 +55,18 @@ impl Default for Driver {
 }
 
 impl Driver {
+    /// Shared sockets: the traffic plan steers nothing.
     pub fn new() -> Self {
+        Self::with_mode(TrafficMode::Shared)
+    }
+
+    pub fn steered() -> Self {
+        Self::with_mode(TrafficMode::Steered)
+    }
+
+    pub fn with_mode(mode: TrafficMode) -> Self {
         Self {
-            m: Machine::new(),
+            m: Machine::new(mode),
             now: Time::ZERO,
             next_req: 1,
         }
@@ -84,9 +95,19 @@ impl Driver {
     }
 
     pub fn upgrade(&mut self, name: &str, readiness: Readiness) -> Vec<String> {
+        self.upgrade_with(name, readiness, UpgradeOptions::default())
+    }
+
+    pub fn upgrade_with(
+        &mut self,
+        name: &str,
+        readiness: Readiness,
+        options: UpgradeOptions,
+    ) -> Vec<String> {
         self.command(Command::Upgrade {
             trigger: Trigger::Control,
             spec: Ok(spec(name, readiness)),
+            options,
         })
     }
 
@@ -94,6 +115,7 @@ impl Driver {
         self.command(Command::Upgrade {
             trigger: Trigger::Signal,
             spec: Ok(spec(name, Readiness::Notify)),
+            options: UpgradeOptions::default(),
         })
     }
 
@@ -127,7 +149,11 @@ impl Driver {
     /// The first generation (release "v1", notify) started as pid 100
     /// and ready.
     pub fn serving() -> Self {
-        let mut d = Self::new();
+        Self::serving_in(TrafficMode::Shared)
+    }
+
+    pub fn serving_in(mode: TrafficMode) -> Self {
+        let mut d = Self::with_mode(mode);
         d.step(Input::Start {
             spec: spec("v1", Readiness::Notify),
         });
@@ -147,15 +173,28 @@ pub fn show(e: &Effect) -> String {
         Effect::Spawn { gen } => format!("spawn {gen}"),
         Effect::StartProbe { gen, pid } => format!("probe {gen} {pid}"),
         Effect::StopProbe { gen } => format!("stop-probe {gen}"),
+        Effect::StartHealth { gen, pid } => format!("health {gen} {pid}"),
+        Effect::StopHealth { gen } => format!("stop-health {gen}"),
+        Effect::WatchQueue { gen } => format!("watch-queue {gen}"),
+        Effect::FreeSockets { gen } => format!("free-sockets {gen}"),
         Effect::Signal { pid, signal } => match signal {
             Signal::Drain => format!("signal-drain {pid}"),
             Signal::Kill => format!("signal-kill {pid}"),
         },
         Effect::Release { pid } => format!("release {pid}"),
-        Effect::Traffic(plan) => match plan.active {
-            Some(a) => format!("traffic {a}"),
-            None => "traffic none".into(),
-        },
+        Effect::Traffic(plan) => {
+            let mut t = match plan.active {
+                Some(a) => format!("traffic {a}"),
+                None => "traffic none".into(),
+            };
+            if let Some(c) = plan.candidate {
+                t.push_str(&format!(" candidate {}@{}", c.gen, c.share));
+            }
+            if let Some(p) = plan.parked {
+                t.push_str(&format!(" parked {p}"));
+            }
+            t
+        }
         Effect::CloseListeners => "close-listeners".into(),
         Effect::RequestUpgrade => "request-upgrade".into(),
         Effect::Reply { reply, .. } => match reply {
@@ -163,6 +202,10 @@ pub fn show(e: &Effect) -> String {
             Reply::Refused(Refusal::Busy(gen)) => format!("reply busy {gen}"),
             Reply::Refused(Refusal::Stopping) => "reply refused-stopping".into(),
             Reply::Refused(Refusal::NoPrevious) => "reply no-previous".into(),
+            Reply::Refused(Refusal::NothingToPromote) => "reply nothing-to-promote".into(),
+            Reply::Refused(Refusal::NeedsSteering) => "reply needs-steering".into(),
+            Reply::RolledBack(gen) => format!("reply rolled-back {gen}"),
+            Reply::Promoting(gen) => format!("reply promoting {gen}"),
             Reply::Stopping => "reply stopping".into(),
         },
         Effect::Event(ev) => {
@@ -173,6 +216,14 @@ pub fn show(e: &Effect) -> String {
                 EventKind::SpawnFailed { error } => format!("{gen} spawn-failed {error}"),
                 EventKind::Ready { pid, .. } => format!("{gen} ready {pid}"),
                 EventKind::Active { pid } => format!("{gen} active {pid}"),
+                EventKind::CanaryStarted { share } => format!("{gen} canary {share}"),
+                EventKind::BakeStarted { parked, bake } => {
+                    format!("{gen} bake {}ms parked {parked}", bake.as_millis())
+                }
+                EventKind::RolledBack { to, failure } => {
+                    format!("{gen} rolled-back to {to} {failure:?}")
+                }
+                EventKind::Retiring { pid } => format!("{gen} retiring {pid}"),
                 EventKind::Draining { pid } => format!("{gen} draining {pid}"),
                 EventKind::Killed { pid } => format!("{gen} killed {pid}"),
                 EventKind::Exited { pid, .. } => format!("{gen} exited {pid}"),
@@ -191,6 +242,9 @@ pub fn show(e: &Effect) -> String {
             Note::KillingLeftovers { pid, .. } => format!("note leftovers {pid}"),
             Note::Recycling { gen, .. } => format!("note recycling {gen}"),
             Note::FollowUpUpgrade => "note follow-up".into(),
+            Note::QueueNotEmpty { gen } => format!("note queue-not-empty {gen}"),
+            Note::ParkedExited { gen } => format!("note parked-exited {gen}"),
+            Note::HealthFailed { gen, failures, .. } => format!("note unhealthy {gen} #{failures}"),
         },
     }
 }

@@ -1,0 +1,177 @@
+//! The machine's state: generations and their phases, the process groups
+//! it answers for, and the upgrade in progress. Each phase holds exactly
+//! the data valid in it.
+
+use crate::backoff::Backoff;
+use crate::io::{Failure, UpgradeRef};
+use crate::types::{ExitStatus, GenId, Pid, Settings, Spec, Time, Trigger, UpgradeOptions};
+
+/// What a generation's main process is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// [`Effect::Spawn`](crate::Effect::Spawn) is out; its answer has not
+    /// arrived.
+    Spawning,
+    /// Running, not yet ready; fails if not ready by `deadline`.
+    Starting {
+        pid: Pid,
+        deadline: Time,
+        check: Check,
+    },
+    /// Passed its readiness check; the traffic plan says what it gets.
+    Serving {
+        pid: Pid,
+    },
+    /// The active generation failed its readiness check: drained, and
+    /// restarted once `pid` has exited.
+    Recycling {
+        pid: Pid,
+    },
+    /// The active generation's process died; the next one starts `at`.
+    Restarting {
+        at: Time,
+    },
+    /// Gets no new connections; still accepts what waits in its sockets,
+    /// and is drained once they are empty, or at `until` regardless.
+    /// `failure` is why it was abandoned, if it was (a rolled-back one).
+    Retiring {
+        pid: Pid,
+        until: Time,
+        failure: Option<Failure>,
+    },
+    /// Told to finish; done once its process groups are gone and no spawn
+    /// is outstanding. `failure` is why it was abandoned, if it was.
+    Draining {
+        failure: Option<Failure>,
+        spawn_pending: bool,
+    },
+    Finished {
+        failure: Option<Failure>,
+        at: Time,
+    },
+}
+
+/// How a starting generation proves it is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    Notify,
+    Probe,
+    Delay { at: Time },
+}
+
+/// One generation: a release, started (and restarted) from one spec.
+#[derive(Debug, Clone)]
+pub struct Generation<P> {
+    pub(crate) id: GenId,
+    pub(crate) spec: Spec<P>,
+    pub(crate) phase: Phase,
+    /// The upgrade that started it, or later the one that retired it.
+    pub(crate) upgrade: Option<UpgradeRef>,
+    pub(crate) restarts: u32,
+    pub(crate) backoff: Backoff,
+    pub(crate) status_text: Option<String>,
+    pub(crate) last_exit: Option<ExitStatus>,
+}
+
+impl<P> Generation<P> {
+    pub fn id(&self) -> GenId {
+        self.id
+    }
+    pub fn spec(&self) -> &Spec<P> {
+        &self.spec
+    }
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+    pub fn restarts(&self) -> u32 {
+        self.restarts
+    }
+    pub fn status_text(&self) -> Option<&str> {
+        self.status_text.as_deref()
+    }
+    pub fn last_exit(&self) -> Option<ExitStatus> {
+        self.last_exit
+    }
+    pub fn upgrade(&self) -> Option<UpgradeRef> {
+        self.upgrade
+    }
+
+    /// The main process the phase is about, while it runs.
+    pub fn main_pid(&self) -> Option<Pid> {
+        match self.phase {
+            Phase::Starting { pid, .. }
+            | Phase::Serving { pid }
+            | Phase::Recycling { pid }
+            | Phase::Retiring { pid, .. } => Some(pid),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.spec.settings
+    }
+}
+
+/// A process group the machine is responsible for: from
+/// [`Input::Spawned`](crate::Input::Spawned) until
+/// [`Effect::Release`](crate::Effect::Release).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proc {
+    pub gen: GenId,
+    pub started: Time,
+    /// `None` while the main process runs; its status once it has exited
+    /// (other members of its group may still run).
+    pub exit: Option<ExitStatus>,
+    /// When the group gets SIGKILL; set by the first drain signal and
+    /// never moved.
+    pub kill_at: Option<Time>,
+    pub killed: bool,
+}
+
+/// An upgrade in progress (at most one, by construction). It lasts until
+/// its outcome: through the candidate's start, a canary and a bake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgrade {
+    pub candidate: GenId,
+    pub started: Time,
+    pub trigger: Trigger,
+    pub options: UpgradeOptions,
+    pub phase: UpgradePhase,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpgradePhase {
+    /// The candidate is starting, dark.
+    Starting,
+    /// The ready candidate takes `share` percent of new connections,
+    /// until promoted (by request, or by itself at `promote_at`).
+    Canary {
+        share: u8,
+        promote_at: Option<Time>,
+        /// Consecutive failed health checks.
+        failures: u32,
+    },
+    /// The candidate is active; the previous generation, `parked` (if it
+    /// still runs), can take the traffic back until `until`.
+    Baking {
+        parked: Option<GenId>,
+        until: Time,
+        failures: u32,
+    },
+    /// The candidate died; the failure is reported once its stderr has
+    /// ended or at `at`, so its last lines are in.
+    Reporting {
+        failure: Failure,
+        pid: Pid,
+        at: Time,
+    },
+}
+
+impl Upgrade {
+    pub(crate) fn as_ref(&self) -> UpgradeRef {
+        UpgradeRef {
+            id: self.candidate,
+            started: self.started,
+        }
+    }
+}
