@@ -306,14 +306,38 @@ fn forged_ready_is_logged_as_ignored_with_the_senders_pid() {
 /// the candidate.
 #[test]
 fn tcp_probe_reaches_only_the_candidate() {
+    // Shared sockets: the probe goes to the candidate's private listener.
+    let top = format!("{}\ntraffic = \"shared\"", ready("tcp"));
+    let baton = Baton::with_config(&fake_config(&top, ""), &[]);
+    baton.wait_active(1);
+    baton.reconfigure(&fake_config(&top, "FAKE_SKIP_PROBE_FD = \"1\""));
+    let out = baton.upgrade_expect(&[], 1);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("not ready within 3s"), "{text}");
+    assert!(text.contains("generation 1 still serves"), "{text}");
+    // Positive control: the same candidate, serving the probe fd, is ready.
+    baton.reconfigure(&fake_config(&top, ""));
+    let out = baton.upgrade_expect(&[], 0);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("generation 3 ready (tcp accept"), "{text}");
+}
+
+/// With steered traffic there is no probe listener: the probe goes to the
+/// real address, and the kernel sends it to the candidate alone. A
+/// candidate that accepts nothing is never ready, although the old
+/// generation accepts everything on the same address.
+#[test]
+fn tcp_probe_reaches_only_the_candidate_when_steered() {
     let baton = start_fake("tcp");
+    assert_eq!(baton.status()["traffic"], "steered");
     failed_upgrade(
         &baton,
         "tcp",
-        "FAKE_SKIP_PROBE_FD = \"1\"",
+        "FAKE_NO_ACCEPT = \"1\"",
         "not ready within 3s",
     );
-    // Positive control: the same candidate, serving the probe fd, is ready.
+    assert_eq!(get(baton.addr("http"), "/").unwrap().status, 200);
+    // Positive control: a candidate that accepts is ready by the same probe.
     baton.reconfigure(&fake_config(&ready("tcp"), ""));
     let out = baton.upgrade_expect(&[], 0);
     let text = String::from_utf8_lossy(&out.stdout);

@@ -263,6 +263,9 @@ fn sighups_during_an_upgrade_schedule_exactly_one_more_and_the_newest_deploy_win
     // and every SIGHUP is answered.
     let mut last = 0;
     baton.wait_until("the upgrades to settle", WAIT, || {
+        // The log first, then the state: anything the log shows started
+        // is in the state read after it.
+        let lines = baton.stderr.all();
         let s = baton.status();
         last = s["generations"]
             .as_array()
@@ -271,8 +274,16 @@ fn sighups_during_an_upgrade_schedule_exactly_one_more_and_the_newest_deploy_win
             .filter_map(|g| g["number"].as_u64())
             .max()
             .unwrap();
+        // A follow-up owed (COALESCED logged) is prepared (the
+        // configuration loaded) before it is requested: not settled until
+        // it has been.
+        let owed = lines.iter().rposition(|l| l.contains(COALESCED));
+        let requested = lines
+            .iter()
+            .rposition(|l| l.contains("generation requested"));
         s["upgrading"].is_null()
-            && upgrades_in(&baton.stderr.all())
+            && owed.is_none_or(|o| requested.is_some_and(|r| r > o))
+            && upgrades_in(&lines)
                 .iter()
                 .any(|u| u.generation == last && u.outcome.is_some())
             && all_answered()

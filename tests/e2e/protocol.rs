@@ -141,7 +141,15 @@ fn child_receives_exactly_the_declared_sockets() {
 
 #[test]
 fn http_readiness_adds_the_private_probe_listener_last() {
-    let (baton, r) = run_fake(&["--listen", "http=127.0.0.1:0", "--ready", "http:/healthz"]);
+    // Shared sockets only: steered traffic reaches the candidate without it.
+    let (baton, r) = run_fake(&[
+        "--listen",
+        "http=127.0.0.1:0",
+        "--ready",
+        "http:/healthz",
+        "--traffic",
+        "shared",
+    ]);
     assert_eq!(r["listen_fds"], "2");
     assert_eq!(r["listen_fdnames"], "http:baton-probe");
     assert_eq!(open_fds(&r), vec![0, 1, 2, 3, 4]);
@@ -290,4 +298,22 @@ fn unix_listener_serves_through_upgrades() {
     assert!(ask().contains("generation=1"));
     baton.upgrade_expect(&[], 0);
     assert!(ask().contains("generation=2"));
+}
+
+/// With steered traffic an `http` check goes to the real address (from
+/// baton's probe ports, which the kernel sends to the candidate): the app
+/// gets exactly its declared sockets, no probe listener.
+#[test]
+fn steered_readiness_passes_only_the_declared_sockets() {
+    let (baton, r) = run_fake(&["--listen", "http=127.0.0.1:0", "--ready", "http:/healthz"]);
+    assert_eq!(baton.status()["traffic"], "steered");
+    assert_eq!(r["listen_fds"], "1");
+    assert_eq!(r["listen_fdnames"], "http");
+    assert_eq!(open_fds(&r), vec![0, 1, 2, 3]);
+    // Ready by the probe through the real address.
+    baton.stderr.wait_for(
+        &["generation ready", "generation=1 ", "http /healthz 200"],
+        1,
+        WAIT,
+    );
 }

@@ -127,6 +127,11 @@ fn event_name(kind: &EventKind) -> &'static str {
         EventKind::SpawnFailed { .. } => "spawn_failed",
         EventKind::Ready { .. } => "ready",
         EventKind::Active { .. } => "active",
+        EventKind::Canary { .. } => "canary",
+        EventKind::Bake { .. } => "bake",
+        EventKind::RolledBack { .. } => "rolled_back",
+        EventKind::Traffic { .. } => "traffic",
+        EventKind::Retiring { .. } => "retiring",
         EventKind::Draining { .. } => "draining",
         EventKind::Killed { .. } => "killed",
         EventKind::Exited { .. } => "exited",
@@ -326,9 +331,7 @@ impl BatonDeploy {
         let res = self.rt.block_on(async {
             tokio::time::timeout(
                 UPGRADE_TIMEOUT,
-                baton::control::request(control, &Request::Upgrade { wait_drain: true }, |r| {
-                    replies.push(r)
-                }),
+                baton::control::request(control, &Request::upgrade(true), |r| replies.push(r)),
             )
             .await
         });

@@ -10,6 +10,8 @@ use crate::types::{ExitStatus, GenId, Pid, Report, Signal, Spec, Time, Trigger, 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestId(pub u64);
 
+// One per request: the size of the spec it may carry costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command<P> {
     /// Start a new generation from `spec` and cut over to it once ready.

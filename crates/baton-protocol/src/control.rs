@@ -18,17 +18,54 @@ pub enum Request {
     Status,
     /// Re-read the configuration and start a new generation from it.
     Upgrade {
-        /// Keep streaming until the replaced generations have exited.
+        /// Keep streaming until the generations it retires have exited.
         #[serde(default)]
         wait_drain: bool,
+        /// End the stream once the new generation is active, without
+        /// waiting for its bake.
+        #[serde(default)]
+        no_wait: bool,
+        /// Percent of new connections (0-100) the ready candidate takes;
+        /// the upgrade then waits for `promote` or `rollback`, and the
+        /// stream ends once the canary runs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary: Option<u8>,
+        /// Promote a canary that stayed healthy this long.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary_for_ms: Option<u64>,
+        /// This upgrade's bake window, instead of the configured one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bake_ms: Option<u64>,
     },
-    /// Start the previous successful release as a new generation.
+    /// During a canary or a bake: the traffic goes back to the previous
+    /// generation's processes at once. Otherwise: start the previous
+    /// successful release as a new generation.
     Rollback {
         #[serde(default)]
         wait_drain: bool,
     },
+    /// During a canary: cut over to the candidate. During a bake: end it.
+    Promote {
+        #[serde(default)]
+        wait_drain: bool,
+        #[serde(default)]
+        no_wait: bool,
+    },
     /// Drain every generation and exit.
     Stop,
+}
+
+impl Request {
+    /// A plain upgrade with none of the steering options.
+    pub fn upgrade(wait_drain: bool) -> Self {
+        Self::Upgrade {
+            wait_drain,
+            no_wait: false,
+            canary: None,
+            canary_for_ms: None,
+            bake_ms: None,
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Request {
@@ -52,10 +89,24 @@ enum WireRequest {
     Upgrade {
         #[serde(default)]
         wait_drain: bool,
+        #[serde(default)]
+        no_wait: bool,
+        #[serde(default)]
+        canary: Option<u8>,
+        #[serde(default)]
+        canary_for_ms: Option<u64>,
+        #[serde(default)]
+        bake_ms: Option<u64>,
     },
     Rollback {
         #[serde(default)]
         wait_drain: bool,
+    },
+    Promote {
+        #[serde(default)]
+        wait_drain: bool,
+        #[serde(default)]
+        no_wait: bool,
     },
     Stop {},
 }
@@ -64,8 +115,27 @@ impl From<WireRequest> for Request {
     fn from(r: WireRequest) -> Self {
         match r {
             WireRequest::Status {} => Self::Status,
-            WireRequest::Upgrade { wait_drain } => Self::Upgrade { wait_drain },
+            WireRequest::Upgrade {
+                wait_drain,
+                no_wait,
+                canary,
+                canary_for_ms,
+                bake_ms,
+            } => Self::Upgrade {
+                wait_drain,
+                no_wait,
+                canary,
+                canary_for_ms,
+                bake_ms,
+            },
             WireRequest::Rollback { wait_drain } => Self::Rollback { wait_drain },
+            WireRequest::Promote {
+                wait_drain,
+                no_wait,
+            } => Self::Promote {
+                wait_drain,
+                no_wait,
+            },
             WireRequest::Stop {} => Self::Stop,
         }
     }
@@ -102,6 +172,11 @@ pub enum ErrorKind {
     Config,
     /// Nothing to roll back to.
     NoPrevious,
+    /// No canary or bake to promote.
+    NothingToPromote,
+    /// The request needs steered traffic (a canary), which this baton
+    /// does not have.
+    NeedsSteering,
     /// The client's uid is not allowed.
     Forbidden,
 }
@@ -161,6 +236,35 @@ pub enum EventKind {
     Active {
         pid: Option<i32>,
     },
+    /// The candidate is ready and takes `share` percent of new
+    /// connections; the upgrade waits for promote or rollback.
+    Canary {
+        share: u8,
+    },
+    /// The cutover is done; `parked` (the previous generation) stays ready
+    /// to take the traffic back for `bake_ms`.
+    Bake {
+        parked: u64,
+        bake_ms: u64,
+    },
+    /// The traffic went back to generation `to`; this one is retired.
+    RolledBack {
+        to: u64,
+        reason: String,
+    },
+    /// Who receives new connections changed (applied before this event).
+    Traffic {
+        active: Option<u64>,
+        candidate: Option<u64>,
+        /// The candidate's percent of new connections (0: dark).
+        share: u8,
+        parked: Option<u64>,
+    },
+    /// The generation gets no new connections any more; it is drained once
+    /// what waits in its sockets has been accepted.
+    Retiring {
+        pid: i32,
+    },
     /// The drain signal was sent to the generation's process group.
     Draining {
         pid: i32,
@@ -207,6 +311,9 @@ pub struct Status {
     pub uptime_ms: u64,
     pub stopping: bool,
     pub sockets: Vec<SocketStatus>,
+    /// `steered` (a socket per generation, the kernel picks) or `shared`.
+    #[serde(default)]
+    pub traffic: String,
     pub active: Option<u64>,
     /// The candidate of the upgrade in progress, if any.
     pub upgrading: Option<u64>,
@@ -229,6 +336,9 @@ pub enum GenState {
     Ready,
     /// The generation receiving new traffic.
     Active,
+    /// Gets no new connections; accepting what waits in its sockets, to
+    /// be drained once they are empty.
+    Retiring,
     /// Told to stop; finishing in-flight work.
     Draining,
     /// Gone after serving or draining.
@@ -251,6 +361,26 @@ pub struct GenerationStatus {
     pub status_text: Option<String>,
     pub restarts: u32,
     pub last_exit: Option<String>,
+    /// Its part in the traffic plan, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// Percent of new connections it gets (0 for a dark candidate or a
+    /// parked generation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<u8>,
+}
+
+/// A generation's part in the traffic plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Gets new connections (all of them, or all but a canary's share).
+    Active,
+    /// Being brought in: baton's probes, and a canary share if any.
+    Candidate,
+    /// The previous generation during a bake: running, getting nothing
+    /// new, ready to take the traffic back.
+    Parked,
 }
 
 #[cfg(test)]
@@ -260,7 +390,25 @@ mod tests {
     #[test]
     fn request_json() {
         let r: Request = serde_json::from_str(r#"{"cmd":"upgrade"}"#).unwrap();
-        assert_eq!(r, Request::Upgrade { wait_drain: false });
+        assert_eq!(r, Request::upgrade(false));
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"upgrade","canary":10,"bake_ms":60000}"#).unwrap();
+        assert!(matches!(
+            r,
+            Request::Upgrade {
+                canary: Some(10),
+                bake_ms: Some(60000),
+                ..
+            }
+        ));
+        let r: Request = serde_json::from_str(r#"{"cmd":"promote"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Promote {
+                wait_drain: false,
+                no_wait: false
+            }
+        );
         let r: Request = serde_json::from_str(r#"{"cmd":"rollback","wait_drain":true}"#).unwrap();
         assert_eq!(r, Request::Rollback { wait_drain: true });
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"upgrade","force":1}"#).is_err());

@@ -479,6 +479,58 @@ pub fn block_all_signals() -> io::Result<()> {
         .map_err(Into::into)
 }
 
+/// One classic BPF instruction, as the kernel takes it (`sock_filter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SockFilter {
+    pub code: u16,
+    pub jt: u8,
+    pub jf: u8,
+    pub k: u32,
+}
+
+/// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic; sparc and mips number it
+/// differently, and libc exports it only for some targets).
+#[cfg(not(any(target_arch = "mips", target_arch = "mips64", target_arch = "sparc64")))]
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// Attaches `program` to the reuseport group of the listening socket `fd`:
+/// its return value picks the group's socket for each new connection. The
+/// program belongs to the whole group; no privilege is needed.
+pub fn attach_reuseport_cbpf(fd: BorrowedFd<'_>, program: &[SockFilter]) -> io::Result<()> {
+    let filters: Vec<libc::sock_filter> = program
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect();
+    let len = u16::try_from(filters.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "program too long"))?;
+    let prog = libc::sock_fprog {
+        len,
+        // The kernel only reads through this pointer.
+        filter: filters.as_ptr().cast_mut(),
+    };
+    // SAFETY: `prog` points to `len` initialised instructions in `filters`,
+    // which outlives the call; the kernel copies the program before
+    // returning and checks every instruction itself.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Accept-queue length of a TCP listener (`tcpi_unacked` in TCP_INFO),
 /// used to learn whether an app has accepted a probe connection.
 pub fn tcp_accept_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {

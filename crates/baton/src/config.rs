@@ -23,6 +23,17 @@ pub const DEFAULT_BACKLOG: u32 = 4096;
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_HEALTH_FAILURES: u32 = 3;
+/// Source ports of baton's probes: above Linux's default ephemeral range
+/// (32768-60999), so no ordinary client on the machine uses them.
+pub const DEFAULT_PROBE_PORTS: PortRange = PortRange {
+    first: 61000,
+    last: 61999,
+};
+
+pub use crate::steer::program::PortRange;
+pub use baton_core::TrafficMode;
 pub use baton_protocol::app::{PROBE_FD_NAME, PROTOCOL_ENV};
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +202,41 @@ impl From<ReadySpec> for String {
     }
 }
 
+/// A check run during a canary and a bake: `http:/PATH`, `tcp` or
+/// `exec:COMMAND` (the readiness syntax, without `notify` and `delay`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub struct HealthSpec(pub ReadySpec);
+
+impl From<HealthSpec> for String {
+    fn from(h: HealthSpec) -> Self {
+        h.0.to_string()
+    }
+}
+
+impl FromStr for HealthSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.parse::<ReadySpec>() {
+            Ok(r @ (ReadySpec::Http(_) | ReadySpec::Tcp | ReadySpec::Exec(_))) => Ok(Self(r)),
+            _ => Err(format!(
+                "bad health check {s:?}: expected http:/PATH, tcp or exec:COMMAND"
+            )),
+        }
+    }
+}
+
+/// `traffic = "steered" | "shared"`.
+pub fn parse_traffic(s: &str) -> Result<TrafficMode, String> {
+    match s.trim() {
+        "steered" => Ok(TrafficMode::Steered),
+        "shared" => Ok(TrafficMode::Shared),
+        _ => Err(format!(
+            "bad traffic mode {s:?}: expected steered or shared"
+        )),
+    }
+}
+
 impl FromStr for ReadySpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -279,6 +325,13 @@ fn opt_duration_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
         .map_err(serde::de::Error::custom)
 }
 
+fn opt_traffic_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TrafficMode>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_traffic(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 fn opt_mode_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     let s = String::deserialize(d)?;
     parse_mode(&s).map(Some).map_err(serde::de::Error::custom)
@@ -338,6 +391,17 @@ pub struct FileConfig {
     group: Option<String>,
     #[serde(default)]
     control_allow_uids: Vec<u32>,
+    #[serde(default, deserialize_with = "opt_traffic_de")]
+    traffic: Option<TrafficMode>,
+    #[serde(default, deserialize_with = "opt_duration_de")]
+    bake: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_from_str_de")]
+    health: Option<HealthSpec>,
+    #[serde(default, deserialize_with = "opt_duration_de")]
+    health_interval: Option<Duration>,
+    health_failures: Option<u32>,
+    #[serde(default, deserialize_with = "opt_from_str_de")]
+    probe_ports: Option<PortRange>,
 }
 
 impl FileConfig {
@@ -398,6 +462,12 @@ pub struct Overrides {
     pub backlog: Option<u32>,
     pub user: Option<String>,
     pub group: Option<String>,
+    pub traffic: Option<TrafficMode>,
+    pub bake: Option<Duration>,
+    pub health: Option<HealthSpec>,
+    pub health_interval: Option<Duration>,
+    pub health_failures: Option<u32>,
+    pub probe_ports: Option<PortRange>,
 }
 
 /// The effective configuration.
@@ -419,6 +489,15 @@ pub struct Config {
     pub user: Option<String>,
     pub group: Option<String>,
     pub control_allow_uids: Vec<u32>,
+    /// Per-generation sockets steered by the kernel, or one shared socket.
+    #[serde(skip)]
+    pub traffic: TrafficMode,
+    /// How long the previous generation stays parked after a cutover.
+    pub bake: Duration,
+    pub health: Option<HealthSpec>,
+    pub health_interval: Duration,
+    pub health_failures: u32,
+    pub probe_ports: PortRange,
 }
 
 impl Config {
@@ -435,6 +514,10 @@ impl Config {
             ready_timeout: self.ready_timeout,
             drain_timeout: self.drain_timeout,
             restart_backoff_max: self.restart_backoff_max,
+            bake: self.bake,
+            health: self.health.as_ref().map(|_| baton_core::Health {
+                failures: self.health_failures,
+            }),
         }
     }
 
@@ -449,6 +532,8 @@ impl Config {
                 "allowed control uids",
                 self.control_allow_uids != next.control_allow_uids,
             ),
+            ("traffic mode", self.traffic != next.traffic),
+            ("probe ports", self.probe_ports != next.probe_ports),
         ]
         .into_iter()
         .find_map(|(what, changed)| changed.then_some(what))
@@ -577,6 +662,40 @@ impl Config {
             user: flags.user.clone().or(file.user),
             group: flags.group.clone().or(file.group),
             control_allow_uids: file.control_allow_uids,
+            traffic: flags
+                .traffic
+                .or(file.traffic)
+                .unwrap_or(TrafficMode::Steered),
+            bake: flags.bake.or(file.bake).unwrap_or(Duration::ZERO),
+            health: flags.health.clone().or(file.health),
+            health_interval: {
+                let i = flags
+                    .health_interval
+                    .or(file.health_interval)
+                    .unwrap_or(DEFAULT_HEALTH_INTERVAL);
+                if i.is_zero() {
+                    return Err(ConfigError::Invalid(
+                        "health_interval must be more than zero".into(),
+                    ));
+                }
+                i
+            },
+            health_failures: {
+                let n = flags
+                    .health_failures
+                    .or(file.health_failures)
+                    .unwrap_or(DEFAULT_HEALTH_FAILURES);
+                if n == 0 {
+                    return Err(ConfigError::Invalid(
+                        "health_failures must be at least 1".into(),
+                    ));
+                }
+                n
+            },
+            probe_ports: flags
+                .probe_ports
+                .or(file.probe_ports)
+                .unwrap_or(DEFAULT_PROBE_PORTS),
         })
     }
 }

@@ -22,7 +22,8 @@ use crate::protocol::{
     ErrorKind, ErrorReply, EventKind, Outcome, Reply, Request, Trigger, MAX_REQUEST_BYTES,
     REQUEST_PATH,
 };
-use crate::supervisor::Handle;
+use crate::supervisor::{Ask, Handle, How};
+use baton_core::UpgradeOptions;
 
 /// A client must send its request within this time.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -298,16 +299,67 @@ async fn respond(
             handle.stop().await;
             single(StatusCode::OK, &Reply::Stopping)
         }
-        Request::Upgrade { wait_drain } => upgrade(handle, false, wait_drain).await,
-        Request::Rollback { wait_drain } => upgrade(handle, true, wait_drain).await,
+        Request::Upgrade {
+            wait_drain,
+            no_wait,
+            canary,
+            canary_for_ms,
+            bake_ms,
+        } => {
+            if canary.is_some_and(|c| c > 100) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    ErrorKind::BadRequest,
+                    "canary is a percentage: 0 to 100",
+                );
+            }
+            let options = UpgradeOptions {
+                canary,
+                canary_for: canary_for_ms.map(Duration::from_millis),
+                bake: bake_ms.map(Duration::from_millis),
+            };
+            let until = match (canary, no_wait) {
+                (Some(_), _) => Until::Canary,
+                (None, true) => Until::Active,
+                (None, false) => Until::Outcome,
+            };
+            upgrade(handle, Ask::Upgrade(options), until, wait_drain && !no_wait).await
+        }
+        Request::Rollback { wait_drain } => {
+            upgrade(handle, Ask::Rollback, Until::Outcome, wait_drain).await
+        }
+        Request::Promote {
+            wait_drain,
+            no_wait,
+        } => {
+            let until = if no_wait {
+                Until::Active
+            } else {
+                Until::Outcome
+            };
+            upgrade(handle, Ask::Promote, until, wait_drain && !no_wait).await
+        }
     }
 }
 
-async fn upgrade(handle: Handle, rollback: bool, wait_drain: bool) -> Response<ReplyBody> {
+/// What ends an upgrade stream with success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// The upgrade succeeded (after its bake, if any).
+    Outcome,
+    /// The new generation took the traffic.
+    Active,
+    /// The canary runs.
+    Canary,
+    /// The traffic went back (an instant rollback).
+    RolledBack,
+}
+
+async fn upgrade(handle: Handle, ask: Ask, until: Until, wait_drain: bool) -> Response<ReplyBody> {
     // Subscribe before asking, so no event of this upgrade is missed.
     let mut events = handle.subscribe();
-    let id = match handle.upgrade(Trigger::Control, rollback).await {
-        Ok(id) => id,
+    let started = match handle.upgrade(Trigger::Control, ask).await {
+        Ok(started) => started,
         Err(e) => {
             let status = match e.kind {
                 ErrorKind::Busy | ErrorKind::Stopping => StatusCode::CONFLICT,
@@ -315,6 +367,12 @@ async fn upgrade(handle: Handle, rollback: bool, wait_drain: bool) -> Response<R
             };
             return single(status, &Reply::Error(e));
         }
+    };
+    let id = started.id;
+    // An instant rollback ends at the rollback, whatever was asked.
+    let until = match started.how {
+        How::RolledBack => Until::RolledBack,
+        How::Upgrading | How::Promoting => until,
     };
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
@@ -341,31 +399,16 @@ async fn upgrade(handle: Handle, rollback: bool, wait_drain: bool) -> Response<R
                 continue;
             }
             match &ev.kind {
-                EventKind::Draining { .. } => {
+                EventKind::Draining { .. } | EventKind::Retiring { .. } => {
                     draining.insert(ev.generation);
                 }
                 EventKind::Exited { .. } => {
                     draining.remove(&ev.generation);
                 }
-                EventKind::UpgradeSucceeded | EventKind::UpgradeFailed { .. } => {
-                    let (success, reason, stderr_tail) = match &ev.kind {
-                        EventKind::UpgradeFailed {
-                            reason,
-                            stderr_tail,
-                        } => (false, Some(reason.clone()), stderr_tail.clone()),
-                        _ => (true, None, Vec::new()),
-                    };
-                    outcome = Some(Outcome {
-                        upgrade: id,
-                        success,
-                        active: None,
-                        elapsed_us: ev.elapsed_us.unwrap_or(0),
-                        reason,
-                        stderr_tail,
-                        config_error: false,
-                    });
-                }
                 _ => {}
+            }
+            if outcome.is_none() {
+                outcome = ends(until, id, &ev);
             }
             // A closed client just stops the stream; the upgrade goes on.
             if !send_line(&tx, line(&Reply::Event(ev))).await {
@@ -386,6 +429,36 @@ async fn upgrade(handle: Handle, rollback: bool, wait_drain: bool) -> Response<R
         hyper::header::HeaderValue::from_static("application/x-ndjson"),
     );
     res
+}
+
+/// The outcome `ev` gives upgrade `id`, if it ends the stream.
+fn ends(until: Until, id: u64, ev: &crate::protocol::Event) -> Option<Outcome> {
+    let done = |success: bool, reason: Option<String>, stderr_tail: Vec<String>| Outcome {
+        upgrade: id,
+        success,
+        active: None,
+        elapsed_us: ev.elapsed_us.unwrap_or(0),
+        reason,
+        stderr_tail,
+        config_error: false,
+    };
+    match (&ev.kind, until) {
+        (EventKind::RolledBack { .. }, Until::RolledBack) => Some(done(true, None, Vec::new())),
+        (EventKind::Canary { .. }, Until::Canary) => Some(done(true, None, Vec::new())),
+        (EventKind::Active { .. }, Until::Active) if ev.generation == id => {
+            Some(done(true, None, Vec::new()))
+        }
+        (EventKind::UpgradeSucceeded, _) => Some(done(true, None, Vec::new())),
+        (EventKind::UpgradeFailed { .. }, Until::RolledBack) => None,
+        (
+            EventKind::UpgradeFailed {
+                reason,
+                stderr_tail,
+            },
+            _,
+        ) => Some(done(false, Some(reason.clone()), stderr_tail.clone())),
+        _ => None,
+    }
 }
 
 /// A client that stops reading for this long is dropped (the upgrade
@@ -508,6 +581,7 @@ mod tests {
             uptime_ms: 0,
             stopping: false,
             sockets: vec![],
+            traffic: "shared".into(),
             active: Some(6),
             upgrading: None,
             generations: vec![],
@@ -534,7 +608,10 @@ mod tests {
                     Command::Status(r) => drop(r.send(status())),
                     Command::Upgrade { reply, .. } => {
                         upgrades_tx.send_modify(|n| *n += 1);
-                        drop(reply.send(Ok(7)))
+                        drop(reply.send(Ok(crate::supervisor::Started {
+                            id: 7,
+                            how: crate::supervisor::How::Upgrading,
+                        })))
                     }
                     Command::Stop(r) => drop(r.send(())),
                 }
@@ -632,11 +709,9 @@ mod tests {
         };
         let task = tokio::spawn(async move {
             let mut replies = Vec::new();
-            request_on(client, &Request::Upgrade { wait_drain: true }, |r| {
-                replies.push(r)
-            })
-            .await
-            .unwrap();
+            request_on(client, &Request::upgrade(true), |r| replies.push(r))
+                .await
+                .unwrap();
             replies
         });
         // The server subscribes before it asks for the upgrade, so once the

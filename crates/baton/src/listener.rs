@@ -75,6 +75,17 @@ impl Listener {
         }
     }
 
+    /// A bound, listening TCP socket made elsewhere (a steering group's
+    /// first socket, when the kernel will not steer).
+    pub(crate) fn from_tcp(name: String, address: SocketAddr, socket: Socket) -> Self {
+        Self {
+            name,
+            address: ListenAddr::Tcp(address),
+            socket,
+            unix_file: None,
+        }
+    }
+
     /// Binds a private loopback listener for one generation's probes.
     pub fn bind_probe(name: &str) -> io::Result<Self> {
         let socket = bind_tcp(SocketAddr::from(([127, 0, 0, 1], 0)), 128)?;
@@ -156,7 +167,7 @@ fn bind_unix(path: &Path, mode: Option<u32>, backlog: u32) -> Result<(Socket, u6
 }
 
 /// The OS message without the "(os error N)" suffix.
-fn describe(e: &io::Error) -> String {
+pub(crate) fn describe(e: &io::Error) -> String {
     let s = e.to_string();
     match s.find(" (os error") {
         Some(i) => s[..i].to_lowercase(),

@@ -180,7 +180,12 @@ pub struct SpawnJob {
     pub gen: GenId,
     pub release: Release,
     pub config: Arc<Config>,
-    pub listeners: Arc<Vec<Listener>>,
+    /// The generation's sockets, in fd order, with their names (copies,
+    /// closed once the process has them).
+    pub sockets: Vec<(String, OwnedFd)>,
+    /// Whether to add a private probe listener (shared sockets and an
+    /// `http` or `tcp` readiness check).
+    pub probe_listener: bool,
     pub notify_path: PathBuf,
     pub base_env: Arc<Vec<(OsString, OsString)>>,
 }
@@ -310,7 +315,7 @@ fn spawn_now(job: SpawnJob) -> Result<Started, String> {
     // Everything that can fail happens before the fork: once the process
     // exists it must be tracked, or it would run unsupervised.
     let credentials = resolve_credentials(config)?;
-    let probe = if config.ready.needs_probe_listener() {
+    let probe = if job.probe_listener {
         Some(
             Listener::bind_probe(PROBE_FD_NAME)
                 .map_err(|e| format!("binding the probe listener: {e}"))?,
@@ -318,8 +323,8 @@ fn spawn_now(job: SpawnJob) -> Result<Started, String> {
     } else {
         None
     };
-    let mut fds: Vec<BorrowedFd<'_>> = job.listeners.iter().map(|l| l.as_fd()).collect();
-    let mut names: Vec<&str> = job.listeners.iter().map(|l| l.name.as_str()).collect();
+    let mut fds: Vec<BorrowedFd<'_>> = job.sockets.iter().map(|(_, fd)| fd.as_fd()).collect();
+    let mut names: Vec<&str> = job.sockets.iter().map(|(n, _)| n.as_str()).collect();
     if let Some(p) = &probe {
         fds.push(p.as_fd());
         names.push(PROBE_FD_NAME);

@@ -11,14 +11,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
-use std::os::fd::AsFd;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use baton_core::{
     Command as CoreCommand, Effect, GenId, Input, Machine, Note, Pid, Refusal, Reply as CoreReply,
-    Report, RequestId, Signal, Spec, Time,
+    Report, RequestId, Signal, Spec, Time, TrafficMode, TrafficPlan, UpgradeOptions,
 };
 use nix::sys::signal::killpg;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -28,9 +29,18 @@ use tokio::time::Instant;
 use crate::config::{Config, ConfigSource, ReadySpec};
 use crate::listener::Listener;
 use crate::notify::{NotifyMessage, NotifySocket, Received};
+use crate::probe::{self, Source};
 use crate::process::{self, PidFd, ProcessEvent, SpawnJob, Spawner, StderrSink, StderrTail};
-use crate::protocol::{ErrorKind, ErrorReply, Event, SocketStatus, Status, Trigger};
-use crate::{probe, wire};
+use crate::protocol::{ErrorKind, ErrorReply, Event, EventKind, SocketStatus, Status, Trigger};
+use crate::steer::Sockets;
+use crate::wire;
+
+/// How long a retired generation's sockets are watched before the first
+/// look at their queues: handshakes that were in flight when it lost its
+/// traffic complete into its queue, and it should accept them too.
+const RETIRE_SETTLE: Duration = Duration::from_millis(100);
+/// How often a steered socket is checked for an app's `shutdown()`.
+const RECOVER_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Events buffered for slow readers of the broadcast channel.
 const EVENT_BUFFER: usize = 4096;
@@ -41,10 +51,40 @@ pub enum Command {
     Status(oneshot::Sender<Status>),
     Upgrade {
         trigger: Trigger,
-        rollback: bool,
-        reply: oneshot::Sender<Result<u64, ErrorReply>>,
+        ask: Ask,
+        reply: oneshot::Sender<Result<Started, ErrorReply>>,
     },
     Stop(oneshot::Sender<()>),
+}
+
+/// What an upgrade request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// A new generation from the configuration on disk.
+    Upgrade(UpgradeOptions),
+    /// Back: to the parked generation during a bake (or off a canary), else
+    /// to the previous release.
+    Rollback,
+    /// A canary to all traffic, or a bake ended now.
+    Promote,
+}
+
+/// A request that was taken: the upgrade it concerns, and what happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    /// The upgrade's number (its candidate generation's).
+    pub id: u64,
+    pub how: How,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum How {
+    /// A new generation is starting.
+    Upgrading,
+    /// The traffic went back at once.
+    RolledBack,
+    /// The candidate is cut over, or the bake ended.
+    Promoting,
 }
 
 /// A cheap, cloneable way to talk to a running supervisor.
@@ -102,12 +142,12 @@ impl Handle {
         Some(status)
     }
 
-    /// Starts an upgrade (or rollback); returns its id, the candidate's
-    /// generation number. Subscribe first to see all of its events.
-    pub async fn upgrade(&self, trigger: Trigger, rollback: bool) -> Result<u64, ErrorReply> {
+    /// Starts an upgrade, a rollback or a promote. Subscribe first to see
+    /// all of its events.
+    pub async fn upgrade(&self, trigger: Trigger, ask: Ask) -> Result<Started, ErrorReply> {
         self.ask(|reply| Command::Upgrade {
             trigger,
-            rollback,
+            ask,
             reply,
         })
         .await
@@ -134,18 +174,27 @@ enum Internal {
         pid: Pid,
         result: Result<String, String>,
     },
+    Health {
+        gen: GenId,
+        pid: Pid,
+        result: Result<String, String>,
+    },
     Notify(Received),
     /// A configuration loaded for an upgrade (or why it could not be).
     Prepared {
         trigger: Trigger,
+        options: UpgradeOptions,
         spec: Result<Result<Spec<Arc<Config>>, String>, ErrorReply>,
-        reply: Option<oneshot::Sender<Result<u64, ErrorReply>>>,
+        reply: Option<oneshot::Sender<Result<Started, ErrorReply>>>,
+    },
+    QueueEmpty {
+        gen: GenId,
     },
 }
 
 /// How the reply to a request gets back to its asker.
 enum ReplyTo {
-    Upgrade(Option<oneshot::Sender<Result<u64, ErrorReply>>>),
+    Upgrade(Option<oneshot::Sender<Result<Started, ErrorReply>>>),
     Stop(oneshot::Sender<()>),
 }
 
@@ -204,9 +253,12 @@ pub struct Supervisor {
     machine: Machine<Arc<Config>>,
     epoch: Instant,
     prep: Arc<Prep>,
-    /// baton's copies of the listening sockets, until stop closes them.
-    listeners: Option<Arc<Vec<Listener>>>,
-    sockets: Vec<SocketStatus>,
+    /// The listening sockets and the traffic plan applied to them.
+    sockets: Sockets,
+    /// Stop closed the sockets.
+    closed: bool,
+    /// Where probes and health checks connect from.
+    probe_source: Source,
     notify_path: PathBuf,
     stderr_sink: StderrSink,
     spawner: Spawner,
@@ -214,6 +266,8 @@ pub struct Supervisor {
     /// The stderr of each generation's latest process, for failure reports.
     tails: BTreeMap<GenId, StderrTail>,
     probes: HashMap<GenId, AbortHandle>,
+    health: HashMap<GenId, AbortHandle>,
+    queue_watches: HashMap<GenId, AbortHandle>,
     replies: HashMap<RequestId, ReplyTo>,
     next_request: u64,
     /// Readiness reports held back until the exit of their process, which
@@ -238,7 +292,7 @@ impl Supervisor {
     pub fn new(
         source: ConfigSource,
         config: Config,
-        listeners: Vec<Listener>,
+        sockets: Sockets,
         notify: NotifySocket,
         stderr_sink: StderrSink,
     ) -> std::io::Result<Self> {
@@ -269,31 +323,30 @@ impl Supervisor {
             }
         })
         .abort_handle();
-        let sockets = listeners
-            .iter()
-            .enumerate()
-            .map(|(i, l)| SocketStatus {
-                name: l.name.clone(),
-                address: l.address.to_string(),
-                fd: baton_protocol::app::FIRST_FD + i as u32,
-            })
-            .collect();
+        let mode = sockets.mode();
+        let probe_source = match mode {
+            TrafficMode::Steered => Source::reserved(sockets.probe_ports()),
+            TrafficMode::Shared => Source::any(),
+        };
         Ok(Self {
-            machine: Machine::new(),
+            machine: Machine::new(mode),
             epoch: Instant::now(),
             prep: Arc::new(Prep {
                 source,
                 initial: Arc::new(config),
                 base_env: Arc::new(process::own_env()),
             }),
-            listeners: Some(Arc::new(listeners)),
             sockets,
+            closed: false,
+            probe_source,
             notify_path,
             stderr_sink,
             spawner,
             procs: HashMap::new(),
             tails: BTreeMap::new(),
             probes: HashMap::new(),
+            health: HashMap::new(),
+            queue_watches: HashMap::new(),
             replies: HashMap::new(),
             next_request: 1,
             deferred: Vec::new(),
@@ -340,6 +393,9 @@ impl Supervisor {
         }
         tokio::pin!(shutdown);
         let mut shutdown_done = false;
+        let mut recover = tokio::time::interval(RECOVER_INTERVAL);
+        recover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let steered = self.sockets.mode() == TrafficMode::Steered;
         while !self.machine.is_done() {
             let deadline = self
                 .machine
@@ -357,6 +413,7 @@ impl Supervisor {
                     self.request(CoreCommand::Stop, None);
                 }
                 () = sleep_until(deadline), if deadline.is_some() => self.feed(Input::Tick),
+                _ = recover.tick(), if steered && !self.closed => self.sockets.recover_detached(),
             }
         }
         self.notify_task.abort();
@@ -394,7 +451,7 @@ impl Supervisor {
                 }
                 ids
             }
-            Input::Probe { pid, .. } => vec![*pid],
+            Input::Probe { pid, .. } | Input::Health { pid, .. } => vec![*pid],
             _ => Vec::new(),
         };
         pids.iter().any(|pid| self.exit_pending(*pid))
@@ -444,18 +501,30 @@ impl Supervisor {
                 let _ = reply.send(self.status());
             }
             Command::Upgrade {
-                rollback: true,
+                ask,
                 reply,
-                ..
-            } => self.request(CoreCommand::Rollback, Some(ReplyTo::Upgrade(Some(reply)))),
-            Command::Upgrade { trigger, reply, .. } => self.prepare(trigger, Some(reply)),
+                trigger,
+            } => match ask {
+                Ask::Rollback => {
+                    self.request(CoreCommand::Rollback, Some(ReplyTo::Upgrade(Some(reply))))
+                }
+                Ask::Promote => {
+                    self.request(CoreCommand::Promote, Some(ReplyTo::Upgrade(Some(reply))))
+                }
+                Ask::Upgrade(options) => self.prepare(trigger, options, Some(reply)),
+            },
             Command::Stop(reply) => self.request(CoreCommand::Stop, Some(ReplyTo::Stop(reply))),
         }
     }
 
     /// Loads the configuration for an upgrade on a blocking task; the
     /// result comes back as [`Internal::Prepared`].
-    fn prepare(&self, trigger: Trigger, reply: Option<oneshot::Sender<Result<u64, ErrorReply>>>) {
+    fn prepare(
+        &self,
+        trigger: Trigger,
+        options: UpgradeOptions,
+        reply: Option<oneshot::Sender<Result<Started, ErrorReply>>>,
+    ) {
         let prep = self.prep.clone();
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
@@ -469,6 +538,7 @@ impl Supervisor {
                 });
             let _ = tx.send(Internal::Prepared {
                 trigger,
+                options,
                 spec,
                 reply,
             });
@@ -479,6 +549,7 @@ impl Supervisor {
         match ev {
             Internal::Prepared {
                 trigger,
+                options,
                 spec,
                 reply,
             } => match spec {
@@ -486,6 +557,7 @@ impl Supervisor {
                     CoreCommand::Upgrade {
                         trigger: wire::core_trigger(trigger),
                         spec,
+                        options,
                     },
                     Some(ReplyTo::Upgrade(reply)),
                 ),
@@ -499,6 +571,13 @@ impl Supervisor {
             Internal::Probe { gen, pid, result } => {
                 self.probes.remove(&gen);
                 self.feed_report(Input::Probe { gen, pid, result });
+            }
+            Internal::Health { gen, pid, result } => {
+                self.feed_report(Input::Health { gen, pid, result })
+            }
+            Internal::QueueEmpty { gen } => {
+                self.queue_watches.remove(&gen);
+                self.feed(Input::QueueEmpty { gen });
             }
             Internal::Notify(r) => {
                 let reports: Vec<Report> = r
@@ -604,17 +683,35 @@ impl Supervisor {
                 }
                 self.forget_finished();
             }
+            Effect::StartHealth { gen, pid } => self.start_health(gen, pid),
+            Effect::StopHealth { gen } => {
+                if let Some(task) = self.health.remove(&gen) {
+                    task.abort();
+                }
+            }
+            Effect::WatchQueue { gen } => self.watch_queue(gen),
+            Effect::FreeSockets { gen } => {
+                if let Some(task) = self.queue_watches.remove(&gen) {
+                    task.abort();
+                }
+                self.sockets.free(gen);
+            }
             Effect::Traffic(plan) => {
-                tracing::debug!(active = ?plan.active.map(|g| g.0), "traffic plan");
+                // Applied first: the event says what the kernel does now.
+                self.sockets.apply(&plan);
+                self.publish_traffic(&plan);
             }
             Effect::CloseListeners => {
                 // New clients are refused (once the apps, which drain, have
                 // closed their copies too) instead of being accepted into a
                 // queue that nobody serves and reset when baton exits.
                 tracing::info!("stopping: draining every generation; new connections are refused");
-                self.listeners = None;
+                self.sockets.close();
+                self.closed = true;
             }
-            Effect::RequestUpgrade => self.prepare(Trigger::Signal, None),
+            Effect::RequestUpgrade => {
+                self.prepare(Trigger::Signal, UpgradeOptions::default(), None)
+            }
             Effect::Reply { id, reply } => self.reply(id, reply),
             Effect::Event(ev) => {
                 let wire = wire::event(&ev, &self.machine, &self.tails, self.now());
@@ -629,19 +726,29 @@ impl Supervisor {
         let Some(spec) = self.machine.spec(gen).cloned() else {
             return;
         };
-        let Some(listeners) = self.listeners.clone() else {
+        if self.closed {
             // Stopping: nothing new may take the sockets.
             self.feed(Input::SpawnFailed {
                 gen,
                 error: "the supervisor is stopping".into(),
             });
             return;
+        }
+        let sockets = match self.sockets.for_spawn(gen) {
+            Ok(s) => s,
+            Err(e) => {
+                let error = format!("preparing its sockets: {e}");
+                return self.feed(Input::SpawnFailed { gen, error });
+            }
         };
+        let probe_listener =
+            self.sockets.mode() == TrafficMode::Shared && spec.payload.ready.needs_probe_listener();
         let job = SpawnJob {
             gen,
             release: spec.release,
             config: spec.payload,
-            listeners,
+            sockets,
+            probe_listener,
             notify_path: self.notify_path.clone(),
             base_env: self.prep.base_env.clone(),
         };
@@ -651,51 +758,149 @@ impl Supervisor {
         }
     }
 
+    /// Where a check of `gen` connects, and the socket whose queue shows
+    /// that the app accepted: its private probe listener (shared sockets),
+    /// or the real address and its own socket (steered).
+    fn check_target(&self, gen: GenId, pid: Pid) -> (Option<SocketAddr>, Option<OwnedFd>) {
+        match self.sockets.mode() {
+            TrafficMode::Steered => (
+                self.sockets.probe_addr(),
+                self.sockets.watch_fds(gen).into_iter().next(),
+            ),
+            TrafficMode::Shared => {
+                let probe = self.procs.get(&pid).and_then(|h| h.probe.as_ref());
+                (
+                    probe.and_then(process::probe_addr),
+                    probe.and_then(|l| l.as_fd().try_clone_to_owned().ok()),
+                )
+            }
+        }
+    }
+
+    /// The environment of an `exec:` check.
+    fn check_env(&self, gen: GenId, pid: Pid, addr: Option<SocketAddr>) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("BATON_GENERATION".to_owned(), gen.to_string()),
+            ("BATON_PID".to_owned(), pid.to_string()),
+        ];
+        if let Some(a) = addr {
+            env.push(("BATON_PROBE_ADDR".to_owned(), a.to_string()));
+        }
+        if self.sockets.mode() == TrafficMode::Steered {
+            let ports = self.sockets.probe_ports();
+            env.push(("BATON_PROBE_PORTS".to_owned(), ports.to_string()));
+        }
+        env
+    }
+
     fn start_probe(&mut self, gen: GenId, pid: Pid) {
         let Some(config) = self.machine.spec(gen).map(|s| s.payload.clone()) else {
             return;
         };
-        let probe_listener = self.procs.get(&pid).and_then(|h| h.probe.as_ref());
-        let addr = probe_listener.and_then(process::probe_addr);
+        let (addr, fd) = self.check_target(gen, pid);
+        let env = self.check_env(gen, pid, addr);
+        let source = self.probe_source.clone();
         let tx = self.internal_tx.clone();
-        let check: std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<String, String>> + Send>,
-        > = match (&config.ready, addr) {
-            (ReadySpec::Http(path), Some(addr)) => {
-                let path = path.clone();
-                Box::pin(async move { probe::http(addr, &path).await })
-            }
-            (ReadySpec::Tcp, Some(addr)) => {
-                let Some(fd) = probe_listener.and_then(|l| l.as_fd().try_clone_to_owned().ok())
-                else {
-                    return self.feed(Input::Probe {
-                        gen,
-                        pid,
-                        result: Err("cannot watch the probe listener".into()),
-                    });
-                };
-                Box::pin(async move { probe::tcp(addr, fd.as_fd()).await })
-            }
-            (ReadySpec::Exec(cmd), addr) => {
-                let cmd = cmd.clone();
-                let mut env = vec![
-                    ("BATON_GENERATION".to_owned(), gen.to_string()),
-                    ("BATON_PID".to_owned(), pid.to_string()),
-                ];
-                if let Some(a) = addr {
-                    env.push(("BATON_PROBE_ADDR".to_owned(), a.to_string()));
-                }
-                Box::pin(async move { probe::exec(&cmd, &env).await })
-            }
-            _ => Box::pin(async { Err("no probe listener for the readiness check".into()) }),
-        };
         let task = tokio::spawn(async move {
-            let result = check.await;
+            let result = match (&config.ready, addr) {
+                (ReadySpec::Http(path), Some(addr)) => probe::http(addr, path, &source).await,
+                (ReadySpec::Tcp, Some(addr)) => match &fd {
+                    Some(fd) => probe::tcp(addr, fd.as_fd(), &source).await,
+                    None => Err("cannot watch the listener for the tcp check".into()),
+                },
+                (ReadySpec::Exec(cmd), _) => probe::exec(cmd, &env).await,
+                _ => Err("no address for the readiness check".into()),
+            };
             let _ = tx.send(Internal::Probe { gen, pid, result });
         });
         if let Some(old) = self.probes.insert(gen, task.abort_handle()) {
             old.abort();
         }
+    }
+
+    /// Runs `gen`'s health check against `pid` at its interval until
+    /// stopped, each result an input.
+    fn start_health(&mut self, gen: GenId, pid: Pid) {
+        let Some(config) = self.machine.spec(gen).map(|s| s.payload.clone()) else {
+            return;
+        };
+        let Some(check) = config.health.clone() else {
+            return;
+        };
+        let (addr, fd) = self.check_target(gen, pid);
+        let env = self.check_env(gen, pid, addr);
+        let source = self.probe_source.clone();
+        let tx = self.internal_tx.clone();
+        let interval = config.health_interval;
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let result = probe::health_once(
+                    &check.0,
+                    addr,
+                    fd.as_ref().map(|f| f.as_fd()),
+                    &source,
+                    &env,
+                )
+                .await;
+                if tx.send(Internal::Health { gen, pid, result }).is_err() {
+                    return;
+                }
+            }
+        });
+        if let Some(old) = self.health.insert(gen, task.abort_handle()) {
+            old.abort();
+        }
+    }
+
+    /// Reports when nothing waits in `gen`'s sockets any more: after
+    /// [`RETIRE_SETTLE`], once their accept queues are empty. The machine
+    /// drains it regardless after its own bound.
+    fn watch_queue(&mut self, gen: GenId) {
+        let fds = self.sockets.watch_fds(gen);
+        let tx = self.internal_tx.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(RETIRE_SETTLE).await;
+            let bound = tokio::time::Instant::now() + baton_core::RETIRE_WAIT;
+            while tokio::time::Instant::now() < bound {
+                let waiting: u32 = fds
+                    .iter()
+                    .map(|fd| baton_sys::tcp_accept_queue_len(fd.as_fd()).unwrap_or(0))
+                    .sum();
+                if waiting == 0 {
+                    let _ = tx.send(Internal::QueueEmpty { gen });
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        if let Some(old) = self.queue_watches.insert(gen, task.abort_handle()) {
+            old.abort();
+        }
+    }
+
+    /// Publishes a traffic change, once the kernel has it.
+    fn publish_traffic(&self, plan: &TrafficPlan) {
+        let Some(active) = plan.active else {
+            return;
+        };
+        let upgrade = self.machine.upgrade();
+        let ev = Event {
+            time_us: wall_us(),
+            generation: active.0,
+            upgrade: upgrade.map(|u| u.candidate.0),
+            elapsed_us: upgrade.map(|u| self.now().since(u.started).as_micros() as u64),
+            kind: EventKind::Traffic {
+                active: Some(active.0),
+                candidate: plan.candidate.map(|c| c.gen.0),
+                share: plan.candidate.map_or(0, |c| c.share),
+                parked: plan.parked.map(|g| g.0),
+            },
+        };
+        wire::log_event(&ev);
+        let _ = self.events.send(ev);
     }
 
     fn signal(&mut self, pid: Pid, signal: Signal) {
@@ -722,15 +927,21 @@ impl Supervisor {
 
     fn reply(&mut self, id: RequestId, reply: CoreReply) {
         let Some(to) = self.replies.remove(&id) else {
+            // The follow-up owed to SIGHUPs met another upgrade (one a new
+            // SIGHUP started while its configuration loaded): it is owed
+            // again, after that one.
             if let CoreReply::Refused(r) = reply {
-                tracing::info!("upgrade requested by SIGHUP: {}", refusal(r).message);
+                tracing::info!("follow-up upgrade deferred: {}", refusal(r).message);
             }
             return;
         };
         match (to, reply) {
             (ReplyTo::Upgrade(tx), reply) => {
+                let started = |gen: GenId, how| Ok(Started { id: gen.0, how });
                 let result = match reply {
-                    CoreReply::Upgrading(gen) => Ok(gen.0),
+                    CoreReply::Upgrading(gen) => started(gen, How::Upgrading),
+                    CoreReply::RolledBack(gen) => started(gen, How::RolledBack),
+                    CoreReply::Promoting(gen) => started(gen, How::Promoting),
                     CoreReply::Refused(r) => {
                         let e = refusal(r);
                         tracing::warn!("upgrade refused: {}", e.message);
@@ -756,12 +967,18 @@ impl Supervisor {
     }
 
     fn status(&self) -> Status {
-        wire::status(
-            &self.machine,
-            &self.sockets,
-            self.now(),
-            self.epoch.elapsed(),
-        )
+        let sockets: Vec<SocketStatus> = self
+            .sockets
+            .info()
+            .into_iter()
+            .enumerate()
+            .map(|(i, info)| SocketStatus {
+                name: info.name,
+                address: info.address,
+                fd: baton_protocol::app::FIRST_FD + i as u32,
+            })
+            .collect();
+        wire::status(&self.machine, &sockets, self.now(), self.epoch.elapsed())
     }
 }
 
@@ -777,6 +994,16 @@ fn refusal(r: Refusal) -> ErrorReply {
         Refusal::NoPrevious => ErrorReply {
             kind: ErrorKind::NoPrevious,
             message: "no previous successful release to roll back to".into(),
+        },
+        Refusal::NothingToPromote => ErrorReply {
+            kind: ErrorKind::NothingToPromote,
+            message: "nothing to promote: no canary runs and no bake is under way".into(),
+        },
+        Refusal::NeedsSteering => ErrorReply {
+            kind: ErrorKind::NeedsSteering,
+            message: "a canary needs steered traffic (traffic = \"steered\", and a kernel \
+                      that takes the steering program)"
+                .into(),
         },
     }
 }
@@ -815,6 +1042,22 @@ fn log_note(note: &Note) {
         Note::FollowUpUpgrade => {
             info!("running the upgrade requested by SIGHUP during the last one")
         }
+        Note::QueueNotEmpty { gen } => warn!(
+            generation = gen.0,
+            "its sockets' queues did not empty in time: draining it anyway"
+        ),
+        Note::ParkedExited { gen } => warn!(
+            generation = gen.0,
+            "the parked generation exited during the bake: nothing to roll back to"
+        ),
+        Note::HealthFailed {
+            gen,
+            failures,
+            reason,
+        } => warn!(
+            generation = gen.0,
+            failures, "health check failed: {reason}"
+        ),
     }
 }
 

@@ -7,12 +7,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_core::{EventKind as Core, ExitStatus, Failure, GenId, Machine, Phase, Time, Via};
+use baton_core::{
+    EventKind as Core, ExitStatus, Failure, GenId, Machine, Phase, Time, TrafficMode, Via,
+};
 
 use crate::config::Config;
 use crate::process::StderrTail;
 use crate::protocol::{
-    Event, EventKind, GenState, GenerationStatus, SocketStatus, Status, Trigger,
+    Event, EventKind, GenState, GenerationStatus, Role, SocketStatus, Status, Trigger,
 };
 
 pub fn core_trigger(t: Trigger) -> baton_core::Trigger {
@@ -65,6 +67,11 @@ pub fn failure_words(gen: GenId, failure: &Failure) -> String {
         ),
         Failure::Timeout(d) => format!("not ready within {}", duration_words(*d)),
         Failure::Check(reason) => reason.clone(),
+        Failure::Died(status) => format!("generation {gen} exited ({})", status_words(*status)),
+        Failure::Unhealthy(reason) => {
+            format!("generation {gen} failed its health checks: {reason}")
+        }
+        Failure::RolledBack => "rolled back on request".into(),
         Failure::Stopping => "the supervisor is stopping".into(),
     }
 }
@@ -102,6 +109,16 @@ pub fn event(
             via: via_words(via),
         },
         Core::Active { pid } => EventKind::Active { pid: Some(pid.0) },
+        Core::CanaryStarted { share } => EventKind::Canary { share: *share },
+        Core::BakeStarted { parked, bake } => EventKind::Bake {
+            parked: parked.0,
+            bake_ms: bake.as_millis() as u64,
+        },
+        Core::RolledBack { to, failure } => EventKind::RolledBack {
+            to: to.0,
+            reason: failure_words(gen, failure),
+        },
+        Core::Retiring { pid } => EventKind::Retiring { pid: pid.0 },
         Core::Draining { pid } => EventKind::Draining {
             pid: pid.0,
             signal: spec
@@ -142,13 +159,19 @@ pub fn status(
     now: Time,
     uptime: Duration,
 ) -> Status {
-    let active = machine.traffic().active;
+    let plan = machine.traffic();
+    let active = plan.active;
     Status {
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_ms: uptime.as_millis() as u64,
         stopping: machine.stopping(),
         sockets: sockets.to_vec(),
+        traffic: match machine.mode() {
+            TrafficMode::Steered => "steered",
+            TrafficMode::Shared => "shared",
+        }
+        .to_owned(),
         active: active.map(|g| g.0),
         upgrading: machine.upgrade().map(|u| u.candidate.0),
         generations: machine
@@ -165,6 +188,7 @@ pub fn status(
                     | Phase::Starting { .. }
                     | Phase::Recycling { .. }
                     | Phase::Restarting { .. } => GenState::Starting,
+                    Phase::Retiring { .. } => GenState::Retiring,
                     Phase::Serving { .. } if active == Some(g.id()) => GenState::Active,
                     Phase::Serving { .. } => GenState::Ready,
                     Phase::Draining { .. } => GenState::Draining,
@@ -174,6 +198,18 @@ pub fn status(
                     } => GenState::Failed,
                 };
                 let spec = g.spec();
+                let id = g.id();
+                let canary = plan.candidate.filter(|c| c.gen == id);
+                let (role, share) = if active == Some(id) {
+                    let taken = plan.candidate.map_or(0, |c| c.share);
+                    (Some(Role::Active), Some(100 - taken.min(100)))
+                } else if let Some(c) = canary {
+                    (Some(Role::Candidate), Some(c.share))
+                } else if plan.parked == Some(id) {
+                    (Some(Role::Parked), Some(0))
+                } else {
+                    (None, None)
+                };
                 GenerationStatus {
                     number: g.id().0,
                     state,
@@ -185,6 +221,8 @@ pub fn status(
                     status_text: g.status_text().map(str::to_owned),
                     restarts: g.restarts(),
                     last_exit: g.last_exit().map(status_words),
+                    role,
+                    share,
                 }
             })
             .collect(),
@@ -205,6 +243,27 @@ pub fn log_event(ev: &Event) {
         }
         EventKind::Ready { pid, via } => info!(generation = gen, pid, via, "generation ready"),
         EventKind::Active { pid } => info!(generation = gen, pid, "generation active"),
+        EventKind::Canary { share } => info!(generation = gen, share, "canary started"),
+        EventKind::Bake { parked, bake_ms } => {
+            info!(generation = gen, parked, bake_ms, "bake started")
+        }
+        EventKind::RolledBack { to, reason } => {
+            warn!(generation = gen, to, "rolled back: {reason}")
+        }
+        EventKind::Traffic {
+            active,
+            candidate,
+            share,
+            parked,
+        } => info!(
+            generation = gen,
+            active = ?active,
+            candidate = ?candidate,
+            share,
+            parked = ?parked,
+            "traffic"
+        ),
+        EventKind::Retiring { pid } => info!(generation = gen, pid, "generation retiring"),
         EventKind::Draining { pid, signal } => {
             info!(generation = gen, pid, signal, "generation draining")
         }

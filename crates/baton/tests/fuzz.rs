@@ -53,20 +53,15 @@ impl<'de> serde::Deserialize<'de> for Entries {
     }
 }
 
-fn command(name: &str, wait_drain: bool) -> Option<Request> {
-    match name {
-        "status" => Some(Request::Status),
-        "stop" => Some(Request::Stop),
-        "upgrade" => Some(Request::Upgrade { wait_drain }),
-        "rollback" => Some(Request::Rollback { wait_drain }),
-        _ => None,
-    }
-}
-
 /// The request grammar as docs/protocol.md states it: one JSON object with
-/// a `cmd` (status, upgrade, rollback, stop); upgrade and rollback may add
-/// a boolean `wait_drain` (default false); "unknown commands or fields are
-/// refused", and so is a key given twice.
+/// a `cmd`; "unknown commands or fields are refused", and so is a key
+/// given twice. Per command, the fields it takes (all optional):
+/// - `status`, `stop`: none;
+/// - `upgrade`: `wait_drain`, `no_wait` (booleans, default false),
+///   `canary` (0-255 at this layer; the server refuses over 100),
+///   `canary_for_ms`, `bake_ms` (non-negative integers); `null` is absent;
+/// - `rollback`: `wait_drain`;
+/// - `promote`: `wait_drain`, `no_wait`.
 fn documented_request(body: &[u8]) -> Option<Request> {
     let Ok(Value::Object(_)) = serde_json::from_slice::<Value>(body) else {
         return None;
@@ -81,16 +76,57 @@ fn documented_request(body: &[u8]) -> Option<Request> {
     let Some(Value::String(cmd)) = get("cmd") else {
         return None;
     };
-    let takes_wait_drain = matches!(cmd.as_str(), "upgrade" | "rollback");
-    let wait_drain = match get("wait_drain") {
-        None => false,
-        Some(Value::Bool(b)) if takes_wait_drain => *b,
-        Some(_) => return None,
+    let allowed: &[&str] = match cmd.as_str() {
+        "status" | "stop" => &[],
+        "upgrade" => &[
+            "wait_drain",
+            "no_wait",
+            "canary",
+            "canary_for_ms",
+            "bake_ms",
+        ],
+        "rollback" => &["wait_drain"],
+        "promote" => &["wait_drain", "no_wait"],
+        _ => return None,
     };
-    if entries.iter().any(|(k, _)| k != "cmd" && k != "wait_drain") {
+    if entries
+        .iter()
+        .any(|(k, _)| k != "cmd" && !allowed.contains(&k.as_str()))
+    {
         return None;
     }
-    command(cmd, wait_drain)
+    let flag = |key: &str| -> Option<bool> {
+        match get(key) {
+            None => Some(false),
+            Some(Value::Bool(b)) => Some(*b),
+            Some(_) => None,
+        }
+    };
+    let number = |key: &str, max: u64| -> Option<Option<u64>> {
+        match get(key) {
+            None | Some(Value::Null) => Some(None),
+            Some(Value::Number(n)) => n.as_u64().filter(|v| *v <= max).map(Some),
+            Some(_) => None,
+        }
+    };
+    Some(match cmd.as_str() {
+        "status" => Request::Status,
+        "stop" => Request::Stop,
+        "rollback" => Request::Rollback {
+            wait_drain: flag("wait_drain")?,
+        },
+        "promote" => Request::Promote {
+            wait_drain: flag("wait_drain")?,
+            no_wait: flag("no_wait")?,
+        },
+        _ => Request::Upgrade {
+            wait_drain: flag("wait_drain")?,
+            no_wait: flag("no_wait")?,
+            canary: number("canary", 255)?.map(|v| v as u8),
+            canary_for_ms: number("canary_for_ms", u64::MAX)?,
+            bake_ms: number("bake_ms", u64::MAX)?,
+        },
+    })
 }
 
 fn expected_request(body: &[u8]) -> Option<Request> {
@@ -101,7 +137,26 @@ fn any_request() -> impl Strategy<Value = Request> {
     prop_oneof![
         Just(Request::Status),
         Just(Request::Stop),
-        any::<bool>().prop_map(|wait_drain| Request::Upgrade { wait_drain }),
+        (
+            any::<bool>(),
+            any::<bool>(),
+            proptest::option::of(0..=100u8),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(wait_drain, no_wait, canary, canary_for_ms, bake_ms)| {
+                Request::Upgrade {
+                    wait_drain,
+                    no_wait,
+                    canary,
+                    canary_for_ms,
+                    bake_ms,
+                }
+            }),
+        (any::<bool>(), any::<bool>()).prop_map(|(wait_drain, no_wait)| Request::Promote {
+            wait_drain,
+            no_wait
+        }),
         any::<bool>().prop_map(|wait_drain| Request::Rollback { wait_drain }),
     ]
 }
@@ -109,13 +164,29 @@ fn any_request() -> impl Strategy<Value = Request> {
 /// JSON texts close to valid requests: objects and arrays of the keys and
 /// values the decoder looks for, in any order, duplicates included.
 fn request_like_json() -> impl Strategy<Value = String> {
-    let key = prop::sample::select(vec!["cmd", "wait_drain", "force", "CMD", "", "cmd "]);
+    let key = prop::sample::select(vec![
+        "cmd",
+        "wait_drain",
+        "no_wait",
+        "canary",
+        "canary_for_ms",
+        "bake_ms",
+        "force",
+        "CMD",
+        "",
+        "cmd ",
+    ]);
     let value = prop::sample::select(vec![
         "\"status\"",
         "\"upgrade\"",
         "\"rollback\"",
         "\"stop\"",
+        "\"promote\"",
         "\"UPGRADE\"",
+        "10",
+        "300",
+        "-1",
+        "1.5",
         "\"\"",
         "\"\\u0073top\"",
         "true",
@@ -747,7 +818,7 @@ fn every_signal_round_trips() {
 fn references_follow_the_documented_examples() {
     assert_eq!(
         documented_request(br#"{"cmd":"upgrade","wait_drain":true}"#),
-        Some(Request::Upgrade { wait_drain: true })
+        Some(Request::upgrade(true))
     );
     assert_eq!(
         documented_request(br#"{"cmd":"status"}"#),

@@ -29,6 +29,8 @@
 //!   so a test can tell a drained process from a killed one.
 //! - `FAKE_SKIP_PROBE_FD=1`: do not serve the fd named `baton-probe` (the
 //!   private probe listener), as an app that only serves its own names.
+//! - `FAKE_NO_ACCEPT=1`: hold the listeners but never accept on any of
+//!   them (a wedged app: connections queue and are never served).
 //! - `FAKE_NOTIFY_FORGE=1`: first spawn a copy of itself (`FAKE_ROLE=forger`)
 //!   in a new process group, which sends `READY=1` to NOTIFY_SOCKET from its
 //!   own pid, prints `fake: forger pid=<pid> sent READY=1` on stderr and stays
@@ -461,8 +463,16 @@ async fn run(
     let pid = std::process::id();
     eprintln!("fake: pid={pid} serving {} listeners", listeners.len());
     let mut tasks = Vec::new();
+    let mut held = Vec::new();
     for l in listeners {
+        if env_flag("FAKE_NO_ACCEPT") {
+            held.push(l);
+            continue;
+        }
         tasks.push(tokio::spawn(accept_loop(l, drain.clone(), st.clone())));
+    }
+    if !held.is_empty() {
+        eprintln!("fake: holding {} listeners, accepting nothing", held.len());
     }
     drop(drain);
     let sent_ready = Arc::new(AtomicBool::new(false));

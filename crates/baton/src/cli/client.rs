@@ -4,18 +4,49 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use baton::control;
-use baton::protocol::{EventKind, GenState, Reply, Request, Status};
+use baton::protocol::{EventKind, GenState, Reply, Request, Role, Status};
 
-use super::{CliError, UpgradeArgs, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use super::{CliError, PromoteArgs, StreamArgs, UpgradeArgs, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 
-pub async fn upgrade(path: PathBuf, rollback: bool, args: UpgradeArgs) -> Result<u8, CliError> {
-    let wait_drain = !args.no_wait_drain;
-    let req = if rollback {
-        Request::Rollback { wait_drain }
-    } else {
-        Request::Upgrade { wait_drain }
+pub async fn upgrade(path: PathBuf, args: UpgradeArgs) -> Result<u8, CliError> {
+    let req = Request::Upgrade {
+        wait_drain: !args.stream.no_wait_drain,
+        no_wait: args.no_wait,
+        canary: args.canary,
+        canary_for_ms: args.canary_for.map(|d| d.as_millis() as u64),
+        bake_ms: args.bake.map(|d| d.as_millis() as u64),
     };
-    let what = if rollback { "rollback" } else { "upgrade" };
+    let what = if args.canary.is_some() {
+        "canary"
+    } else {
+        "upgrade"
+    };
+    stream(path, req, what, &args.stream).await
+}
+
+pub async fn rollback(path: PathBuf, args: StreamArgs) -> Result<u8, CliError> {
+    let req = Request::Rollback {
+        wait_drain: !args.no_wait_drain,
+    };
+    stream(path, req, "rollback", &args).await
+}
+
+pub async fn promote(path: PathBuf, args: PromoteArgs) -> Result<u8, CliError> {
+    let req = Request::Promote {
+        wait_drain: !args.stream.no_wait_drain,
+        no_wait: args.no_wait,
+    };
+    stream(path, req, "promote", &args.stream).await
+}
+
+/// Sends an upgrade-like request and prints its events as they come; the
+/// exit code is its outcome's.
+async fn stream(
+    path: PathBuf,
+    req: Request,
+    what: &'static str,
+    args: &StreamArgs,
+) -> Result<u8, CliError> {
     let mut code = None;
     let mut refused = None;
     control::request(&path, &req, |reply| {
@@ -37,10 +68,16 @@ pub async fn upgrade(path: PathBuf, rollback: bool, args: UpgradeArgs) -> Result
             Reply::Done(o) => {
                 if !args.json {
                     let secs = o.elapsed_us as f64 / 1e6;
-                    if o.success {
+                    if o.success && what == "canary" {
+                        println!(
+                            "canary running: generation {} takes its share of new connections \
+                             ({secs:.3}s); `baton promote` to finish, `baton rollback` to abort",
+                            o.upgrade
+                        );
+                    } else if o.success {
                         println!(
                             "{what} succeeded: generation {} is active ({secs:.3}s)",
-                            o.upgrade
+                            o.active.unwrap_or(o.upgrade)
                         );
                     } else {
                         println!(
@@ -82,6 +119,39 @@ fn describe_event(gen: u64, kind: &EventKind) -> String {
         EventKind::SpawnFailed { error } => format!("generation {gen} could not start: {error}"),
         EventKind::Ready { via, .. } => format!("generation {gen} ready ({via})"),
         EventKind::Active { .. } => format!("generation {gen} active"),
+        EventKind::Canary { share } => {
+            format!("generation {gen} takes {share}% of new connections (canary)")
+        }
+        EventKind::Bake { parked, bake_ms } => format!(
+            "generation {parked} parked for {} (bake): `baton rollback` returns to it at once",
+            humantime::format_duration(Duration::from_millis(*bake_ms))
+        ),
+        EventKind::RolledBack { to, reason } => {
+            format!("traffic back to generation {to} ({reason})")
+        }
+        EventKind::Traffic {
+            active,
+            candidate,
+            share,
+            parked,
+        } => {
+            let mut t = format!(
+                "traffic: generation {} gets new connections",
+                active.map_or("-".into(), |a| a.to_string())
+            );
+            match candidate {
+                Some(c) if *share == 0 => t.push_str(&format!("; {c} is dark (probes only)")),
+                Some(c) => t.push_str(&format!("; {c} takes {share}%")),
+                None => {}
+            }
+            if let Some(p) = parked {
+                t.push_str(&format!("; {p} is parked"));
+            }
+            t
+        }
+        EventKind::Retiring { pid } => {
+            format!("generation {gen} retiring (pid {pid} accepts what is queued, then drains)")
+        }
         EventKind::Draining { pid, signal } => {
             format!("generation {gen} draining ({signal} to pid {pid})")
         }
@@ -146,22 +216,30 @@ fn format_status(s: &Status) -> String {
         fmt_ms(s.uptime_ms),
         if s.stopping { ", stopping" } else { "" }
     );
+    let _ = writeln!(out, "traffic: {}", s.traffic);
     let _ = writeln!(out, "\nSOCKET   FD  ADDRESS");
     for sock in &s.sockets {
         let _ = writeln!(out, "{:<8} {:<3} {}", sock.name, sock.fd, sock.address);
     }
     let _ = writeln!(
         out,
-        "\nGEN  STATE     PID      UPTIME    RESTARTS  DIR  (STATUS)"
+        "\nGEN  STATE     TRAFFIC      PID      UPTIME    RESTARTS  DIR  (STATUS)"
     );
     for g in s.generations.iter().rev() {
         let state = match g.state {
             GenState::Starting => "starting",
             GenState::Ready => "ready",
             GenState::Active => "active",
+            GenState::Retiring => "retiring",
             GenState::Draining => "draining",
             GenState::Exited => "exited",
             GenState::Failed => "failed",
+        };
+        let traffic = match (g.role, g.share) {
+            (Some(Role::Candidate), Some(0)) => "dark".to_owned(),
+            (Some(Role::Parked), _) => "parked".to_owned(),
+            (Some(_), Some(share)) => format!("{share}%"),
+            _ => "-".to_owned(),
         };
         let pid = g.pid.map_or("-".to_owned(), |p| {
             if g.pids.len() > 1 {
@@ -172,9 +250,10 @@ fn format_status(s: &Status) -> String {
         });
         let _ = write!(
             out,
-            "{:<4} {:<9} {:<8} {:<9} {:<9} {}",
+            "{:<4} {:<9} {:<12} {:<8} {:<9} {:<9} {}",
             g.number,
             state,
+            traffic,
             pid,
             g.uptime_ms.map_or("-".into(), fmt_ms),
             g.restarts,

@@ -45,8 +45,12 @@ pub enum Cmd {
     Run(RunArgs),
     /// Start a new generation from the current configuration and cut over
     Upgrade(UpgradeArgs),
-    /// Start the previous successful release and cut over to it
-    Rollback(UpgradeArgs),
+    /// During a canary or bake: give the traffic back to the previous
+    /// generation at once. Otherwise: start the previous successful release
+    /// and cut over to it
+    Rollback(StreamArgs),
+    /// Cut a canary over to all traffic, or end a bake now
+    Promote(PromoteArgs),
     /// Show the supervisor, its sockets and generations
     Status {
         /// Print JSON for scripts
@@ -58,14 +62,45 @@ pub enum Cmd {
 }
 
 #[derive(Debug, Args)]
-pub struct UpgradeArgs {
-    /// Return as soon as the new generation is active, without waiting for
-    /// the old one to finish draining
+pub struct StreamArgs {
+    /// Return once the outcome is known, without waiting for the old
+    /// generation to finish draining
     #[arg(long)]
     pub no_wait_drain: bool,
     /// Print the raw event stream (NDJSON)
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    #[command(flatten)]
+    pub stream: StreamArgs,
+    /// Return as soon as the new generation is active, without waiting
+    /// for its bake (or the old generation's drain)
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Canary: once ready, the new generation takes PCT percent of new
+    /// connections and the upgrade waits for `baton promote` or `baton
+    /// rollback` (steered traffic only); returns once the canary runs
+    #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub canary: Option<u8>,
+    /// Promote a canary that stayed healthy this long
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration, requires = "canary")]
+    pub canary_for: Option<Duration>,
+    /// This upgrade's bake window (overrides the configured one)
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+    pub bake: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    #[command(flatten)]
+    pub stream: StreamArgs,
+    /// Return as soon as the new generation is active, without waiting for
+    /// its bake
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +141,28 @@ pub struct RunArgs {
     /// Run the app with this group (default: the user's primary group)
     #[arg(long, value_name = "GROUP")]
     pub group: Option<String>,
+    /// steered (a socket per generation; the kernel sends each new
+    /// connection where the traffic plan says) or shared [default: steered]
+    #[arg(long, value_name = "MODE", value_parser = config::parse_traffic)]
+    pub traffic: Option<config::TrafficMode>,
+    /// How long the previous generation stays parked after a cutover,
+    /// ready to take the traffic back [default: 0s, no bake]
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+    pub bake: Option<Duration>,
+    /// Health check during a canary and a bake: http:/PATH, tcp or
+    /// exec:COMMAND; failing ones roll back
+    #[arg(long, value_name = "CHECK")]
+    pub health: Option<config::HealthSpec>,
+    /// Time between health checks [default: 1s]
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+    pub health_interval: Option<Duration>,
+    /// Consecutive failed health checks that roll back [default: 3]
+    #[arg(long, value_name = "N")]
+    pub health_failures: Option<u32>,
+    /// Loopback source ports of baton's probes, which the kernel sends to
+    /// a dark candidate [default: 61000-61999]
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub probe_ports: Option<config::PortRange>,
     /// The app's command; `{fd:NAME}` becomes that listener's fd number
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -161,7 +218,11 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Refused { reply, .. } => match reply.kind {
-                ErrorKind::Busy | ErrorKind::Stopping | ErrorKind::NoPrevious => EXIT_FAILED,
+                ErrorKind::Busy
+                | ErrorKind::Stopping
+                | ErrorKind::NoPrevious
+                | ErrorKind::NothingToPromote
+                | ErrorKind::NeedsSteering => EXIT_FAILED,
                 ErrorKind::BadRequest | ErrorKind::Config | ErrorKind::Forbidden => EXIT_USAGE,
             },
             Self::StreamEnded(_) | Self::NoStatus | Self::StillDraining | Self::Json(_) => {
@@ -227,8 +288,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let result = runtime.block_on(async move {
         match cli.command {
             Cmd::Run(args) => run::supervise(args, cli.control).await,
-            Cmd::Upgrade(args) => client::upgrade(control_path(cli.control), false, args).await,
-            Cmd::Rollback(args) => client::upgrade(control_path(cli.control), true, args).await,
+            Cmd::Upgrade(args) => client::upgrade(control_path(cli.control), args).await,
+            Cmd::Rollback(args) => client::rollback(control_path(cli.control), args).await,
+            Cmd::Promote(args) => client::promote(control_path(cli.control), args).await,
             Cmd::Status { json } => client::status(control_path(cli.control), json).await,
             Cmd::Stop => client::stop(control_path(cli.control)).await,
         }

@@ -3,11 +3,15 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use baton::config::TrafficMode;
 use baton::config::{ConfigSource, Overrides};
 use baton::notify::NotifySocket;
 use baton::protocol::Trigger;
-use baton::supervisor::{Handle, Supervisor};
-use baton::{control, listener, process};
+use baton::steer::program::PortRange;
+use baton::steer::Sockets;
+use baton::supervisor::{Ask, Handle, Supervisor};
+use baton::{control, process};
+use baton_core::UpgradeOptions;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use super::{CliError, RunArgs, EXIT_OK};
@@ -31,6 +35,12 @@ pub async fn supervise(args: RunArgs, control: Option<PathBuf>) -> Result<u8, Cl
             backlog: args.backlog,
             user: args.user,
             group: args.group,
+            traffic: args.traffic,
+            bake: args.bake,
+            health: args.health,
+            health_interval: args.health_interval,
+            health_failures: args.health_failures,
+            probe_ports: args.probe_ports,
         },
         base_dir,
     };
@@ -44,9 +54,17 @@ pub async fn supervise(args: RunArgs, control: Option<PathBuf>) -> Result<u8, Cl
     // Signal handlers before anything starts: without them SIGTERM would
     // kill baton outright and leave its apps to the parent-death signal.
     let signals = Signals::install().map_err(setup("installing signal handlers"))?;
-    let listeners = listener::bind_all(&config.listen, config.backlog)?;
-    for l in &listeners {
-        tracing::info!(name = %l.name, address = %l.address, "listening");
+    let sockets = Sockets::bind(
+        &config.listen,
+        config.backlog,
+        config.traffic,
+        config.probe_ports,
+    )?;
+    for s in sockets.info() {
+        tracing::info!(name = %s.name, address = %s.address, steered = s.steered, "listening");
+    }
+    if sockets.mode() == TrafficMode::Steered {
+        warn_if_probe_ports_are_ephemeral(config.probe_ports);
     }
     let control_listener = control::bind(&config.control, !config.control_allow_uids.is_empty())?;
     let runtime_dir = notify_dir(config.user.is_some() || config.group.is_some())
@@ -58,7 +76,7 @@ pub async fn supervise(args: RunArgs, control: Option<PathBuf>) -> Result<u8, Cl
     // The apps' stderr lines share baton's stderr through their own
     // non-blocking writer (flushed, boundedly, when the guard drops).
     let (app_stderr, _app_stderr_guard) = super::stderr_writer("baton-app-stderr");
-    let supervisor = Supervisor::new(source, config, listeners, notify, app_stderr)
+    let supervisor = Supervisor::new(source, config, sockets, notify, app_stderr)
         .map_err(setup("starting the spawner thread"))?;
     let handle = supervisor.handle();
     tracing::info!(control = %control_path.display(), pid = std::process::id(), "supervisor started");
@@ -79,6 +97,27 @@ pub async fn supervise(args: RunArgs, control: Option<PathBuf>) -> Result<u8, Cl
     drop(runtime_dir);
     result.map_err(CliError::StartApp)?;
     Ok(EXIT_OK)
+}
+
+/// Probes are told apart from clients by their source port: a range that
+/// overlaps the kernel's ephemeral ports could make an ordinary local
+/// client (a proxy on the same machine) reach a dark candidate.
+fn warn_if_probe_ports_are_ephemeral(probes: PortRange) {
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return;
+    };
+    let mut it = text
+        .split_whitespace()
+        .filter_map(|v| v.parse::<u16>().ok());
+    if let (Some(lo), Some(hi)) = (it.next(), it.next()) {
+        if probes.first <= hi && lo <= probes.last {
+            tracing::warn!(
+                "probe ports {probes} overlap the kernel's ephemeral ports {lo}-{hi} \
+                 (net.ipv4.ip_local_port_range): a local client could reach a dark \
+                 candidate; choose probe_ports outside it"
+            );
+        }
+    }
 }
 
 /// A private directory for the notify socket, reachable (0711) by apps
@@ -127,7 +166,8 @@ impl Signals {
             tokio::select! {
                 _ = self.hup.recv() => {
                     tracing::info!("SIGHUP: upgrade requested");
-                    if let Err(e) = handle.upgrade(Trigger::Signal, false).await {
+                    let ask = Ask::Upgrade(UpgradeOptions::default());
+                    if let Err(e) = handle.upgrade(Trigger::Signal, ask).await {
                         tracing::info!("SIGHUP: {}", e.message);
                     }
                 }

@@ -1,0 +1,433 @@
+//! The listening sockets, and who gets each new connection.
+//!
+//! With steered traffic, every TCP listener is a reuseport group: one
+//! socket per *slot*, all bound to the listener's address, and a classic
+//! BPF program ([`program`]) that picks the socket for each new
+//! connection by the machine's traffic plan. A generation takes a slot
+//! when it first starts and keeps it through crash restarts; the slot goes
+//! back to the pool once nothing of the generation runs, for a later
+//! generation to take.
+//!
+//! Slots are never closed while baton runs. The kernel keeps a group's
+//! sockets in an array that the program's return value indexes; closing
+//! one moves the last socket into its place, and until the program is
+//! replaced (a second system call later) connections could go to the wrong
+//! socket, a dark or parked one among them. With a pool that only grows
+//! (to as many generations as ever run at once: two or three), indices
+//! never move, and a connection whose handshake was still in flight when
+//! its socket was deselected is served by the slot's next tenant instead
+//! of being reset. The price: socket options an app sets on its listener
+//! stay for the slot's next tenant.
+//!
+//! Unix listeners (and every listener with `traffic = "shared"`, or where
+//! the kernel refuses the program) are one socket shared by every
+//! generation, as in the systemd model: whichever process accepts gets the
+//! connection.
+
+pub mod program;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use baton_core::{GenId, TrafficMode, TrafficPlan};
+use socket2::{Domain, Socket, Type};
+
+use crate::config::{ListenAddr, ListenSpec};
+use crate::listener::{describe, BindError, Listener};
+use program::{Family, PortRange, Routes};
+
+/// One declared listener.
+enum Endpoint {
+    Shared(Listener),
+    Steered(Group),
+}
+
+/// A reuseport group: a socket per slot on one address.
+struct Group {
+    name: String,
+    address: SocketAddr,
+    family: Family,
+    /// The socket of each slot.
+    sockets: Vec<Socket>,
+    /// The kernel's array: the slot whose socket is at each index.
+    members: Vec<usize>,
+}
+
+/// Every listening socket baton holds, and the traffic plan applied to
+/// them.
+pub struct Sockets {
+    mode: TrafficMode,
+    endpoints: Vec<Endpoint>,
+    /// The generation holding each slot.
+    slots: Vec<Option<GenId>>,
+    plan: TrafficPlan,
+    probes: PortRange,
+    backlog: u32,
+}
+
+/// What `baton status` shows of a listener.
+pub struct SocketInfo {
+    pub name: String,
+    pub address: String,
+    pub steered: bool,
+}
+
+impl Sockets {
+    /// Binds every declared listener, in order; the first failure wins and
+    /// the ones already bound are closed. With steered traffic, TCP
+    /// listeners get their first slot, and a program is attached to each
+    /// group to check that the kernel takes it: if it does not, baton says
+    /// why and shares the sockets instead.
+    pub fn bind(
+        specs: &[ListenSpec],
+        backlog: u32,
+        mode: TrafficMode,
+        probes: PortRange,
+    ) -> Result<Self, BindError> {
+        let mut endpoints = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let endpoint = match (&spec.address, mode) {
+                (ListenAddr::Tcp(addr), TrafficMode::Steered) => {
+                    let socket = bind_member(*addr, backlog).map_err(|e| BindError {
+                        name: spec.name.clone(),
+                        address: spec.address.to_string(),
+                        reason: describe(&e),
+                    })?;
+                    let address = socket
+                        .local_addr()
+                        .ok()
+                        .and_then(|a| a.as_socket())
+                        .unwrap_or(*addr);
+                    Endpoint::Steered(Group {
+                        name: spec.name.clone(),
+                        address,
+                        family: if address.is_ipv4() {
+                            Family::V4
+                        } else {
+                            Family::V6
+                        },
+                        sockets: vec![socket],
+                        members: vec![0],
+                    })
+                }
+                _ => Endpoint::Shared(Listener::bind(spec, backlog)?),
+            };
+            endpoints.push(endpoint);
+        }
+        let mut sockets = Self {
+            mode,
+            endpoints,
+            slots: vec![None],
+            plan: TrafficPlan::default(),
+            probes,
+            backlog,
+        };
+        if sockets.groups().next().is_none() {
+            sockets.mode = TrafficMode::Shared;
+        } else if let Err(e) = sockets.attach_all() {
+            tracing::warn!(
+                "steered traffic is unavailable ({e}): every generation shares each socket \
+                 instead (no dark candidates, canary or bake)"
+            );
+            sockets.share();
+        }
+        Ok(sockets)
+    }
+
+    /// The traffic mode in force (steered only if the kernel took it).
+    pub fn mode(&self) -> TrafficMode {
+        self.mode
+    }
+
+    pub fn probe_ports(&self) -> PortRange {
+        self.probes
+    }
+
+    fn groups(&self) -> impl Iterator<Item = &Group> {
+        self.endpoints.iter().filter_map(|e| match e {
+            Endpoint::Steered(g) => Some(g),
+            Endpoint::Shared(_) => None,
+        })
+    }
+
+    fn groups_mut(&mut self) -> impl Iterator<Item = &mut Group> {
+        self.endpoints.iter_mut().filter_map(|e| match e {
+            Endpoint::Steered(g) => Some(g),
+            Endpoint::Shared(_) => None,
+        })
+    }
+
+    /// Falls back to shared sockets: each group's first socket serves
+    /// every generation.
+    fn share(&mut self) {
+        self.mode = TrafficMode::Shared;
+        self.endpoints = std::mem::take(&mut self.endpoints)
+            .into_iter()
+            .map(|e| match e {
+                Endpoint::Steered(mut g) => {
+                    let socket = g.sockets.swap_remove(0);
+                    Endpoint::Shared(Listener::from_tcp(g.name, g.address, socket))
+                }
+                shared => shared,
+            })
+            .collect();
+    }
+
+    pub fn info(&self) -> Vec<SocketInfo> {
+        self.endpoints
+            .iter()
+            .map(|e| match e {
+                Endpoint::Shared(l) => SocketInfo {
+                    name: l.name.clone(),
+                    address: l.address.to_string(),
+                    steered: false,
+                },
+                Endpoint::Steered(g) => SocketInfo {
+                    name: g.name.clone(),
+                    address: g.address.to_string(),
+                    steered: true,
+                },
+            })
+            .collect()
+    }
+
+    /// How many slots (sockets per steered listener) exist.
+    pub fn slot_count(&self) -> usize {
+        if self.mode == TrafficMode::Steered {
+            self.slots.len()
+        } else {
+            0
+        }
+    }
+
+    fn slot_of(&self, gen: GenId) -> Option<usize> {
+        self.slots.iter().position(|t| *t == Some(gen))
+    }
+
+    /// The sockets `gen`'s processes get, as fds 3, 4, … in declared order
+    /// (copies, closed after the spawn), with their names. With steered
+    /// traffic the generation takes a slot first: a free one, or a new one
+    /// (a new socket in every group, appended: no index moves).
+    pub fn for_spawn(&mut self, gen: GenId) -> io::Result<Vec<(String, OwnedFd)>> {
+        let slot = if self.mode == TrafficMode::Steered {
+            Some(match self.slot_of(gen) {
+                Some(slot) => slot,
+                None => self.take_slot(gen)?,
+            })
+        } else {
+            None
+        };
+        self.endpoints
+            .iter()
+            .map(|e| match (e, slot) {
+                (Endpoint::Steered(g), Some(slot)) => Ok((
+                    g.name.clone(),
+                    g.sockets[slot].as_fd().try_clone_to_owned()?,
+                )),
+                (Endpoint::Steered(g), None) => {
+                    Ok((g.name.clone(), g.sockets[0].as_fd().try_clone_to_owned()?))
+                }
+                (Endpoint::Shared(l), _) => Ok((l.name.clone(), l.as_fd().try_clone_to_owned()?)),
+            })
+            .collect()
+    }
+
+    fn take_slot(&mut self, gen: GenId) -> io::Result<usize> {
+        if let Some(free) = self.slots.iter().position(Option::is_none) {
+            self.slots[free] = Some(gen);
+            self.check_queue_on_reuse(free, gen);
+            self.apply(&self.plan.clone());
+            return Ok(free);
+        }
+        let slot = self.slots.len();
+        let backlog = self.backlog;
+        for g in self.groups_mut() {
+            let socket = bind_member(g.address, backlog)?;
+            // listen() appended it to the group: the kernel's array grows
+            // at the end, and the program, which names no index that
+            // large, sends it nothing until the plan says so.
+            g.sockets.push(socket);
+            g.members.push(slot);
+        }
+        self.slots.push(Some(gen));
+        tracing::info!(
+            slot,
+            generation = gen.0,
+            "new socket slot for steered traffic"
+        );
+        self.apply(&self.plan.clone());
+        Ok(slot)
+    }
+
+    fn check_queue_on_reuse(&self, slot: usize, gen: GenId) {
+        let waiting: u32 = self
+            .groups()
+            .filter_map(|g| baton_sys::tcp_accept_queue_len(g.sockets[slot].as_fd()).ok())
+            .sum();
+        if waiting > 0 {
+            tracing::info!(
+                slot,
+                generation = gen.0,
+                waiting,
+                "connections that reached a retired generation's socket after it stopped \
+                 accepting are served by the generation taking it over"
+            );
+        }
+    }
+
+    /// `gen` has ended: its slot goes back to the pool.
+    pub fn free(&mut self, gen: GenId) {
+        if let Some(slot) = self.slot_of(gen) {
+            self.slots[slot] = None;
+        }
+    }
+
+    /// Copies of `gen`'s steered sockets, to watch their queues.
+    pub fn watch_fds(&self, gen: GenId) -> Vec<OwnedFd> {
+        let Some(slot) = self.slot_of(gen) else {
+            return Vec::new();
+        };
+        self.groups()
+            .filter_map(|g| g.sockets[slot].as_fd().try_clone_to_owned().ok())
+            .collect()
+    }
+
+    /// Where a probe connects to reach the probe target through the kernel's
+    /// choice: the first steered listener's address (its loopback form, for
+    /// a wildcard).
+    pub fn probe_addr(&self) -> Option<SocketAddr> {
+        let g = self.groups().next()?;
+        let ip = match g.address.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        Some(SocketAddr::new(ip, g.address.port()))
+    }
+
+    /// Applies the traffic plan: a new program for every group.
+    pub fn apply(&mut self, plan: &TrafficPlan) {
+        self.plan = plan.clone();
+        if self.mode != TrafficMode::Steered {
+            return;
+        }
+        if let Err(e) = self.attach_all() {
+            tracing::error!("steering new connections: {e}");
+        }
+    }
+
+    fn attach_all(&self) -> io::Result<()> {
+        let slot = |gen: Option<GenId>| gen.and_then(|g| self.slot_of(g));
+        let active = slot(self.plan.active);
+        let candidate = self
+            .plan
+            .candidate
+            .and_then(|c| slot(Some(c.gen)).map(|s| (s, c.share)));
+        let probe = slot(self.plan.probe_target());
+        for g in self.groups() {
+            let index = |slot: usize| -> Option<u32> {
+                g.members.iter().position(|m| *m == slot).map(|i| i as u32)
+            };
+            // Before the first spawn nobody holds a slot: slot 0 (the first
+            // generation's to be) takes everything, queued for it.
+            let active = active.and_then(index).unwrap_or(0);
+            let routes = Routes {
+                active,
+                canary: candidate.and_then(|(s, share)| Some((index(s)?, share))),
+                probe: probe.and_then(index).unwrap_or(active),
+            };
+            let prog = program::build(g.family, routes, self.probes);
+            let insns: Vec<baton_sys::SockFilter> = prog
+                .iter()
+                .map(|i| baton_sys::SockFilter {
+                    code: i.code,
+                    jt: i.jt,
+                    jf: i.jf,
+                    k: i.k,
+                })
+                .collect();
+            // The program belongs to the whole group; any listening member
+            // can attach it.
+            let member = &g.sockets[g.members[0]];
+            baton_sys::attach_reuseport_cbpf(member.as_fd(), &insns).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("listener {} ({}): {e}", g.name, g.address),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// An app that calls `shutdown()` on its copy of a listening socket
+    /// stops it listening for every holder, and takes it out of its group
+    /// (moving another socket into its index). Finds such a socket, makes it
+    /// listen again (it rejoins at the end) and re-applies the plan.
+    pub fn recover_detached(&mut self) {
+        let backlog = self.backlog;
+        let mut changed = false;
+        for g in self.groups_mut() {
+            for slot in 0..g.sockets.len() {
+                if accepting(g.sockets[slot].as_fd()) {
+                    continue;
+                }
+                tracing::warn!(
+                    listener = %g.name,
+                    slot,
+                    "a socket stopped listening (an app called shutdown() on it?): listening again"
+                );
+                if let Some(i) = g.members.iter().position(|m| *m == slot) {
+                    g.members.swap_remove(i);
+                }
+                match g.sockets[slot].listen(backlog.min(i32::MAX as u32) as i32) {
+                    Ok(()) => g.members.push(slot),
+                    Err(e) => tracing::error!(listener = %g.name, slot, "listening again: {e}"),
+                }
+                changed = true;
+            }
+        }
+        if changed {
+            self.apply(&self.plan.clone());
+        }
+    }
+
+    /// Closes every socket: baton is stopping.
+    pub fn close(&mut self) {
+        for g in self.groups() {
+            let waiting: u32 = g
+                .sockets
+                .iter()
+                .filter_map(|s| baton_sys::tcp_accept_queue_len(s.as_fd()).ok())
+                .sum();
+            if waiting > 0 {
+                tracing::warn!(
+                    listener = %g.name,
+                    waiting,
+                    "closing sockets with connections still queued: they are reset"
+                );
+            }
+        }
+        self.endpoints.clear();
+    }
+}
+
+fn accepting(fd: BorrowedFd<'_>) -> bool {
+    nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn).unwrap_or(true)
+}
+
+/// A new member of a reuseport group on `addr`.
+fn bind_member(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
+    // socket2 creates the socket close-on-exec.
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        // [::]:80 means IPv6 only; add a separate 0.0.0.0 listener for v4.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket)
+}
