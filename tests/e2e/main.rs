@@ -8,3 +8,4 @@ mod hardening;
 mod lifecycle;
 mod protocol;
 mod regressions;
+mod steering;

@@ -30,6 +30,9 @@ pub enum Command<P> {
     /// During a canary: cut over to the candidate. During a bake: end it
     /// now, the new generation kept.
     Promote,
+    /// Restart the active generation's process (same release): the shell
+    /// replaced the socket it was serving, which no running process holds.
+    Restart,
     /// Drain every generation; the machine is done once all have exited.
     Stop,
 }
@@ -44,6 +47,8 @@ pub enum Reply {
     RolledBack(GenId),
     /// The canary is cut over, or the bake ended; the upgrade is named.
     Promoting(GenId),
+    /// The active generation is being restarted.
+    Restarting(GenId),
     Refused(Refusal),
     /// Stop has begun (or had already).
     Stopping,
@@ -326,6 +331,9 @@ pub enum Note {
     Recycling { gen: GenId, failure: Failure },
     /// The upgrade requested by SIGHUP during the last one starts now.
     FollowUpUpgrade,
+    /// The active generation is restarted on request (its socket was
+    /// replaced).
+    RestartRequested { gen: GenId },
     /// A retiring generation's queue did not empty in time: drained anyway.
     QueueNotEmpty { gen: GenId },
     /// The parked generation exited during the bake: nothing to roll back to.

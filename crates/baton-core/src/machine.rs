@@ -283,6 +283,7 @@ impl<P: Clone> Machine<P> {
             }
             Command::Rollback => self.rollback(),
             Command::Promote => self.promote(),
+            Command::Restart => self.restart_active(),
             Command::Stop => {
                 self.stop();
                 Reply::Stopping
@@ -334,6 +335,41 @@ impl<P: Clone> Machine<P> {
                 self.start_upgrade(Trigger::Rollback, spec, UpgradeOptions::default())
             }
         }
+    }
+
+    /// Drains the active generation's process so that it is restarted
+    /// (same release, same sockets) once it has exited.
+    fn restart_active(&mut self) -> Reply {
+        if self.stopping {
+            return Reply::Refused(Refusal::Stopping);
+        }
+        let Some(gen) = self.traffic.active else {
+            return Reply::Refused(Refusal::NothingToPromote);
+        };
+        let pid = match self.gens.get(&gen).map(|g| g.phase.clone()) {
+            Some(Phase::Serving { pid } | Phase::Starting { pid, .. }) => pid,
+            // Restarting or being recycled already: the next process gets
+            // the sockets as they are now.
+            _ => return Reply::Restarting(gen),
+        };
+        let probing = self.gens.get(&gen).is_some_and(|g| {
+            matches!(
+                g.phase,
+                Phase::Starting {
+                    check: Check::Probe,
+                    ..
+                }
+            )
+        });
+        if probing {
+            self.out.push(Effect::StopProbe { gen });
+        }
+        if let Some(g) = self.gens.get_mut(&gen) {
+            g.phase = Phase::Recycling { pid };
+        }
+        self.out.push(Effect::Note(Note::RestartRequested { gen }));
+        self.signal_drain(gen, pid);
+        Reply::Restarting(gen)
     }
 
     fn promote(&mut self) -> Reply {

@@ -570,3 +570,26 @@ fn an_unresolvable_release_fails_its_upgrade_at_once() {
     // The next upgrade gets the next number.
     assert_eq!(d.upgrade("v2", Readiness::Notify)[0], "3 requested Control");
 }
+
+/// When the shell has replaced the active generation's socket, the
+/// generation is restarted (drained, then started again with backoff) so a
+/// process holds the fresh socket.
+#[test]
+fn a_restart_request_recycles_the_active_generation() {
+    let mut d = Driver::serving();
+    assert_eq!(
+        d.command(Command::Restart),
+        [
+            "note restart 1",
+            "signal-drain 100",
+            "1 draining 100",
+            "reply restarting 1"
+        ]
+    );
+    assert_eq!(
+        d.exited(100, 0),
+        ["1 exited 100", "release 100", "1 restarting 100ms #1"]
+    );
+    assert_eq!(d.tick_at(100), ["spawn 1"]);
+    assert_eq!(d.m.spec(g(1)).unwrap().release, release("v1"));
+}

@@ -28,6 +28,7 @@ enum Op {
     },
     Rollback,
     Promote,
+    Restart,
     Stop,
     /// Answer the n-th outstanding spawn.
     Resolve {
@@ -80,6 +81,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<bool>(), 0..3u8, 0..4u8, any::<bool>()).prop_map(|(signal, readiness, style, health)| Op::Upgrade { signal, readiness, style, health }),
         1 => Just(Op::Rollback),
         1 => Just(Op::Promote),
+        1 => Just(Op::Restart),
         2 => n.clone().prop_map(|n| Op::QueueEmpty { n }),
         2 => (n.clone(), prop::bool::weighted(0.6)).prop_map(|(n, ok)| Op::Health { n, ok }),
         1 => Just(Op::Stop),
@@ -190,6 +192,7 @@ impl Run {
             }
             Op::Rollback => self.command(Command::Rollback),
             Op::Promote => self.command(Command::Promote),
+            Op::Restart => self.command(Command::Restart),
             Op::QueueEmpty { n } => {
                 let Some((_, gen)) = self.nth(n) else { return };
                 self.feed(Input::QueueEmpty { gen });

@@ -39,8 +39,9 @@ use crate::wire;
 /// look at their queues: handshakes that were in flight when it lost its
 /// traffic complete into its queue, and it should accept them too.
 const RETIRE_SETTLE: Duration = Duration::from_millis(100);
-/// How often a steered socket is checked for an app's `shutdown()`.
-const RECOVER_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the steered sockets are checked for an app's `shutdown()`
+/// (a few getsockopt calls): until then, connections can go astray.
+const RECOVER_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Events buffered for slow readers of the broadcast channel.
 const EVENT_BUFFER: usize = 4096;
@@ -395,7 +396,6 @@ impl Supervisor {
         let mut shutdown_done = false;
         let mut recover = tokio::time::interval(RECOVER_INTERVAL);
         recover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let steered = self.sockets.mode() == TrafficMode::Steered;
         while !self.machine.is_done() {
             let deadline = self
                 .machine
@@ -413,7 +413,13 @@ impl Supervisor {
                     self.request(CoreCommand::Stop, None);
                 }
                 () = sleep_until(deadline), if deadline.is_some() => self.feed(Input::Tick),
-                _ = recover.tick(), if steered && !self.closed => self.sockets.recover_detached(),
+                _ = recover.tick(), if !self.closed => {
+                    if self.sockets.recover_detached() {
+                        // No process holds the fresh socket: the active
+                        // generation is restarted on it (same release).
+                        self.request(CoreCommand::Restart, None);
+                    }
+                }
             }
         }
         self.notify_task.abort();
@@ -942,6 +948,7 @@ impl Supervisor {
                     CoreReply::Upgrading(gen) => started(gen, How::Upgrading),
                     CoreReply::RolledBack(gen) => started(gen, How::RolledBack),
                     CoreReply::Promoting(gen) => started(gen, How::Promoting),
+                    CoreReply::Restarting(gen) => started(gen, How::Upgrading),
                     CoreReply::Refused(r) => {
                         let e = refusal(r);
                         tracing::warn!("upgrade refused: {}", e.message);
@@ -1042,6 +1049,10 @@ fn log_note(note: &Note) {
         Note::FollowUpUpgrade => {
             info!("running the upgrade requested by SIGHUP during the last one")
         }
+        Note::RestartRequested { gen } => warn!(
+            generation = gen.0,
+            "restarting the active generation on its fresh socket"
+        ),
         Note::QueueNotEmpty { gen } => warn!(
             generation = gen.0,
             "its sockets' queues did not empty in time: draining it anyway"

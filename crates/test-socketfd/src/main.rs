@@ -31,6 +31,15 @@
 //!   private probe listener), as an app that only serves its own names.
 //! - `FAKE_NO_ACCEPT=1`: hold the listeners but never accept on any of
 //!   them (a wedged app: connections queue and are never served).
+//! - `FAKE_RUDE_DRAIN=1`: on the drain signal, close at once every
+//!   connection whose first request has not been read (as hyper's graceful
+//!   shutdown does), instead of giving it a grace to send one.
+//! - `FAKE_SERVE_DELAY_MS=<ms>`: start reading an accepted connection only
+//!   that long after accepting it (a busy app), so "accepted, not read
+//!   yet" is a window tests can hit.
+//! - `FAKE_SHUTDOWN_LISTENER=1`: call `shutdown(SHUT_RD)` on every listener
+//!   at start (which stops a socket listening for every holder), then
+//!   accept nothing.
 //! - `FAKE_NOTIFY_FORGE=1`: first spawn a copy of itself (`FAKE_ROLE=forger`)
 //!   in a new process group, which sends `READY=1` to NOTIFY_SOCKET from its
 //!   own pid, prints `fake: forger pid=<pid> sent READY=1` on stderr and stays
@@ -319,6 +328,16 @@ where
     tokio::spawn(async move {
         // The whole struct, so `_live` lives as long as this task.
         let mut drain = drain;
+        if let Some(ms) = env_num::<u64>("FAKE_SERVE_DELAY_MS") {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+                _ = drain.draining.wait_for(|d| *d) => {
+                    if env_flag("FAKE_RUDE_DRAIN") {
+                        return; // accepted, never read: closed unanswered
+                    }
+                }
+            }
+        }
         tokio::pin!(conn);
         let mut seen = false;
         loop {
@@ -329,6 +348,9 @@ where
             }
         }
         if !seen {
+            if env_flag("FAKE_RUDE_DRAIN") {
+                return; // closed unanswered
+            }
             tokio::select! {
                 _ = conn.as_mut() => return,
                 _ = first.notified() => {}
@@ -465,6 +487,17 @@ async fn run(
     let mut tasks = Vec::new();
     let mut held = Vec::new();
     for l in listeners {
+        if env_flag("FAKE_SHUTDOWN_LISTENER") {
+            use std::os::fd::AsRawFd;
+            let fd = match &l {
+                Listener::Tcp(l) => l.as_raw_fd(),
+                Listener::Unix(l) => l.as_raw_fd(),
+            };
+            let res = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+            eprintln!("fake: shut down listener fd {fd}: {res:?}");
+            held.push(l);
+            continue;
+        }
         if env_flag("FAKE_NO_ACCEPT") {
             held.push(l);
             continue;

@@ -206,6 +206,7 @@ pub fn show(e: &Effect) -> String {
             Reply::Refused(Refusal::NeedsSteering) => "reply needs-steering".into(),
             Reply::RolledBack(gen) => format!("reply rolled-back {gen}"),
             Reply::Promoting(gen) => format!("reply promoting {gen}"),
+            Reply::Restarting(gen) => format!("reply restarting {gen}"),
             Reply::Stopping => "reply stopping".into(),
         },
         Effect::Event(ev) => {
@@ -242,6 +243,7 @@ pub fn show(e: &Effect) -> String {
             Note::KillingLeftovers { pid, .. } => format!("note leftovers {pid}"),
             Note::Recycling { gen, .. } => format!("note recycling {gen}"),
             Note::FollowUpUpgrade => "note follow-up".into(),
+            Note::RestartRequested { gen } => format!("note restart {gen}"),
             Note::QueueNotEmpty { gen } => format!("note queue-not-empty {gen}"),
             Note::ParkedExited { gen } => format!("note parked-exited {gen}"),
             Note::HealthFailed { gen, failures, .. } => format!("note unhealthy {gen} #{failures}"),

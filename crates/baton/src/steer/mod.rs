@@ -14,10 +14,10 @@
 //! replaced (a second system call later) connections could go to the wrong
 //! socket, a dark or parked one among them. With a pool that only grows
 //! (to as many generations as ever run at once: two or three), indices
-//! never move, and a connection whose handshake was still in flight when
-//! its socket was deselected is served by the slot's next tenant instead
-//! of being reset. The price: socket options an app sets on its listener
-//! stay for the slot's next tenant.
+//! never move. The price: socket options an app sets on its
+//! listener stay for the slot's next tenant. A generation is drained only
+//! once its sockets' queues are empty; anything that still lands there
+//! after it has gone is reset when its slot is freed.
 //!
 //! Unix listeners (and every listener with `traffic = "shared"`, or where
 //! the kernel refuses the program) are one socket shared by every
@@ -236,7 +236,6 @@ impl Sockets {
     fn take_slot(&mut self, gen: GenId) -> io::Result<usize> {
         if let Some(free) = self.slots.iter().position(Option::is_none) {
             self.slots[free] = Some(gen);
-            self.check_queue_on_reuse(free, gen);
             self.apply(&self.plan.clone());
             return Ok(free);
         }
@@ -260,26 +259,26 @@ impl Sockets {
         Ok(slot)
     }
 
-    fn check_queue_on_reuse(&self, slot: usize, gen: GenId) {
-        let waiting: u32 = self
-            .groups()
-            .filter_map(|g| baton_sys::tcp_accept_queue_len(g.sockets[slot].as_fd()).ok())
-            .sum();
-        if waiting > 0 {
-            tracing::info!(
-                slot,
-                generation = gen.0,
-                waiting,
-                "connections that reached a retired generation's socket after it stopped \
-                 accepting are served by the generation taking it over"
-            );
-        }
-    }
-
-    /// `gen` has ended: its slot goes back to the pool.
+    /// `gen` has ended: its slot goes back to the pool. Connections still
+    /// queued in its sockets (a generation that died with clients waiting,
+    /// or a handshake that completed after it stopped accepting) have
+    /// nobody to serve them: they are reset at once, so their clients can
+    /// retry, rather than left waiting for the slot's next tenant.
     pub fn free(&mut self, gen: GenId) {
-        if let Some(slot) = self.slot_of(gen) {
-            self.slots[slot] = None;
+        let Some(slot) = self.slot_of(gen) else {
+            return;
+        };
+        self.slots[slot] = None;
+        for g in self.groups() {
+            let reset = reset_queued(&g.sockets[slot]);
+            if reset > 0 {
+                tracing::warn!(
+                    listener = %g.name,
+                    generation = gen.0,
+                    reset,
+                    "connections left queued by an ended generation were reset"
+                );
+            }
         }
     }
 
@@ -362,34 +361,76 @@ impl Sockets {
 
     /// An app that calls `shutdown()` on its copy of a listening socket
     /// stops it listening for every holder, and takes it out of its group
-    /// (moving another socket into its index). Finds such a socket, makes it
-    /// listen again (it rejoins at the end) and re-applies the plan.
-    pub fn recover_detached(&mut self) {
+    /// (moving another socket into its index). `listen()` on it again
+    /// succeeds but, as of Linux 6.18, the socket still refuses every
+    /// connection, so it is replaced by a fresh one on the same address
+    /// (the mirror and the program follow). Returns true when the socket
+    /// replaced was carrying live traffic (a shared one, or the active
+    /// generation's): no running process holds the fresh one, so the active
+    /// generation must be restarted on it; connections queue there
+    /// meanwhile.
+    pub fn recover_detached(&mut self) -> bool {
         let backlog = self.backlog;
+        let active_slot = self.plan.active.and_then(|g| self.slot_of(g));
+        let mut live = false;
         let mut changed = false;
-        for g in self.groups_mut() {
-            for slot in 0..g.sockets.len() {
-                if accepting(g.sockets[slot].as_fd()) {
-                    continue;
+        for e in &mut self.endpoints {
+            match e {
+                Endpoint::Shared(l) => {
+                    let ListenAddr::Tcp(addr) = l.address else {
+                        continue;
+                    };
+                    if accepting(l.as_fd()) {
+                        continue;
+                    }
+                    tracing::error!(
+                        listener = %l.name,
+                        "the socket stopped listening (an app called shutdown() on it): \
+                         replacing it; the active generation is restarted on the fresh one"
+                    );
+                    match bind_shared(addr, backlog) {
+                        Ok(socket) => {
+                            *l = Listener::from_tcp(l.name.clone(), addr, socket);
+                            live = true;
+                        }
+                        Err(err) => tracing::error!(listener = %l.name, "replacing it: {err}"),
+                    }
                 }
-                tracing::warn!(
-                    listener = %g.name,
-                    slot,
-                    "a socket stopped listening (an app called shutdown() on it?): listening again"
-                );
-                if let Some(i) = g.members.iter().position(|m| *m == slot) {
-                    g.members.swap_remove(i);
+                Endpoint::Steered(g) => {
+                    for slot in 0..g.sockets.len() {
+                        if accepting(g.sockets[slot].as_fd()) {
+                            continue;
+                        }
+                        tracing::warn!(
+                            listener = %g.name,
+                            slot,
+                            "a socket stopped listening (an app called shutdown() on it): \
+                             replacing it"
+                        );
+                        // The kernel took it out of the group, moving the
+                        // last socket into its index.
+                        if let Some(i) = g.members.iter().position(|m| *m == slot) {
+                            g.members.swap_remove(i);
+                        }
+                        match bind_member(g.address, backlog) {
+                            Ok(socket) => {
+                                g.sockets[slot] = socket;
+                                g.members.push(slot);
+                                live |= active_slot == Some(slot);
+                            }
+                            Err(err) => {
+                                tracing::error!(listener = %g.name, slot, "replacing it: {err}")
+                            }
+                        }
+                        changed = true;
+                    }
                 }
-                match g.sockets[slot].listen(backlog.min(i32::MAX as u32) as i32) {
-                    Ok(()) => g.members.push(slot),
-                    Err(e) => tracing::error!(listener = %g.name, slot, "listening again: {e}"),
-                }
-                changed = true;
             }
         }
         if changed {
             self.apply(&self.plan.clone());
         }
+        live
     }
 
     /// Closes every socket: baton is stopping.
@@ -412,8 +453,39 @@ impl Sockets {
     }
 }
 
+/// Accepts and resets every connection waiting in `socket`'s queue; the
+/// socket is left in blocking mode, as the next generation may expect.
+fn reset_queued(socket: &Socket) -> usize {
+    if !matches!(baton_sys::tcp_accept_queue_len(socket.as_fd()), Ok(n) if n > 0) {
+        return 0;
+    }
+    let mut reset = 0;
+    if socket.set_nonblocking(true).is_ok() {
+        while let Ok((conn, _)) = socket.accept() {
+            // Closed with a reset: the client learns at once.
+            let _ = conn.set_linger(Some(std::time::Duration::ZERO));
+            reset += 1;
+        }
+        let _ = socket.set_nonblocking(false);
+    }
+    reset
+}
+
 fn accepting(fd: BorrowedFd<'_>) -> bool {
     nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn).unwrap_or(true)
+}
+
+/// A shared listening socket on `addr` (one that replaces a shut-down one).
+fn bind_shared(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket)
 }
 
 /// A new member of a reuseport group on `addr`.
