@@ -330,3 +330,30 @@ fn an_app_shutting_its_listener_down_does_not_take_the_address_away() {
         });
     }
 }
+
+/// IPv6 listeners are steered too: readiness probes come from `::1` and
+/// the reserved ports, and a canary takes its share.
+#[test]
+fn ipv6_is_steered_too() {
+    let baton = Baton::start(&[
+        "--listen",
+        "api=[::1]:0",
+        "--ready",
+        "http:/healthz",
+        "--",
+        bin("test-socketfd").to_str().unwrap(),
+    ]);
+    let addr = baton.addr("api");
+    assert!(addr.is_ipv6());
+    let out = baton.upgrade_expect(&["--canary", "50"], 0);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("generation 2 ready (http /healthz 200)"),
+        "{text}"
+    );
+    let seen = census(addr, 1000);
+    let share = *seen.get(&2).unwrap_or(&0) as f64 / 10.0;
+    assert!((40.0..=60.0).contains(&share), "{share}%: {seen:?}");
+    assert!(baton.cli(&["promote"]).status.success());
+    assert_eq!(census(addr, 100).keys().copied().collect::<Vec<_>>(), [2]);
+}

@@ -503,3 +503,130 @@ fn bind_member(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(socket)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baton_core::Candidate;
+    use std::net::TcpStream;
+
+    fn spec() -> ListenSpec {
+        "http=127.0.0.1:0".parse().unwrap()
+    }
+
+    fn ports() -> PortRange {
+        PortRange {
+            first: 61000,
+            last: 61999,
+        }
+    }
+
+    /// Which of `fds` received a connection just made.
+    fn landed(fds: &[(GenId, OwnedFd)]) -> Vec<GenId> {
+        fds.iter()
+            .filter(|(_, fd)| baton_sys::tcp_accept_queue_len(fd.as_fd()).unwrap_or(0) > 0)
+            .map(|(g, _)| *g)
+            .collect()
+    }
+
+    fn drain_queues(fds: &[(GenId, OwnedFd)]) {
+        for (_, fd) in fds {
+            let s = socket2::SockRef::from(fd);
+            s.set_nonblocking(true).unwrap();
+            while s.accept().is_ok() {}
+            s.set_nonblocking(false).unwrap();
+        }
+    }
+
+    fn plan(active: u64, candidate: Option<(u64, u8)>) -> TrafficPlan {
+        TrafficPlan {
+            active: Some(GenId(active)),
+            candidate: candidate.map(|(g, share)| Candidate {
+                gen: GenId(g),
+                share,
+            }),
+            parked: None,
+        }
+    }
+
+    /// The kernel's array of a group, mirrored: connections land on the
+    /// socket the plan names, also after a member left the group (an app's
+    /// `shutdown()`) and the mirror had to follow the kernel moving the last
+    /// socket into its index.
+    #[test]
+    fn the_mirror_follows_the_kernel() {
+        let mut s = Sockets::bind(&[spec()], 64, TrafficMode::Steered, ports()).unwrap();
+        assert_eq!(
+            s.mode(),
+            TrafficMode::Steered,
+            "the kernel takes the program"
+        );
+        let addr = s.probe_addr().unwrap();
+        let fds: Vec<(GenId, OwnedFd)> = (1..=3)
+            .map(|g| {
+                let mut v = s.for_spawn(GenId(g)).unwrap();
+                (GenId(g), v.remove(0).1)
+            })
+            .collect();
+        assert_eq!(s.slot_count(), 3);
+        let check = |s: &mut Sockets, p: TrafficPlan, want: u64| {
+            s.apply(&p);
+            for _ in 0..5 {
+                let _c = TcpStream::connect(addr).unwrap();
+                // The handshake is done by the kernel; the queue shows where.
+                let mut got = Vec::new();
+                for _ in 0..200 {
+                    got = landed(&fds);
+                    if !got.is_empty() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                assert_eq!(got, vec![GenId(want)], "plan {p:?}");
+                drain_queues(&fds);
+            }
+        };
+        check(&mut s, plan(3, None), 3);
+        check(&mut s, plan(1, None), 1);
+        // Generation 1's app shuts its socket down: the kernel takes it out
+        // of the group and moves the last socket (slot 2) into index 0.
+        s.apply(&plan(3, None));
+        let victim = socket2::SockRef::from(&fds[0].1);
+        victim.shutdown(std::net::Shutdown::Read).unwrap();
+        assert!(
+            !s.recover_detached(),
+            "slot 0 carried no live traffic: nothing to restart"
+        );
+        // Slot 0 has a fresh socket, which generation 1's copy is not: the
+        // others must still be found where the plan says.
+        let fds_now: Vec<(GenId, OwnedFd)> = fds[1..]
+            .iter()
+            .map(|(g, fd)| (*g, fd.as_fd().try_clone_to_owned().unwrap()))
+            .collect();
+        let check_now = |s: &mut Sockets, p: TrafficPlan, want: u64| {
+            s.apply(&p);
+            for _ in 0..5 {
+                let _c = TcpStream::connect(addr).unwrap();
+                let mut got = Vec::new();
+                for _ in 0..200 {
+                    got = landed(&fds_now);
+                    if !got.is_empty() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                assert_eq!(got, vec![GenId(want)], "after recovery, plan {p:?}");
+                drain_queues(&fds_now);
+            }
+        };
+        check_now(&mut s, plan(3, None), 3);
+        check_now(&mut s, plan(2, None), 2);
+        // A 100% canary is the candidate's too.
+        check_now(&mut s, plan(2, Some((3, 100))), 3);
+        // The active generation's own socket shut down: baton must restart
+        // it on the fresh one.
+        let active = socket2::SockRef::from(&fds_now[0].1);
+        active.shutdown(std::net::Shutdown::Read).unwrap();
+        assert!(s.recover_detached(), "the active slot carried live traffic");
+    }
+}
