@@ -902,6 +902,7 @@ mod tests {
             },
             sent_us: 0,
             latency_us,
+            opened_after_us: latency_us.map(|l| l - 100),
             probes: 1,
             probe_failures: 0,
             answered_pid: Some(100),

@@ -972,6 +972,14 @@ fn steering_runs(
         other_pid,
         unanswered: r.cutover_count.saturating_sub(same_pid + other_pid),
         probe_failures: notes.iter().map(|n| n.probe_failures).sum(),
+        opened_after_ms: report::stat(
+            notes
+                .iter()
+                .filter(|n| n.latency_us.is_some() && n.same_pid == Some(true))
+                .filter_map(|n| n.opened_after_us)
+                .map(|us| us as f64 / 1e3)
+                .collect(),
+        ),
         requests: r.sent,
         failed: r.failed,
         failed_by_cause: r.failed_by_cause.clone(),

@@ -139,6 +139,9 @@ async fn probe_inner(addr: SocketAddr, clock: &Clock) -> Result<(Answer, u64), C
 /// A response the prober saw after the rollback request went out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seen {
+    /// When its connection was opened (connect() called), µs on the run's
+    /// clock.
+    pub started_us: i64,
     /// When the response was complete, µs on the run's clock.
     pub at_us: i64,
     pub answer: Answer,
@@ -156,6 +159,11 @@ pub struct RollbackNote {
     /// connection, from the old generation (`None`: none within the
     /// deadline).
     pub latency_us: Option<i64>,
+    /// When the connection of that response was opened, from sending the
+    /// request: the kernel picked its socket at connect, so the switch
+    /// happened before then, and `latency_us` minus this is the probe's
+    /// own round trip (the measurement's resolution).
+    pub opened_after_us: Option<i64>,
     /// Responses seen up to and including that one (new connections
     /// opened one after the other).
     pub probes: usize,
@@ -184,6 +192,7 @@ pub fn rollback_note(
         to,
         sent_us,
         latency_us: first.map(|(_, s)| s.at_us - sent_us),
+        opened_after_us: first.map(|(_, s)| s.started_us - sent_us),
         probes: first.map_or(seen.len(), |(i, _)| i + 1),
         probe_failures,
         answered_pid: first.and_then(|(_, s)| s.answer.pid),
@@ -240,9 +249,11 @@ async fn probe_until(
 ) -> (Option<Answer>, usize) {
     let mut failures = 0;
     while Instant::now() < deadline && !stop.get() {
+        let started = clock.now_us() as i64;
         match probe(addr, clock).await {
             Ok((answer, at)) => {
                 seen.push(Seen {
+                    started_us: started,
                     at_us: at as i64,
                     answer,
                 });
@@ -566,6 +577,7 @@ mod tests {
 
     fn seen(at_us: i64, generation: u64, pid: i32) -> Seen {
         Seen {
+            started_us: at_us - 200,
             at_us,
             answer: Answer {
                 generation: Some(generation),
@@ -600,6 +612,7 @@ mod tests {
         ];
         let n = rollback_note(OLD, 1_000, &s, 0);
         assert_eq!(n.latency_us, Some(3_250));
+        assert_eq!(n.opened_after_us, Some(3_050));
         assert_eq!(n.probes, 3);
         assert_eq!(n.answered_pid, Some(100));
         assert_eq!(n.same_pid, Some(true));
@@ -620,6 +633,7 @@ mod tests {
         let s = [seen(2_000, 2, 200), seen(3_000, 2, 200)];
         let n = rollback_note(OLD, 1_000, &s, 0);
         assert_eq!(n.latency_us, None);
+        assert_eq!(n.opened_after_us, None);
         assert_eq!(n.probes, 2);
         assert_eq!(n.same_pid, None);
         // Answers before the request was sent do not count.

@@ -161,6 +161,10 @@ pub struct RollbackSummary {
     pub unanswered: usize,
     /// The prober's own connections that failed.
     pub probe_failures: usize,
+    /// From sending `rollback` to opening the connection the old process
+    /// answered first (same rollbacks as `rollback_ms`): the switch was
+    /// before then; the rest of `rollback_ms` is that probe's round trip.
+    pub opened_after_ms: Option<Stat>,
     /// The load's requests during the run.
     pub requests: u64,
     pub failed: u64,
@@ -624,12 +628,13 @@ pub fn text(s: &Summary) -> String {
         None => {
             let _ = writeln!(
                 o,
-                "rollback during a bake ({}, --bake {}, {} load at {:.0} req/s): `rollback` sent → old process answers a new connection: {}; same pid {} of {}; {} failed{}, {} retried",
+                "rollback during a bake ({}, --bake {}, {} load at {:.0} req/s): `rollback` sent → old process answers a new connection: {} (that connection opened after: {}); same pid {} of {}; {} failed{}, {} retried",
                 r.traffic,
                 r.bake,
                 r.conn,
                 r.rate,
                 stat(&s.rollback_ms),
+                stat(&r.opened_after_ms),
                 r.same_pid,
                 r.planned,
                 r.failed,
