@@ -23,9 +23,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
-    /// The comparison in under a minute (a few cutovers per connection mode)
+    /// The comparison in about a minute (a few cutovers per connection mode and traffic mode, 5 rollbacks, a 2 000-connection canary)
     Quick(ScenarioArgs),
-    /// The full scenario: 200 cutovers per connection mode and every comparison (a few minutes)
+    /// The full scenario: 200 cutovers per connection mode and traffic mode, 20 rollbacks, a 10 000-connection canary and every comparison (about 10 minutes)
     Full(ScenarioArgs),
     /// Drive load at one target; with --control, upgrade that baton meanwhile
     Load(LoadArgs),
@@ -42,7 +42,7 @@ pub struct ScenarioArgs {
     /// Print one JSON object on stdout (the readable summary goes to stderr)
     #[arg(long)]
     pub json: bool,
-    /// Exit 1 if a request failed under baton or a target was missed
+    /// Exit 1 if a request failed under baton (cutovers in either traffic mode, rollbacks) or a target was missed
     #[arg(long)]
     pub strict: bool,
     /// Directory for logs, report.json, summary.txt and the timelines
@@ -67,10 +67,10 @@ pub struct ScenarioArgs {
     /// Skip the HAProxy comparison
     #[arg(long)]
     pub no_haproxy: bool,
-    /// Cutovers per connection mode under baton [quick: 8 | full: 200]
+    /// Cutovers per connection mode under each baton (steered and shared traffic) [quick: 8 | full: 200]
     #[arg(long, value_name = "N")]
     pub cutovers: Option<u32>,
-    /// Time between cutovers [quick: 1s | full: 500ms]
+    /// Time between cutovers [quick: 500ms | full: 500ms]
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     pub interval: Option<Duration>,
     /// Open-loop rate as a fraction of the app's measured ceiling

@@ -73,6 +73,9 @@ pub struct Cutover {
     pub ready_to_first_response_us: Option<i64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<EventNote>,
+    /// Rollback runs only: the rollback as the client saw it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<crate::steering::RollbackNote>,
 }
 
 /// An app process: its generation and, if an event said, its pid.
@@ -103,10 +106,11 @@ impl Cutover {
             first_response_us: None,
             ready_to_first_response_us: None,
             events: Vec::new(),
+            rollback: None,
         }
     }
 
-    fn mark(&mut self, name: &str, at_us: i64) {
+    pub(crate) fn mark(&mut self, name: &str, at_us: i64) {
         self.phases.push(Phase {
             name: name.to_owned(),
             at_us,
@@ -114,7 +118,7 @@ impl Cutover {
         self.end_us = self.end_us.max(at_us);
     }
 
-    fn fail(&mut self, why: impl Into<String>) {
+    pub(crate) fn fail(&mut self, why: impl Into<String>) {
         self.ok = false;
         self.error.get_or_insert_with(|| why.into());
     }
@@ -255,6 +259,27 @@ pub fn baton_active(control: &Path) -> Option<Option<u64>> {
     }
 }
 
+/// The traffic mode the baton at `control` reports (`steered`, `shared`).
+pub fn baton_traffic(control: &Path) -> Option<String> {
+    let rt = small_runtime().ok()?;
+    let mut traffic = None;
+    let res = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            baton::control::request(control, &Request::Status, |r| {
+                if let Reply::Status(s) = r {
+                    traffic = Some(s.traffic);
+                }
+            }),
+        )
+        .await
+    });
+    match res {
+        Ok(Ok(())) => traffic,
+        _ => None,
+    }
+}
+
 /// Asks baton to stop and waits for it (bounded), then the guard's SIGTERM.
 pub fn stop_baton(control: &Path, mut proc: Proc) {
     if let Ok(rt) = small_runtime() {
@@ -286,6 +311,10 @@ pub enum Deployer {
     /// start-up and exit a cutover costs the machine, with no traffic moved:
     /// what it does to latency is the cost of sharing two cores.
     SpawnOnly(SpawnOnly),
+    /// Under baton with a bake window: upgrade without waiting for the
+    /// bake, then roll back, measuring from outside how soon new
+    /// connections reach the old processes again ([`crate::steering`]).
+    Rollback(crate::steering::RollbackDeploy),
 }
 
 impl Deployer {
@@ -296,6 +325,7 @@ impl Deployer {
             Deployer::Naive(n) => n.cutover(index, clock),
             Deployer::Haproxy(h) => h.cutover(index, clock),
             Deployer::SpawnOnly(s) => s.cutover(index, clock),
+            Deployer::Rollback(r) => r.cutover(index, clock),
         }
     }
 
@@ -305,6 +335,7 @@ impl Deployer {
             Deployer::Naive(_) => "naive",
             Deployer::Haproxy(_) => "haproxy",
             Deployer::SpawnOnly(_) => "spawn-only",
+            Deployer::Rollback(_) => "rollback",
         }
     }
 }

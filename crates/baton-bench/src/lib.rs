@@ -1,8 +1,11 @@
 //! baton-bench: proves baton's cutovers under load with numbers.
 //!
 //! It drives HTTP/1.1 load (open loop on a timetable, or closed loop) at
-//! the example app, alone and under baton, while upgrading baton through
-//! its control socket, and compares with a naive deploy and with HAProxy.
+//! the example app, alone and under baton (steered traffic, baton's
+//! default, and shared sockets side by side), while upgrading baton
+//! through its control socket, and compares with a naive deploy and with
+//! HAProxy. With steered traffic it also times rollbacks during a bake and
+//! counts a canary's share of new connections, from outside baton.
 //! See docs/benchmarks.md for what it measures and what the numbers mean.
 
 #![forbid(unsafe_code)]
@@ -19,6 +22,7 @@ pub mod report;
 pub mod scenario;
 pub mod schedule;
 pub mod stamps;
+pub mod steering;
 pub mod summary;
 
 use std::io::Write;
@@ -86,7 +90,10 @@ fn scenario_cmd(preset: scenario::Preset, args: &ScenarioArgs) -> Result<u8, Ben
         print!("{text}");
     }
     let _ = std::io::stdout().flush();
-    let missed = summary.failed > 0 || summary.targets.iter().any(|t| !t.ok);
+    let missed = summary.failed > 0
+        || summary.shared.failed > 0
+        || summary.rollback.failed > 0
+        || summary.targets.iter().any(|t| !t.ok);
     Ok(if args.strict && missed {
         EXIT_MISSED
     } else {

@@ -23,7 +23,8 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 pub struct RunSpec {
     /// Short identifier, e.g. `baton-keep-alive-cutovers`.
     pub name: String,
-    /// What is measured: `app`, `baton`, `naive`, `haproxy`.
+    /// What is measured: `app`, `baton-steered`, `baton-shared` (`baton`
+    /// for `load`), `rollback`, `spawn-only`, `naive`, `haproxy`.
     pub target: String,
     pub addr: SocketAddr,
     pub load: LoadSpec,

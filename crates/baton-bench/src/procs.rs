@@ -175,11 +175,14 @@ pub fn spawn_app(app: &Path, port: u16, log: &Path) -> io::Result<Proc> {
 /// Starts `baton run` with the app and waits until its first generation is
 /// active and the port accepts. With `stamps`, every app generation gets
 /// `HELLO_STAMPS` (see [`crate::stamps`]) through baton's environment.
+/// `flags` go to `baton run` before the app's command (e.g. `--traffic
+/// shared`, `--bake 60s`).
 pub fn spawn_baton(
     bins: &Bins,
     port: u16,
     control: &Path,
     stamps: Option<&Path>,
+    flags: &[&str],
     log: &Path,
 ) -> Result<Proc, String> {
     let mut cmd = Command::new(&bins.baton);
@@ -188,6 +191,7 @@ pub fn spawn_baton(
         .arg(format!("http={}", loopback(port)))
         .arg("--control")
         .arg(control)
+        .args(flags)
         .arg("--")
         .arg(&bins.app);
     cmd.env_remove("LISTEN_FDS")

@@ -170,6 +170,32 @@ pub fn stat_of(cutovers: &[Cutover], f: impl Fn(&Cutover) -> Option<i64>) -> Opt
     )
 }
 
+/// The rollback latency (ms) over the rollbacks that reached the old
+/// generation's same process; a rollback that reached no old process, or
+/// another one (a restart), has no latency to count (the run reports it
+/// as a failed cutover).
+pub fn rollback_stat(cutovers: &[Cutover]) -> Option<Stat> {
+    stat(
+        cutovers
+            .iter()
+            .filter_map(|c| c.rollback)
+            .filter(|r| r.same_pid == Some(true))
+            .filter_map(|r| r.latency_us)
+            .map(|us| us as f64 / 1e3)
+            .collect(),
+    )
+}
+
+/// Cutovers whose new generation answered a client before its READY=1
+/// stamp: with steered traffic, a candidate is dark until ready, so this
+/// must be 0; with shared sockets it accepts from its first accept().
+pub fn answered_before_ready(cutovers: &[Cutover]) -> usize {
+    cutovers
+        .iter()
+        .filter(|c| c.ok && c.ready_to_first_response_us.is_some_and(|us| us < 0))
+        .count()
+}
+
 /// What happened to the requests in one cutover's window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct WindowStats {
@@ -274,6 +300,11 @@ pub struct RunReport {
     /// The new version's READY=1 to its first response at the load
     /// generator (negative: it answered before saying READY).
     pub ready_to_first_response_ms: Option<Stat>,
+    /// Rollback runs: from sending `rollback` to the first response from
+    /// the old generation's same process on a new connection (see
+    /// [`crate::steering`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollback_ms: Option<Stat>,
     pub failed_in_windows: u64,
     pub failed_outside_windows: u64,
     /// Latency per ms around the cutovers' start, all cutovers together.
@@ -451,6 +482,7 @@ pub fn analyze(run: &RunData) -> (RunReport, Split) {
         phases_ms: phase_stats(&run.cutovers),
         cutover_latency_ms: stat_of(&run.cutovers, |c| c.cutover_latency_us),
         ready_to_first_response_ms: stat_of(&run.cutovers, |c| c.ready_to_first_response_us),
+        rollback_ms: rollback_stat(&run.cutovers),
         failed_in_windows: failed_in,
         failed_outside_windows: failed_out,
         profile: if run.cutovers.is_empty() {
@@ -652,6 +684,13 @@ pub fn text(r: &RunReport) -> String {
                 &r.ready_to_first_response_ms,
             ),
         ];
+        if let Some(v) = &r.rollback_ms {
+            let _ = writeln!(
+                s,
+                "     {:<34} median {:8.3}  p90 {:8.3}  max {:8.3} ms  (n={})",
+                "rollback → old process answers", v.median, v.p90, v.max, v.n
+            );
+        }
         for (k, v) in outside {
             match v {
                 Some(v) => {
@@ -661,7 +700,7 @@ pub fn text(r: &RunReport) -> String {
                         v.median, v.p90, v.max, v.n
                     );
                 }
-                None if r.target == "baton" => {
+                None if r.target.starts_with("baton") => {
                     let _ = writeln!(s, "     {k:<34} no data");
                 }
                 None => {}
@@ -850,6 +889,46 @@ mod tests {
         assert_eq!(m["refused"], 2);
         assert_eq!(m["reset"], 0);
         assert_eq!(m.len(), Cause::ALL.len());
+    }
+
+    #[test]
+    fn rollback_stat_counts_only_returns_to_the_same_process() {
+        use crate::cutover::AppId;
+        use crate::steering::RollbackNote;
+        let note = |latency_us: Option<i64>, same_pid: Option<bool>| RollbackNote {
+            to: AppId {
+                generation: 1,
+                pid: Some(100),
+            },
+            sent_us: 0,
+            latency_us,
+            opened_after_us: latency_us.map(|l| l - 100),
+            probes: 1,
+            probe_failures: 0,
+            answered_pid: Some(100),
+            same_pid,
+        };
+        let mut c = [cut(0, 0, 1), cut(1, 0, 1), cut(2, 0, 1), cut(3, 0, 1)];
+        c[0].rollback = Some(note(Some(2_500), Some(true)));
+        c[1].rollback = Some(note(Some(900), Some(false))); // a restart
+        c[2].rollback = Some(note(None, None)); // never came back
+        c[3].rollback = Some(note(Some(4_000), Some(true)));
+        let s = rollback_stat(&c).expect("stat");
+        assert_eq!((s.median, s.max, s.n), (4.0, 4.0, 2));
+        assert_eq!(rollback_stat(&c[1..3]), None);
+        assert_eq!(rollback_stat(&[cut(0, 0, 1)]), None);
+    }
+
+    #[test]
+    fn answered_before_ready_counts_negative_ready_to_first_response() {
+        let mut c = [cut(0, 0, 1), cut(1, 0, 1), cut(2, 0, 1), cut(3, 0, 1)];
+        c[0].ready_to_first_response_us = Some(-50);
+        c[1].ready_to_first_response_us = Some(0);
+        c[2].ready_to_first_response_us = Some(1_200);
+        c[3].ready_to_first_response_us = Some(-1);
+        assert_eq!(answered_before_ready(&c), 2);
+        c[3].ok = false; // a failed cutover is left out
+        assert_eq!(answered_before_ready(&c), 1);
     }
 
     #[test]

@@ -1,16 +1,21 @@
 //! The comparison, start to end, in one process so that every figure comes
 //! from the same machine in the same minute:
 //!
-//! 1. the app alone and the app under baton, both running; their closed-loop
-//!    ceilings measured alternately (so drift hits both alike), giving the
-//!    throughput ratio;
-//! 2. baton idle for a few seconds (its idle CPU);
-//! 3. open-loop load at a fraction of the app's ceiling while baton upgrades
-//!    every interval, once per connection mode; then (full scenario) the
-//!    same load while app processes merely start and stop beside it, the
-//!    control experiment;
-//! 4. the naive deploy (stop, then start) under the same load;
-//! 5. HAProxy with a seamless reload in front of two app instances, if
+//! 1. the app alone and the app under two batons, one with steered traffic
+//!    (the default) and one started with `--traffic shared`, all running;
+//!    their closed-loop ceilings measured in turn (so drift hits all
+//!    alike), giving the throughput ratios;
+//! 2. the steered baton idle for a few seconds (its idle CPU);
+//! 3. open-loop load at a fraction of the app's ceiling while a baton
+//!    upgrades every interval, per connection mode and per traffic mode
+//!    (steered and shared alternating); then (full scenario) the same load
+//!    while app processes merely start and stop beside it, the control
+//!    experiment;
+//! 4. a steered baton with a bake window: under load, upgrades that do not
+//!    wait for the bake, each rolled back, timed from outside; then a
+//!    canary's share of new connections ([`crate::steering`]);
+//! 5. the naive deploy (stop, then start) under the same load;
+//! 6. HAProxy with a seamless reload in front of two app instances, if
 //!    installed.
 //!
 //! The summary and the targets are in [`crate::summary`].
@@ -29,8 +34,10 @@ use crate::procs::{self, Bins, Proc};
 use crate::procstat::{self, Sample};
 use crate::report::{self, RunReport};
 use crate::schedule::CutoverPlan;
+use crate::steering::{self, RollbackDeploy};
 use crate::summary::{
-    loadavg, machine, median, ratio, targets, Ceiling, Comparison, Machine, Summary, Supervisor,
+    loadavg, machine, median, ratio, targets, Ceiling, Comparison, Machine, RollbackSummary,
+    Summary, Supervisor, TrafficResult,
 };
 use crate::BenchError;
 
@@ -60,6 +67,18 @@ pub struct Preset {
     /// The control experiment: process starts and stops with no cutover,
     /// under the same load (0: skipped).
     pub control_spawns: u32,
+    /// The bake window of the baton the rollbacks run on (`--bake`).
+    pub bake: &'static str,
+    /// Upgrade-then-rollback cycles under load, and their spacing.
+    pub rollbacks: u32,
+    pub rollback_interval: Duration,
+    /// How long the new generation serves before each rollback.
+    pub rollback_pause: Duration,
+    /// The canary's percentage, the new connections counted during it,
+    /// and those checked after `promote`.
+    pub canary_pct: u8,
+    pub canary_connections: u64,
+    pub canary_confirm: u64,
 }
 
 impl Preset {
@@ -67,11 +86,11 @@ impl Preset {
         Preset {
             name: "quick",
             ceiling: Duration::from_millis(1_000),
-            ceiling_rounds: 4,
+            ceiling_rounds: 3,
             idle: Duration::from_secs(2),
             idle_after: false,
             cutovers: 8,
-            interval: Duration::from_secs(1),
+            interval: Duration::from_millis(500),
             lead: Duration::from_millis(700),
             tail: Duration::from_millis(500),
             naive_cutovers: 3,
@@ -83,6 +102,13 @@ impl Preset {
             haproxy_modes: vec![ConnMode::Close],
             require_haproxy: false,
             control_spawns: 0,
+            bake: "60s",
+            rollbacks: 5,
+            rollback_interval: Duration::from_millis(500),
+            rollback_pause: Duration::from_millis(100),
+            canary_pct: 10,
+            canary_connections: 2_000,
+            canary_confirm: 200,
         }
     }
 
@@ -106,6 +132,13 @@ impl Preset {
             haproxy_modes: vec![ConnMode::KeepAlive, ConnMode::Close],
             require_haproxy: true,
             control_spawns: 40,
+            bake: "60s",
+            rollbacks: 20,
+            rollback_interval: Duration::from_millis(500),
+            rollback_pause: Duration::from_millis(100),
+            canary_pct: 10,
+            canary_connections: 10_000,
+            canary_confirm: 1_000,
         }
     }
 }
@@ -126,6 +159,54 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// The traffic modes the cutovers run in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Traffic {
+    /// A socket per generation, the kernel picks (baton's default).
+    Steered,
+    /// One socket for every generation (`--traffic shared`).
+    Shared,
+}
+
+impl Traffic {
+    pub const ALL: [Traffic; 2] = [Traffic::Steered, Traffic::Shared];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Traffic::Steered => "steered",
+            Traffic::Shared => "shared",
+        }
+    }
+
+    /// The flags of `baton run`: steered is the default, so the steered
+    /// baton gets none (the bench measures what users get).
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Traffic::Steered => &[],
+            Traffic::Shared => &["--traffic", "shared"],
+        }
+    }
+
+    /// The runs' target, also the ceilings' (see [`crate::summary::traffic_of`]).
+    pub fn target(self) -> &'static str {
+        match self {
+            Traffic::Steered => "baton-steered",
+            Traffic::Shared => "baton-shared",
+        }
+    }
+}
+
+/// A baton under test.
+struct Under {
+    traffic: Traffic,
+    port: u16,
+    control: PathBuf,
+    stamps: PathBuf,
+    proc: Proc,
+    /// The traffic mode it reported in its status.
+    reported: String,
 }
 
 /// A run's report plus what the summary merges across runs.
@@ -178,6 +259,7 @@ impl Ctx<'_> {
             let end = run.load.ended_us as f64 / 1e6;
             let what = match report.target.as_str() {
                 "naive" => "deploys (stop, then start)",
+                "rollback" => "upgrades, each rolled back during its bake",
                 "haproxy" => "deploys (new app, reload HAProxy)",
                 "spawn-only" => "app starts and stops beside baton, no cutover",
                 _ => "cutovers",
@@ -247,7 +329,7 @@ fn closed_loop(
     Ok(ctx.finish(&run, None))
 }
 
-fn comparison(done: &[Done]) -> Comparison {
+fn comparison<'a>(done: impl IntoIterator<Item = &'a Done>) -> Comparison {
     let mut c = Comparison::default();
     let (mut steady, mut cut) = (report::new_hist(), report::new_hist());
     for d in done {
@@ -315,18 +397,6 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs).map_err(BenchError::io("creating the output directory"))?;
     let scratch = Scratch::new().map_err(BenchError::io("creating a scratch directory"))?;
-    let control = scratch.0.join("ctl").join("control.sock");
-    // The apps under baton stamp READY=1 and their drain signal here.
-    let stamps = out.join("app-stamps.txt");
-    match std::fs::remove_file(&stamps) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(BenchError::Io {
-                what: "removing the previous run's stamps",
-                source: e,
-            })
-        }
-        _ => {}
-    }
     let mut ctx = Ctx {
         args,
         out,
@@ -335,9 +405,8 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
     };
     let port = || procs::free_port().map_err(BenchError::io("finding a free port"));
 
-    // 1. Both targets up; ceilings measured alternately.
+    // 1. The app alone and a baton per traffic mode; ceilings in turn.
     let app_port = port()?;
-    let baton_port = port()?;
     let mut app = procs::spawn_app(&bins.app, app_port, &ctx.log("app-alone"))
         .map_err(BenchError::io("starting the app"))?;
     if !procs::wait_accepting(procs::loopback(app_port), Duration::from_secs(10)) {
@@ -346,18 +415,51 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
             ctx.log("app-alone").display()
         )));
     }
-    let baton = procs::spawn_baton(
-        &bins,
-        baton_port,
-        &control,
-        Some(&stamps),
-        &ctx.log("baton"),
-    )
-    .map_err(BenchError::Env)?;
-    let baton_pid = baton.pid();
+    let mut unders: Vec<Under> = Vec::new();
+    for traffic in Traffic::ALL {
+        let p = port()?;
+        let control = scratch
+            .0
+            .join(format!("ctl-{}", traffic.name()))
+            .join("control.sock");
+        // The apps under this baton stamp READY=1 and their drain signal
+        // here (steered: the file the docs name).
+        let stamps = ctx.out.join(match traffic {
+            Traffic::Steered => "app-stamps.txt".to_string(),
+            Traffic::Shared => format!("app-stamps-{}.txt", traffic.name()),
+        });
+        remove_stale(&stamps)?;
+        let log = ctx.log(&format!("baton-{}", traffic.name()));
+        let proc = procs::spawn_baton(&bins, p, &control, Some(&stamps), traffic.flags(), &log)
+            .map_err(BenchError::Env)?;
+        let reported = cutover::baton_traffic(&control).unwrap_or_else(|| "unknown".into());
+        if reported != traffic.name() {
+            eprintln!(
+                "baton-bench: warning: the {} baton reports traffic {reported:?}; see {}",
+                traffic.name(),
+                log.display()
+            );
+        }
+        eprintln!(
+            "baton-bench {}: baton ({}) pid {} on 127.0.0.1:{p}",
+            preset.name,
+            traffic.name(),
+            proc.pid()
+        );
+        unders.push(Under {
+            traffic,
+            port: p,
+            control,
+            stamps,
+            proc,
+            reported,
+        });
+    }
+    // The supervisor's footprint is the steered (default) baton's.
+    let baton_pid = unders[0].proc.pid();
     let start_sample = procstat::sample(baton_pid, 0);
     eprintln!(
-        "baton-bench {}: baton pid {baton_pid} on 127.0.0.1:{baton_port}, app alone on 127.0.0.1:{app_port}",
+        "baton-bench {}: app alone on 127.0.0.1:{app_port}",
         preset.name
     );
 
@@ -365,24 +467,26 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
     let idle = measure::idle_samples(baton_pid, preset.idle);
 
     let mut ceilings: Vec<Ceiling> = Vec::new();
-    let mut ratio_by_mode = BTreeMap::new();
+    // traffic -> connection mode -> ratio.
+    let mut ratios: BTreeMap<&'static str, BTreeMap<&'static str, f64>> = BTreeMap::new();
     let mut rate_of: BTreeMap<&'static str, f64> = BTreeMap::new();
     let mut runs: Vec<RunReport> = Vec::new();
     for &mode in &args.modes {
-        let (mut alone, mut under) = (Vec::new(), Vec::new());
-        let (mut alone_p99, mut under_p99) = (0.0f64, 0.0f64);
+        // Index 0: the app alone; then one per baton.
+        let n = 1 + unders.len();
+        let mut rps: Vec<Vec<f64>> = vec![Vec::new(); n];
+        let mut p99: Vec<f64> = vec![0.0; n];
         for round in 0..preset.ceiling_rounds {
-            // Alternate which goes first, so a drift affects both alike.
-            let order = if round % 2 == 0 {
-                [false, true]
-            } else {
-                [true, false]
-            };
-            for under_baton in order {
-                let (target, p, pid, tree) = if under_baton {
-                    ("baton", baton_port, Some(baton_pid), Some(baton_pid))
-                } else {
-                    ("app", app_port, None, Some(app.pid()))
+            // Rotate which goes first, so a drift affects all alike.
+            for k in 0..n {
+                let which = (k + round as usize) % n;
+                let (target, p, pid, tree) = match which {
+                    0 => ("app", app_port, None, Some(app.pid())),
+                    i => {
+                        let u = &unders[i - 1];
+                        let pid = u.proc.pid();
+                        (u.traffic.target(), u.port, Some(pid), Some(pid))
+                    }
                 };
                 let name = format!("ceiling-{target}-{}-{}", mode.name(), round + 1);
                 let d = closed_loop(
@@ -394,72 +498,88 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
                     preset.ceiling,
                     (pid, tree),
                 )?;
-                if under_baton {
-                    under.push(d.report.throughput_rps);
-                    under_p99 = under_p99.max(d.report.latency.all.p99_ms);
-                } else {
-                    alone.push(d.report.throughput_rps);
-                    alone_p99 = alone_p99.max(d.report.latency.all.p99_ms);
-                }
+                rps[which].push(d.report.throughput_rps);
+                p99[which] = p99[which].max(d.report.latency.all.p99_ms);
                 runs.push(d.report);
             }
         }
-        // Each round measures both back to back (alternating which goes
-        // first, so a slow drift hits both alike); the ratio is the median
-        // of the rounds' ratios, so one round disturbed by something else
-        // on the machine does not decide it.
+        // Each round measures all back to back; a baton's ratio is the
+        // median of the rounds' ratios, so one round disturbed by something
+        // else on the machine does not decide it.
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        let (a, b) = (mean(&alone), mean(&under));
-        let pairs: Vec<f64> = alone
-            .iter()
-            .zip(&under)
-            .map(|(a, b)| ratio(*b, *a))
-            .collect();
-        ratio_by_mode.insert(mode.name(), median(pairs));
-        rate_of.insert(mode.name(), (a * args.rate_fraction).round().max(1.0));
-        ceilings.push(Ceiling {
-            target: "app".into(),
-            conn: mode.name(),
-            rps: a.round(),
-            rounds: alone,
-            p99_ms: alone_p99,
-        });
-        ceilings.push(Ceiling {
-            target: "baton".into(),
-            conn: mode.name(),
-            rps: b.round(),
-            rounds: under,
-            p99_ms: under_p99,
-        });
+        let alone = mean(&rps[0]);
+        rate_of.insert(mode.name(), (alone * args.rate_fraction).round().max(1.0));
+        for (i, u) in unders.iter().enumerate() {
+            let pairs: Vec<f64> = rps[0]
+                .iter()
+                .zip(&rps[i + 1])
+                .map(|(a, b)| ratio(*b, *a))
+                .collect();
+            ratios
+                .entry(u.traffic.name())
+                .or_default()
+                .insert(mode.name(), median(pairs));
+        }
+        for (i, target) in std::iter::once("app")
+            .chain(unders.iter().map(|u| u.traffic.target()))
+            .enumerate()
+        {
+            ceilings.push(Ceiling {
+                target: target.into(),
+                conn: mode.name(),
+                rps: mean(&rps[i]).round(),
+                rounds: rps[i].clone(),
+                p99_ms: p99[i],
+            });
+        }
     }
     app.terminate(Duration::from_secs(5));
     drop(app);
 
-    // 3. Cutovers under baton.
+    // 3. Cutovers under baton: per connection mode, each traffic mode in
+    // turn (so a drift of the machine hits both alike).
     let plan = |count, interval| CutoverPlan {
         lead: preset.lead,
         interval,
         count,
         tail: preset.tail,
     };
-    let mut deployer = Some(Deployer::Baton(
-        cutover::BatonDeploy::new(control.clone()).map_err(BenchError::io("starting a runtime"))?,
-    ));
-    let mut baton_done: Vec<Done> = Vec::new();
+    let mut deployers: Vec<Option<Deployer>> = Vec::new();
+    for u in &unders {
+        deployers.push(Some(Deployer::Baton(
+            cutover::BatonDeploy::new(u.control.clone())
+                .map_err(BenchError::io("starting a runtime"))?,
+        )));
+    }
+    let mut baton_done: Vec<(Traffic, Done)> = Vec::new();
     let mut cutover_samples: Vec<Sample> = Vec::new();
     for (i, &mode) in args.modes.iter().enumerate() {
         let rate = rate_of[mode.name()];
-        let name = format!("baton-{}-cutovers", mode.name());
-        let mut spec = ctx.spec(&name, "baton", baton_port, Model::Open { rate }, mode);
-        spec.plan = Some(plan(preset.cutovers, preset.interval));
-        spec.sample_pid = Some(baton_pid);
-        spec.stamps = Some(stamps.clone());
-        let (run, dep) =
-            measure::measure(spec, deployer.take()).map_err(BenchError::io("running the load"))?;
-        deployer = dep;
-        cutover_samples.extend(run.samples.iter().copied());
-        let plot_to = args.plot.as_deref().map(|p| plot_path(p, i, mode));
-        baton_done.push(ctx.finish(&run, plot_to.as_deref()));
+        for (k, u) in unders.iter().enumerate() {
+            let name = format!("baton-{}-{}-cutovers", u.traffic.name(), mode.name());
+            let mut spec = ctx.spec(
+                &name,
+                u.traffic.target(),
+                u.port,
+                Model::Open { rate },
+                mode,
+            );
+            spec.plan = Some(plan(preset.cutovers, preset.interval));
+            spec.sample_pid = Some(u.proc.pid());
+            spec.stamps = Some(u.stamps.clone());
+            let (run, dep) = measure::measure(spec, deployers[k].take())
+                .map_err(BenchError::io("running the load"))?;
+            deployers[k] = dep;
+            // The pictures (--plot) are the steered runs'.
+            let plot_to = match u.traffic {
+                Traffic::Steered => {
+                    cutover_samples.extend(run.samples.iter().copied());
+                    args.plot.as_deref().map(|p| plot_path(p, i, mode))
+                }
+                Traffic::Shared => None,
+            };
+            baton_done.push((u.traffic, ctx.finish(&run, plot_to.as_deref())));
+        }
     }
     // 3b. The control experiment: same load, same process churn, no cutover.
     let mut control_done = Vec::new();
@@ -467,7 +587,13 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
         for &mode in &args.modes {
             let rate = rate_of[mode.name()];
             let name = format!("spawn-only-{}", mode.name());
-            let mut spec = ctx.spec(&name, "spawn-only", baton_port, Model::Open { rate }, mode);
+            let mut spec = ctx.spec(
+                &name,
+                "spawn-only",
+                unders[0].port,
+                Model::Open { rate },
+                mode,
+            );
             spec.plan = Some(plan(preset.control_spawns, preset.interval));
             spec.sample_pid = Some(baton_pid);
             let dep = Deployer::SpawnOnly(cutover::SpawnOnly {
@@ -485,9 +611,38 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
         None
     };
     let end_sample = procstat::sample(baton_pid, 0);
-    cutover::stop_baton(&control, baton);
+    let reported: BTreeMap<&'static str, String> = unders
+        .iter()
+        .map(|u| (u.traffic.name(), u.reported.clone()))
+        .collect();
+    for u in unders {
+        cutover::stop_baton(&u.control, u.proc);
+    }
 
-    // 4. The naive deploy.
+    // 4. Rollbacks during a bake, and a canary, on a steered baton.
+    let (rollback_done, mut rollback, canary) =
+        match steering_runs(&mut ctx, &preset, &bins, &scratch.0, &rate_of) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("baton-bench: the steering measurements failed: {e}");
+                (
+                    None,
+                    RollbackSummary {
+                        skipped: Some(e.to_string()),
+                        planned: preset.rollbacks,
+                        ..RollbackSummary::default()
+                    },
+                    Err(e.to_string()),
+                )
+            }
+        };
+    if let Some(d) = &rollback_done {
+        let c = comparison([d]);
+        rollback.p99_steady_ms = c.p99_steady_ms;
+        rollback.p99_cutover_ms = c.p99_cutover_ms;
+    }
+
+    // 5. The naive deploy.
     let mut naive_done = Vec::new();
     for &mode in &preset.naive_modes {
         let p = port()?;
@@ -525,7 +680,7 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
         naive_done.push(ctx.finish(&run, plot_to.as_deref()));
     }
 
-    // 5. HAProxy.
+    // 6. HAProxy.
     let mut reference = Comparison::default();
     let mut haproxy_done = Vec::new();
     match &bins.haproxy {
@@ -568,15 +723,23 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
     }
 
     // Summary.
-    let under = comparison(&baton_done);
+    let result_of = |traffic: Traffic| {
+        let done: Vec<&Done> = baton_done
+            .iter()
+            .filter(|(t, _)| *t == traffic)
+            .map(|(_, d)| d)
+            .collect();
+        traffic_result(
+            reported
+                .get(traffic.name())
+                .cloned()
+                .unwrap_or_else(|| "unknown".into()),
+            &done,
+            ratios.get(traffic.name()).cloned().unwrap_or_default(),
+        )
+    };
+    let (steered, shared) = (result_of(Traffic::Steered), result_of(Traffic::Shared));
     let naive = comparison(&naive_done);
-    let baton_cutovers: Vec<cutover::Cutover> = baton_done
-        .iter()
-        .flat_map(|d| d.report.cutovers.iter().map(|c| c.cutover.clone()))
-        .collect();
-    let cutover_latency = report::stat_of(&baton_cutovers, |c| c.cutover_latency_us);
-    let ready_to_first_response =
-        report::stat_of(&baton_cutovers, |c| c.ready_to_first_response_us);
     let rss: Vec<u64> = cutover_samples
         .iter()
         .map(|s| s.rss_kb)
@@ -608,7 +771,8 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
         cutover_runs_cpu_pct: {
             let cpu: Vec<f64> = baton_done
                 .iter()
-                .filter_map(|d| d.report.supervisor.map(|r| r.cpu_pct))
+                .filter(|(t, _)| *t == Traffic::Steered)
+                .filter_map(|(_, d)| d.report.supervisor.map(|r| r.cpu_pct))
                 .collect();
             (cpu.iter().sum::<f64>() / cpu.len().max(1) as f64 * 100.0).round() / 100.0
         },
@@ -617,24 +781,18 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
     if control_done.is_empty() {
         spawn_only.skipped = Some("only in the full scenario".into());
     }
+    let rollback_ms = rollback_done.as_ref().and_then(|d| d.report.rollback_ms);
     let mut runs_all = runs;
-    let baton_reports: Vec<RunReport> = baton_done.iter().map(|d| d.report.clone()).collect();
-    let control_reports: Vec<RunReport> = control_done.iter().map(|d| d.report.clone()).collect();
-    let targets = targets(
-        &preset,
-        &baton_reports,
-        &control_reports,
-        &ratio_by_mode,
-        &ceilings,
-        cutover_latency.as_ref(),
-        &supervisor,
-        &naive,
-    );
-    runs_all.extend(baton_done.into_iter().map(|d| d.report));
+    runs_all.extend(baton_done.into_iter().map(|(_, d)| d.report));
     runs_all.extend(control_done.into_iter().map(|d| d.report));
+    runs_all.extend(rollback_done.into_iter().map(|d| d.report));
     runs_all.extend(naive_done.into_iter().map(|d| d.report));
     runs_all.extend(haproxy_done.into_iter().map(|d| d.report));
-    let summary = Summary {
+    let (canary_share, canary_error) = match canary {
+        Ok(c) => (Some(c), None),
+        Err(e) => (None, Some(e)),
+    };
+    let mut summary = Summary {
         scenario: preset.name,
         version: env!("CARGO_PKG_VERSION"),
         started_unix,
@@ -644,31 +802,204 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
             loadavg_start,
             ..machine()
         },
-        cutovers: under.cutovers,
-        requests: under.requests,
-        failed: under.failed,
-        failed_by_cause: under.failed_by_cause.clone(),
-        retried: under.retried,
+        traffic: Traffic::Steered.name(),
+        cutovers: steered.cutovers,
+        requests: steered.requests,
+        failed: steered.failed,
+        failed_by_cause: steered.failed_by_cause.clone(),
+        retried: steered.retried,
+        throughput_ratio: steered.throughput_ratio,
+        throughput_ratio_by_mode: steered.throughput_ratio_by_mode.clone(),
+        p99_steady_ms: steered.p99_steady_ms,
+        p99_cutover_ms: steered.p99_cutover_ms,
+        cutover_latency_ms: steered.cutover_latency_ms,
+        ready_to_first_response_ms: steered.ready_to_first_response_ms,
+        steered,
+        shared,
+        rollback_ms,
+        rollback,
+        canary_share,
+        canary_error,
+        supervisor,
+        ceilings,
+        naive,
+        reference,
+        spawn_only,
+        targets: Vec::new(),
+        runs: runs_all,
+        files: ctx.files,
+    };
+    summary.targets = targets(&preset, &summary);
+    Ok(summary)
+}
+
+/// Removes a previous run's file, if any.
+fn remove_stale(path: &Path) -> Result<(), BenchError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(BenchError::Io {
+            what: "removing the previous run's stamps",
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// One traffic mode's figures from its cutover runs.
+fn traffic_result(
+    reported: String,
+    done: &[&Done],
+    ratio_by_mode: BTreeMap<&'static str, f64>,
+) -> TrafficResult {
+    let c = comparison(done.iter().copied());
+    let cutovers: Vec<cutover::Cutover> = done
+        .iter()
+        .flat_map(|d| d.report.cutovers.iter().map(|c| c.cutover.clone()))
+        .collect();
+    TrafficResult {
+        traffic: reported,
+        cutovers: c.cutovers,
+        cutovers_ok: done.iter().map(|d| d.report.cutovers_ok).sum(),
+        requests: c.requests,
+        failed: c.failed,
+        failed_by_cause: c.failed_by_cause,
+        retried: c.retried,
+        p99_steady_ms: c.p99_steady_ms,
+        p99_cutover_ms: c.p99_cutover_ms,
         throughput_ratio: ratio_by_mode
             .get("keep-alive")
             .or_else(|| ratio_by_mode.values().next())
             .copied()
             .unwrap_or(0.0),
         throughput_ratio_by_mode: ratio_by_mode,
-        p99_steady_ms: under.p99_steady_ms,
-        p99_cutover_ms: under.p99_cutover_ms,
-        cutover_latency_ms: cutover_latency,
-        ready_to_first_response_ms: ready_to_first_response,
-        supervisor,
-        ceilings,
-        naive,
-        reference,
-        spawn_only,
-        targets,
-        runs: runs_all,
-        files: ctx.files,
+        cutover_latency_ms: report::stat_of(&cutovers, |c| c.cutover_latency_us),
+        ready_to_first_response_ms: report::stat_of(&cutovers, |c| c.ready_to_first_response_us),
+        ready_to_first_response_ms_by_mode: done
+            .iter()
+            .filter_map(|d| {
+                d.report
+                    .ready_to_first_response_ms
+                    .map(|s| (d.report.conn, s))
+            })
+            .collect(),
+        answered_before_ready: report::answered_before_ready(&cutovers),
+    }
+}
+
+/// Step 4: a steered baton with `--bake`; rollbacks under load, then the
+/// canary. Returns the rollback run, its summary, and the canary's result
+/// (or why it has none).
+type SteeringRuns = (
+    Option<Done>,
+    RollbackSummary,
+    Result<steering::CanaryShare, String>,
+);
+
+fn steering_runs(
+    ctx: &mut Ctx<'_>,
+    preset: &Preset,
+    bins: &Bins,
+    scratch: &Path,
+    rate_of: &BTreeMap<&'static str, f64>,
+) -> Result<SteeringRuns, BenchError> {
+    let port = procs::free_port().map_err(BenchError::io("finding a free port"))?;
+    let control = scratch.join("ctl-bake").join("control.sock");
+    let baton = procs::spawn_baton(
+        bins,
+        port,
+        &control,
+        None,
+        &["--traffic", "steered", "--bake", preset.bake],
+        &ctx.log("baton-bake"),
+    )
+    .map_err(BenchError::Env)?;
+    let traffic = cutover::baton_traffic(&control).unwrap_or_else(|| "unknown".into());
+    eprintln!(
+        "baton-bench {}: baton (--traffic steered --bake {}, reports {traffic}) pid {} on 127.0.0.1:{port}",
+        preset.name,
+        preset.bake,
+        baton.pid()
+    );
+    // The load: a new connection per request if measured (each one is
+    // steered), else the first mode.
+    let mode = if ctx.args.modes.contains(&ConnMode::Close) {
+        ConnMode::Close
+    } else {
+        ctx.args.modes[0]
     };
-    Ok(summary)
+    let rate = rate_of.get(mode.name()).copied().unwrap_or(1000.0);
+    let mut spec = ctx.spec(
+        &format!("rollback-{}", mode.name()),
+        "rollback",
+        port,
+        Model::Open { rate },
+        mode,
+    );
+    spec.plan = Some(CutoverPlan {
+        lead: preset.lead,
+        interval: preset.rollback_interval,
+        count: preset.rollbacks,
+        tail: preset.tail,
+    });
+    spec.sample_pid = Some(baton.pid());
+    let dep = Deployer::Rollback(
+        RollbackDeploy::new(
+            control.clone(),
+            procs::loopback(port),
+            preset.rollback_pause,
+        )
+        .map_err(BenchError::io("starting a runtime"))?,
+    );
+    let (run, _) = measure::measure(spec, Some(dep)).map_err(BenchError::io("running the load"))?;
+    let done = ctx.finish(&run, None);
+    let r = &done.report;
+    let notes: Vec<steering::RollbackNote> =
+        run.cutovers.iter().filter_map(|c| c.rollback).collect();
+    let same_pid = notes
+        .iter()
+        .filter(|n| n.latency_us.is_some() && n.same_pid == Some(true))
+        .count();
+    let other_pid = notes.iter().filter(|n| n.same_pid == Some(false)).count();
+    let summary = RollbackSummary {
+        skipped: None,
+        bake: preset.bake.into(),
+        traffic,
+        conn: mode.name(),
+        rate,
+        planned: preset.rollbacks,
+        cycles: r.cutover_count,
+        cycles_ok: r.cutovers_ok,
+        same_pid,
+        other_pid,
+        unanswered: r.cutover_count.saturating_sub(same_pid + other_pid),
+        probe_failures: notes.iter().map(|n| n.probe_failures).sum(),
+        opened_after_ms: report::stat(
+            notes
+                .iter()
+                .filter(|n| n.latency_us.is_some() && n.same_pid == Some(true))
+                .filter_map(|n| n.opened_after_us)
+                .map(|us| us as f64 / 1e3)
+                .collect(),
+        ),
+        requests: r.sent,
+        failed: r.failed,
+        failed_by_cause: r.failed_by_cause.clone(),
+        retried: r.retried,
+        p99_steady_ms: 0.0,
+        p99_cutover_ms: 0.0,
+    };
+    // The canary, on the same baton, without load.
+    let canary = steering::canary(
+        &control,
+        procs::loopback(port),
+        preset.canary_pct,
+        preset.canary_connections,
+        preset.canary_confirm,
+    );
+    if let Err(e) = &canary {
+        eprintln!("baton-bench: canary: {e}");
+    }
+    cutover::stop_baton(&control, baton);
+    Ok((Some(done), summary, canary))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -787,21 +1118,35 @@ mod tests {
 
     #[test]
     fn presets_are_bounded() {
-        // quick must fit in a minute with room for process start-up.
+        // quick must take about a minute with room for process start-up:
+        // the app alone and two batons (steered, shared) per ceiling round,
+        // the cutovers in both traffic modes, the rollbacks, the canary's
+        // connections (well under 1 ms each on loopback; 1 ms counted).
         let q = Preset::quick();
         let modes = 2;
-        let ceilings = q.ceiling * (2 * q.ceiling_rounds * modes);
-        let cutovers = (q.lead + q.interval * q.cutovers + q.tail) * modes;
+        let traffic = Traffic::ALL.len() as u32;
+        let ceilings = q.ceiling * ((1 + traffic) * q.ceiling_rounds * modes);
+        let cutovers = (q.lead + q.interval * q.cutovers + q.tail) * modes * traffic;
         let naive =
             (q.lead + q.naive_interval * q.naive_cutovers + q.tail) * q.naive_modes.len() as u32;
         let haproxy =
             (q.haproxy_ceiling + q.lead + q.haproxy_interval * q.haproxy_cutovers + q.tail)
                 * q.haproxy_modes.len() as u32;
-        let total = ceilings + q.idle + cutovers + naive + haproxy;
-        assert!(total < Duration::from_secs(50), "{total:?}");
+        let rollbacks = q.lead + q.rollback_interval * q.rollbacks + q.tail;
+        let canary = Duration::from_millis(q.canary_connections + q.canary_confirm);
+        let total = ceilings + q.idle + cutovers + naive + haproxy + rollbacks + canary;
+        assert!(total < Duration::from_secs(60), "{total:?}");
+        // Each rollback cycle (upgrade, probes, pause, rollback) fits its slot.
+        assert!(q.rollback_pause * 3 < q.rollback_interval);
+        assert!(q.canary_connections >= 2_000);
         let f = Preset::full();
         assert_eq!(f.cutovers, 200);
-        let nominal = (f.lead + f.interval * f.cutovers + f.tail) * modes;
-        assert!(nominal < Duration::from_secs(300), "{nominal:?}");
+        assert_eq!(
+            f.canary_connections, 10_000,
+            "the issue's accuracy is over 10 000"
+        );
+        assert!(f.rollbacks >= 20);
+        let nominal = (f.lead + f.interval * f.cutovers + f.tail) * modes * traffic;
+        assert!(nominal < Duration::from_secs(420), "{nominal:?}");
     }
 }
