@@ -193,6 +193,15 @@ impl Lines {
     }
 }
 
+/// How a test's baton is started.
+enum Launch<'a> {
+    Direct,
+    /// By a shell that opened a file as this descriptor and execs baton.
+    HoldingFd(u32, &'a Path),
+    /// By this program (and arguments), which runs baton.
+    Under(&'a [String]),
+}
+
 /// A running `baton run`, killed (with everything it started) on drop.
 pub struct Baton {
     pub dir: tempfile::TempDir,
@@ -236,21 +245,33 @@ impl Baton {
 
     /// [`Baton::spawn`] with extra environment variables for baton itself.
     pub fn spawn_with_env(dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Self {
-        Self::spawn_inner(dir, args, env, None)
+        Self::spawn_inner(dir, args, env, Launch::Direct)
     }
 
     /// [`Baton::spawn`], with baton inheriting (not close-on-exec) `file`
     /// open as descriptor `fd`, as from a careless parent: a shell opens it
     /// and then execs baton, keeping the pid.
     pub fn spawn_holding_fd(dir: tempfile::TempDir, args: &[&str], fd: u32, file: &Path) -> Self {
-        Self::spawn_inner(dir, args, &[], Some((fd, file)))
+        Self::spawn_inner(dir, args, &[], Launch::HoldingFd(fd, file))
+    }
+
+    /// [`Baton::spawn_with_env`], started by `launcher` (a program and its
+    /// arguments, to which baton's command line is appended): a service
+    /// manager. `child` is then the launcher, not baton.
+    pub fn spawn_under(
+        dir: tempfile::TempDir,
+        launcher: &[String],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::spawn_inner(dir, args, env, Launch::Under(launcher))
     }
 
     fn spawn_inner(
         dir: tempfile::TempDir,
         args: &[&str],
         env: &[(&str, &str)],
-        inherit: Option<(u32, &Path)>,
+        launch: Launch<'_>,
     ) -> Self {
         let control = dir.path().join("ctl/control.sock");
         let mut full = vec![
@@ -259,14 +280,19 @@ impl Baton {
             "run".into(),
         ];
         full.extend(args.iter().map(|s| s.to_string()));
-        let mut cmd = match inherit {
-            None => Command::new(bin("baton")),
-            Some((fd, file)) => {
+        let mut cmd = match launch {
+            Launch::Direct => Command::new(bin("baton")),
+            Launch::HoldingFd(fd, file) => {
                 let mut c = Command::new("/bin/sh");
                 c.arg("-c")
                     .arg(format!("exec {fd}<\"$0\" && exec \"$@\""))
                     .arg(file)
                     .arg(bin("baton"));
+                c
+            }
+            Launch::Under(launcher) => {
+                let mut c = Command::new(&launcher[0]);
+                c.args(&launcher[1..]).arg(bin("baton"));
                 c
             }
         };

@@ -9,3 +9,4 @@ mod lifecycle;
 mod protocol;
 mod regressions;
 mod steering;
+mod systemd;

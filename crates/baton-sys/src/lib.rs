@@ -553,6 +553,93 @@ pub fn tcp_accept_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
     Ok(info.tcpi_unacked)
 }
 
+/// Sockets passed by a service manager with the socket-activation
+/// protocol (`LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES`), by name.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenFdsError {
+    #[error("LISTEN_FDS={0:?} is not a count of descriptors")]
+    Count(String),
+    #[error("LISTEN_FDNAMES has {names} names for LISTEN_FDS={fds}")]
+    Names { names: usize, fds: usize },
+    #[error("LISTEN_FDS names descriptor {fd}, which is not open")]
+    NotOpen { fd: RawFd },
+    #[error("taking descriptor {fd}")]
+    Fcntl {
+        fd: RawFd,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Takes the descriptors a service manager passed this process (fds 3,
+/// 4, … with `LISTEN_FDS`), once: later calls return `None`. `None` too
+/// when there are none, or when `LISTEN_PID` names another process (the
+/// variables were inherited, not meant for us: the descriptors are left
+/// alone). Each one taken is made close-on-exec. Unnamed ones are called
+/// `unknown`, as systemd's `sd_listen_fds_with_names` does.
+///
+/// Call it before anything else could open or close descriptors 3 and up
+/// by number. The variables themselves stay in the environment (changing
+/// the environment of a multi-threaded process is not safe); whoever starts
+/// children must leave them out.
+pub fn take_listen_fds() -> Result<Option<Vec<(String, OwnedFd)>>, ListenFdsError> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    let var = |k: &str| std::env::var(k).ok();
+    let for_us = var("LISTEN_PID")
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let Some(count) = var("LISTEN_FDS").filter(|_| for_us) else {
+        return Ok(None);
+    };
+    let n: usize = count
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n <= 4096)
+        .ok_or_else(|| ListenFdsError::Count(count.clone()))?;
+    let names: Vec<String> = match var("LISTEN_FDNAMES") {
+        Some(names) => names.split(':').map(str::to_owned).collect(),
+        None => vec!["unknown".to_owned(); n],
+    };
+    if names.len() != n {
+        return Err(ListenFdsError::Names {
+            names: names.len(),
+            fds: n,
+        });
+    }
+    // Check every descriptor before taking any, so an error leaves all of
+    // them as they were.
+    let first: RawFd = 3;
+    for fd in first..first + n as RawFd {
+        // SAFETY: F_GETFD only reads the descriptor's flags; any number is
+        // a valid argument (EBADF for a closed one).
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(ListenFdsError::NotOpen { fd });
+        }
+    }
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return Ok(None);
+    }
+    let mut taken = Vec::with_capacity(n);
+    for (i, name) in names.into_iter().enumerate() {
+        let fd = first + i as RawFd;
+        // SAFETY: as above; F_SETFD with FD_CLOEXEC changes only this
+        // descriptor's flags.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+            return Err(ListenFdsError::Fcntl {
+                fd,
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: the service manager passed `fd` to this process for it
+        // to own (LISTEN_PID is ours); it is open (checked above), and the
+        // TAKEN guard makes this the only place that ever wraps it.
+        taken.push((name, unsafe { OwnedFd::from_raw_fd(fd) }));
+    }
+    Ok(Some(taken))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,7 +684,10 @@ mod tests {
         unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGUSR1, &action) }
             .unwrap_or_else(|e| panic!("sigaction: {e}"));
         let program = cstr("/bin/sh");
-        let argv = [cstr("sh"), cstr("-c"), cstr("exit 0")];
+        // Long enough that a signal the parent is slow to send (a loaded
+        // machine) still finds the child alive: a late signal kills it by
+        // its default action too, while a swallowed one lets it exit 0.
+        let argv = [cstr("sh"), cstr("-c"), cstr("sleep 5")];
         let env: [CString; 0] = [];
         let cwd = cstr("/");
         let devnull = std::fs::File::open("/dev/null").unwrap_or_else(|e| panic!("{e}"));

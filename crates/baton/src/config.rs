@@ -56,6 +56,9 @@ pub enum ConfigError {
 pub enum ListenAddr {
     Tcp(SocketAddr),
     Unix(PathBuf),
+    /// No address: the socket of this name that baton was started with
+    /// (socket activation, `LISTEN_FDS`), whatever it is bound to.
+    Inherited,
 }
 
 impl fmt::Display for ListenAddr {
@@ -63,6 +66,7 @@ impl fmt::Display for ListenAddr {
         match self {
             Self::Tcp(a) => write!(f, "{a}"),
             Self::Unix(p) => write!(f, "unix:{}", p.display()),
+            Self::Inherited => f.write_str("(inherited)"),
         }
     }
 }
@@ -99,7 +103,8 @@ impl FromStr for ListenAddr {
     }
 }
 
-/// One declared listener: `NAME=ADDR[,mode=0660]`.
+/// One declared listener: `NAME=ADDR[,mode=0660]`, or `NAME` alone for the
+/// inherited socket of that name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ListenSpec {
     pub name: String,
@@ -111,9 +116,15 @@ pub struct ListenSpec {
 impl FromStr for ListenSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (name, rest) = s
-            .split_once('=')
-            .ok_or_else(|| format!("bad listener {s:?}: expected NAME=ADDRESS"))?;
+        let Some((name, rest)) = s.split_once('=') else {
+            // A name alone: the socket of that name baton inherits.
+            validate_name(s)?;
+            return Ok(ListenSpec {
+                name: s.to_owned(),
+                address: ListenAddr::Inherited,
+                mode: None,
+            });
+        };
         let (addr, opts) = match rest.split_once(',') {
             Some((a, o)) => (a, Some(o)),
             None => (rest, None),
@@ -342,8 +353,9 @@ fn opt_mode_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error>
 #[serde(deny_unknown_fields)]
 struct FileListen {
     name: String,
-    #[serde(deserialize_with = "from_str_de")]
-    address: ListenAddr,
+    /// Absent: the inherited socket of this name.
+    #[serde(default, deserialize_with = "opt_from_str_de")]
+    address: Option<ListenAddr>,
     #[serde(default, deserialize_with = "opt_mode_de")]
     mode: Option<u32>,
 }
@@ -572,7 +584,7 @@ impl Config {
                     validate_name(&l.name).map_err(ConfigError::Invalid)?;
                     Ok(ListenSpec {
                         name: l.name,
-                        address: l.address,
+                        address: l.address.unwrap_or(ListenAddr::Inherited),
                         mode: l.mode,
                     })
                 })
@@ -768,8 +780,16 @@ mod tests {
         let l: ListenSpec = "admin=unix:/run/app/admin.sock,mode=0600".parse().unwrap();
         assert_eq!(l.address, ListenAddr::Unix("/run/app/admin.sock".into()));
         assert_eq!(l.mode, Some(0o600));
+        // A name alone: the inherited socket of that name.
+        let l: ListenSpec = "http".parse().unwrap();
+        assert_eq!(
+            (l.name.as_str(), l.address),
+            ("http", ListenAddr::Inherited)
+        );
         for bad in [
-            "http",
+            "",
+            "a:b",
+            "baton-probe",
             "=127.0.0.1:80",
             "a:b=127.0.0.1:80",
             "http=localhost:80",

@@ -20,6 +20,7 @@ pub mod probe;
 pub mod process;
 pub mod steer;
 pub mod supervisor;
+pub mod systemd;
 pub mod wire;
 
 /// The control protocol's wire types, and what apps receive and send.

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -33,6 +33,8 @@ pub struct Listener {
     /// A Unix socket file we created, with its inode: removed on drop only
     /// if it is still ours.
     unix_file: Option<(PathBuf, u64)>,
+    /// Passed in by a service manager, which keeps its own copy.
+    pub(crate) inherited: bool,
 }
 
 impl AsFd for Listener {
@@ -61,6 +63,7 @@ impl Listener {
                     address: ListenAddr::Tcp(local),
                     socket,
                     unix_file: None,
+                    inherited: false,
                 })
             }
             ListenAddr::Unix(path) => {
@@ -70,9 +73,31 @@ impl Listener {
                     address: spec.address.clone(),
                     socket,
                     unix_file: Some((path.clone(), ino)),
+                    inherited: false,
                 })
             }
+            ListenAddr::Inherited => Err(err(
+                "no socket of that name was inherited (see LISTEN_FDNAMES)".into(),
+            )),
         }
+    }
+
+    /// A socket inherited for `spec` (socket activation), checked by
+    /// [`adopt`]. Its Unix socket file, if any, is never removed: it
+    /// belongs to whoever created it.
+    pub(crate) fn inherited(spec: &ListenSpec, adopted: Adopted) -> Self {
+        Self {
+            name: spec.name.clone(),
+            address: adopted.address,
+            socket: adopted.socket,
+            unix_file: None,
+            inherited: true,
+        }
+    }
+
+    /// The socket, to hand to a service manager's fd store.
+    pub fn socket_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
     }
 
     /// A bound, listening TCP socket made elsewhere (a steering group's
@@ -83,6 +108,7 @@ impl Listener {
             address: ListenAddr::Tcp(address),
             socket,
             unix_file: None,
+            inherited: false,
         }
     }
 
@@ -98,6 +124,7 @@ impl Listener {
             address: ListenAddr::Tcp(local),
             socket,
             unix_file: None,
+            inherited: false,
         })
     }
 }
@@ -164,6 +191,142 @@ fn bind_unix(path: &Path, mode: Option<u32>, backlog: u32) -> Result<(Socket, u6
         .listen(backlog.min(i32::MAX as u32) as i32)
         .map_err(|e| cleanup(describe(&e)))?;
     Ok((socket, inode(&meta)))
+}
+
+/// The sockets baton was started with by a service manager (systemd
+/// socket activation, or its fd store after a restart), by name, until a
+/// declared listener takes each.
+#[derive(Debug, Default)]
+pub struct InheritedSockets {
+    sockets: Vec<(String, OwnedFd)>,
+    /// Whether baton was started with `LISTEN_FDS` at all.
+    activated: bool,
+}
+
+impl InheritedSockets {
+    pub fn new(sockets: Option<Vec<(String, OwnedFd)>>) -> Self {
+        Self {
+            activated: sockets.is_some(),
+            sockets: sockets.unwrap_or_default(),
+        }
+    }
+
+    /// Takes the socket named `spec.name`. Two of that name are an error:
+    /// which one is meant cannot be told (give each its own
+    /// `FileDescriptorName=`).
+    pub fn take(&mut self, spec: &ListenSpec) -> Result<Option<Socket>, BindError> {
+        let mut found = self
+            .sockets
+            .iter()
+            .enumerate()
+            .filter(|(_, (n, _))| *n == spec.name)
+            .map(|(i, _)| i);
+        let (Some(i), None) = (found.next(), found.next()) else {
+            if self.sockets.iter().any(|(n, _)| *n == spec.name) {
+                return Err(BindError {
+                    name: spec.name.clone(),
+                    address: spec.address.to_string(),
+                    reason: format!(
+                        "more than one inherited socket is named {}; give each its own name \
+                         (FileDescriptorName= in the .socket unit)",
+                        spec.name
+                    ),
+                });
+            }
+            return match spec.address {
+                ListenAddr::Inherited => Err(BindError {
+                    name: spec.name.clone(),
+                    address: spec.address.to_string(),
+                    reason: self.missing(&spec.name),
+                }),
+                _ => Ok(None),
+            };
+        };
+        Ok(Some(Socket::from(self.sockets.remove(i).1)))
+    }
+
+    fn missing(&self, name: &str) -> String {
+        if !self.activated {
+            return format!(
+                "no address given, and baton was not started with sockets (LISTEN_FDS) to \
+                 take one named {name} from"
+            );
+        }
+        let names: Vec<&str> = self.sockets.iter().map(|(n, _)| n.as_str()).collect();
+        format!(
+            "no inherited socket is named {name} (the unclaimed ones are named: {})",
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        )
+    }
+
+    /// Closes the sockets no listener took, saying so: a `.socket` unit
+    /// keeps its own copy, so nothing is refused because of it.
+    pub fn close_unclaimed(&mut self) {
+        for (name, _) in self.sockets.drain(..) {
+            tracing::warn!(
+                name = %name,
+                "ignoring an inherited socket that no listener names (declare --listen {name})"
+            );
+        }
+    }
+}
+
+/// An inherited socket checked against its declared listener.
+pub(crate) struct Adopted {
+    pub address: ListenAddr,
+    pub socket: Socket,
+}
+
+/// Checks an inherited socket for `spec`: a stream socket, bound where
+/// `spec` says (when it says), listening (`listen()` is called if it is
+/// not yet).
+pub(crate) fn adopt(spec: &ListenSpec, socket: Socket, backlog: u32) -> Result<Adopted, BindError> {
+    let err = |reason: String| BindError {
+        name: spec.name.clone(),
+        address: spec.address.to_string(),
+        reason,
+    };
+    let inherited = format!("the inherited socket named {}", spec.name);
+    match socket.r#type() {
+        Ok(t) if t == Type::STREAM => {}
+        Ok(_) => return Err(err(format!("{inherited} is not a stream socket"))),
+        Err(e) => return Err(err(format!("{inherited}: {}", describe(&e)))),
+    }
+    let local = socket
+        .local_addr()
+        .map_err(|e| err(format!("{inherited}: {}", describe(&e))))?;
+    let address = if let Some(addr) = local.as_socket() {
+        ListenAddr::Tcp(addr)
+    } else if let Some(path) = local.as_pathname() {
+        ListenAddr::Unix(path.to_owned())
+    } else {
+        return Err(err(format!(
+            "{inherited} is not bound to an IP address or a Unix socket path"
+        )));
+    };
+    let matches = match (&spec.address, &address) {
+        (ListenAddr::Inherited, _) => true,
+        (ListenAddr::Tcp(want), ListenAddr::Tcp(got)) => {
+            want.ip() == got.ip() && (want.port() == got.port() || want.port() == 0)
+        }
+        (ListenAddr::Unix(want), ListenAddr::Unix(got)) => want == got,
+        _ => false,
+    };
+    if !matches {
+        return Err(err(format!("{inherited} is bound to {address}")));
+    }
+    let listening = nix::sys::socket::getsockopt(&socket, nix::sys::socket::sockopt::AcceptConn)
+        .map_err(|e| err(format!("{inherited}: {e}")))?;
+    if !listening {
+        socket
+            .listen(backlog.min(i32::MAX as u32) as i32)
+            .map_err(|e| err(format!("listening on {inherited}: {}", describe(&e))))?;
+    }
+    Ok(Adopted { address, socket })
 }
 
 /// The OS message without the "(os error N)" suffix.

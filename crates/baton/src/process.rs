@@ -261,11 +261,14 @@ pub fn app_env(
 }
 
 /// baton's own environment, without the protocol variables (baton's to
-/// set) and `BATON_CONTROL` (it names this supervisor, nothing the app
-/// should reach).
+/// set), `BATON_CONTROL` (it names this supervisor, nothing the app
+/// should reach) and the watchdog systemd set for baton, not for the app.
 pub fn own_env() -> Vec<(OsString, OsString)> {
+    const NOT_THE_APPS: &[&str] = &["BATON_CONTROL", "WATCHDOG_USEC", "WATCHDOG_PID"];
     std::env::vars_os()
-        .filter(|(k, _)| k != "BATON_CONTROL" && !app::PROTOCOL_ENV.iter().any(|p| k == *p))
+        .filter(|(k, _)| {
+            !NOT_THE_APPS.iter().any(|n| k == *n) && !app::PROTOCOL_ENV.iter().any(|p| k == *p)
+        })
         .collect()
 }
 
@@ -594,7 +597,7 @@ pub fn forward(
 pub fn probe_addr(probe: &Listener) -> Option<std::net::SocketAddr> {
     match probe.address {
         ListenAddr::Tcp(a) => Some(a),
-        ListenAddr::Unix(_) => None,
+        ListenAddr::Unix(_) | ListenAddr::Inherited => None,
     }
 }
 

@@ -33,6 +33,7 @@ use crate::probe::{self, Source};
 use crate::process::{self, PidFd, ProcessEvent, SpawnJob, Spawner, StderrSink, StderrTail};
 use crate::protocol::{ErrorKind, ErrorReply, Event, EventKind, SocketStatus, Status, Trigger};
 use crate::steer::Sockets;
+use crate::systemd::{Observed, Reporter, ServiceManager, Upgrading};
 use crate::wire;
 
 /// How long a retired generation's sockets are watched before the first
@@ -284,18 +285,32 @@ pub struct Supervisor {
     events: broadcast::Sender<Event>,
     handle: Handle,
     notify_task: AbortHandle,
+    /// Upgrade requests whose configuration is being loaded.
+    preparing: usize,
+    /// baton's own service manager (systemd), when it has one.
+    systemd: Option<SystemdLink>,
+}
+
+/// What baton tells its own service manager, and what it told it.
+struct SystemdLink {
+    manager: ServiceManager,
+    reporter: Reporter,
+    /// The last upgrade's outcome, in words, for `STATUS=`.
+    last_outcome: Option<String>,
 }
 
 impl Supervisor {
     /// `listeners` are bound by the caller (so bind errors surface before
     /// anything starts); `notify` is the socket apps report to; the apps'
-    /// stderr goes to `stderr_sink`.
+    /// stderr goes to `stderr_sink`; `manager` is baton's own service
+    /// manager, if it was started by one.
     pub fn new(
         source: ConfigSource,
         config: Config,
         sockets: Sockets,
         notify: NotifySocket,
         stderr_sink: StderrSink,
+        manager: Option<ServiceManager>,
     ) -> std::io::Result<Self> {
         let (cmd_tx, commands) = mpsc::channel(64);
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
@@ -360,6 +375,12 @@ impl Supervisor {
             events,
             handle,
             notify_task,
+            preparing: 0,
+            systemd: manager.map(|manager| SystemdLink {
+                manager,
+                reporter: Reporter::default(),
+                last_outcome: None,
+            }),
         })
     }
 
@@ -396,6 +417,17 @@ impl Supervisor {
         let mut shutdown_done = false;
         let mut recover = tokio::time::interval(RECOVER_INTERVAL);
         recover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.store_sockets();
+        // Pinged from this loop, so a wedged loop stops the pings and the
+        // manager acts.
+        let watchdog_every = self
+            .systemd
+            .as_ref()
+            .and_then(|s| s.manager.watchdog_interval());
+        let mut watchdog =
+            tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.tell_manager();
         while !self.machine.is_done() {
             let deadline = self
                 .machine
@@ -414,13 +446,28 @@ impl Supervisor {
                 }
                 () = sleep_until(deadline), if deadline.is_some() => self.feed(Input::Tick),
                 _ = recover.tick(), if !self.closed => {
-                    if self.sockets.recover_detached() {
+                    let recovered = self.sockets.recover_detached();
+                    if let Some(s) = &self.systemd {
+                        for name in &recovered.replaced {
+                            s.manager.unstore(name);
+                        }
+                    }
+                    if !recovered.replaced.is_empty() {
+                        self.store_sockets();
+                    }
+                    if recovered.restart_active {
                         // No process holds the fresh socket: the active
                         // generation is restarted on it (same release).
                         self.request(CoreCommand::Restart, None);
                     }
                 }
+                _ = watchdog.tick(), if watchdog_every.is_some() => {
+                    if let Some(s) = &self.systemd {
+                        s.manager.tell("WATCHDOG=1\n", &[]);
+                    }
+                }
             }
+            self.tell_manager();
         }
         self.notify_task.abort();
         tracing::info!("all generations exited; supervisor done");
@@ -526,11 +573,12 @@ impl Supervisor {
     /// Loads the configuration for an upgrade on a blocking task; the
     /// result comes back as [`Internal::Prepared`].
     fn prepare(
-        &self,
+        &mut self,
         trigger: Trigger,
         options: UpgradeOptions,
         reply: Option<oneshot::Sender<Result<Started, ErrorReply>>>,
     ) {
+        self.preparing += 1;
         let prep = self.prep.clone();
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
@@ -551,6 +599,34 @@ impl Supervisor {
         });
     }
 
+    fn on_prepared(
+        &mut self,
+        trigger: Trigger,
+        options: UpgradeOptions,
+        spec: Result<Result<Spec<Arc<Config>>, String>, ErrorReply>,
+        reply: Option<oneshot::Sender<Result<Started, ErrorReply>>>,
+    ) {
+        match spec {
+            Ok(spec) => self.request(
+                CoreCommand::Upgrade {
+                    trigger: wire::core_trigger(trigger),
+                    spec,
+                    options,
+                },
+                Some(ReplyTo::Upgrade(reply)),
+            ),
+            Err(e) => {
+                tracing::warn!("upgrade refused: {}", e.message);
+                if let Some(s) = &mut self.systemd {
+                    s.last_outcome = Some(format!("refused: {}", e.message));
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+    }
+
     fn on_internal(&mut self, ev: Internal) {
         match ev {
             Internal::Prepared {
@@ -558,22 +634,10 @@ impl Supervisor {
                 options,
                 spec,
                 reply,
-            } => match spec {
-                Ok(spec) => self.request(
-                    CoreCommand::Upgrade {
-                        trigger: wire::core_trigger(trigger),
-                        spec,
-                        options,
-                    },
-                    Some(ReplyTo::Upgrade(reply)),
-                ),
-                Err(e) => {
-                    tracing::warn!("upgrade refused: {}", e.message);
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Err(e));
-                    }
-                }
-            },
+            } => {
+                self.preparing = self.preparing.saturating_sub(1);
+                self.on_prepared(trigger, options, spec, reply);
+            }
             Internal::Probe { gen, pid, result } => {
                 self.probes.remove(&gen);
                 self.feed_report(Input::Probe { gen, pid, result });
@@ -720,6 +784,7 @@ impl Supervisor {
             }
             Effect::Reply { id, reply } => self.reply(id, reply),
             Effect::Event(ev) => {
+                self.note_outcome(&ev);
                 let wire = wire::event(&ev, &self.machine, &self.tails, self.now());
                 wire::log_event(&wire);
                 let _ = self.events.send(wire);
@@ -962,6 +1027,77 @@ impl Supervisor {
             }
             (ReplyTo::Stop(tx), _) => {
                 let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Keeps the last upgrade's outcome in words, for the service manager.
+    fn note_outcome(&mut self, ev: &baton_core::Event) {
+        use baton_core::EventKind as K;
+        let Some(s) = &mut self.systemd else {
+            return;
+        };
+        let words = match &ev.kind {
+            K::UpgradeSucceeded => format!("generation {} succeeded", ev.gen),
+            K::UpgradeFailed { failure } => {
+                format!("failed: {}", wire::failure_words(ev.gen, failure))
+            }
+            K::RolledBack { to, .. } => format!("rolled back to generation {to}"),
+            _ => return,
+        };
+        s.last_outcome = Some(words);
+    }
+
+    /// Tells the service manager what changed since it was last told.
+    fn tell_manager(&mut self) {
+        let Some(s) = &mut self.systemd else {
+            return;
+        };
+        let machine = &self.machine;
+        let active = machine.traffic().active.map(|gen| {
+            let release = machine
+                .spec(gen)
+                .map_or_else(String::new, |s| s.release.dir.display().to_string());
+            (gen.0, release)
+        });
+        let upgrading = match machine.upgrade() {
+            Some(u)
+                if matches!(
+                    u.phase,
+                    baton_core::UpgradePhase::Starting | baton_core::UpgradePhase::Canary { .. }
+                ) =>
+            {
+                Some(Upgrading::Starting(u.candidate.0))
+            }
+            _ if self.preparing > 0 => Some(Upgrading::Preparing),
+            _ => None,
+        };
+        let serving = machine.traffic().active.is_some_and(|gen| {
+            machine
+                .generation(gen)
+                .is_some_and(|g| matches!(g.phase(), baton_core::Phase::Serving { .. }))
+        });
+        let observed = Observed {
+            active,
+            serving,
+            upgrading,
+            last_outcome: s.last_outcome.clone(),
+            stopping: machine.stopping(),
+        };
+        let pid = std::process::id();
+        if let Some(message) = s
+            .reporter
+            .observe(&observed, pid, crate::systemd::monotonic_us())
+        {
+            s.manager.tell(&message, &[]);
+        }
+    }
+
+    /// Puts the sockets baton bound into the service manager's fd store.
+    fn store_sockets(&self) {
+        if let Some(s) = &self.systemd {
+            for (name, fd) in self.sockets.storable() {
+                s.manager.store(name, fd);
             }
         }
     }

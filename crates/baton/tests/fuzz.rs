@@ -406,16 +406,22 @@ fn listen_name() -> impl Strategy<Value = String> {
 
 /// The documented `NAME=ADDRESS[,mode=OCTAL]` grammar: NAME is 1-255
 /// printable ASCII characters without `:`, `=` or `,`, and not
-/// `baton-probe`; ADDRESS is `IP:PORT`, `[IPv6]:PORT` or `unix:/absolute`
+/// `baton-probe` (NAME alone names an inherited socket); ADDRESS is `IP:PORT`, `[IPv6]:PORT` or `unix:/absolute`
 /// (at most 107 bytes, the size of sun_path less its NUL); options are
 /// `mode=` with an octal file mode up to 0777.
 fn reference_listen(s: &str) -> Option<(String, ListenAddr, Option<u32>)> {
-    let (name, rest) = s.split_once('=')?;
-    let name_ok = (1..=255).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| (b'!'..=b'~').contains(&b) && !b":=,".contains(&b))
-        && name != "baton-probe";
+    let name_ok = |name: &str| {
+        (1..=255).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| (b'!'..=b'~').contains(&b) && !b":=,".contains(&b))
+            && name != "baton-probe"
+    };
+    let Some((name, rest)) = s.split_once('=') else {
+        // NAME alone: the inherited socket of that name.
+        return name_ok(s).then(|| (s.to_owned(), ListenAddr::Inherited, None));
+    };
+    let name_ok = name_ok(name);
     let mut parts = rest.split(',');
     let addr = parts.next()?;
     let address = match addr.strip_prefix("unix:") {
@@ -432,6 +438,9 @@ fn reference_listen(s: &str) -> Option<(String, ListenAddr, Option<u32>)> {
 }
 
 fn format_listen(spec: &ListenSpec) -> String {
+    if spec.address == ListenAddr::Inherited {
+        return spec.name.clone();
+    }
     match spec.mode {
         Some(m) => format!("{}={},mode={m:04o}", spec.name, spec.address),
         None => format!("{}={}", spec.name, spec.address),

@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use baton::config::{self, ListenSpec, ReadySpec, SignalSpec};
+use baton::listener::InheritedSockets;
 use baton::protocol::{ErrorKind, ErrorReply};
 use clap::{Args, Parser, Subcommand};
 
@@ -108,7 +109,9 @@ pub struct RunArgs {
     /// Configuration file (TOML); flags override its values
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Listener NAME=ADDRESS (IP:PORT, [IPv6]:PORT, unix:/path[,mode=0660]); repeatable, in fd order
+    /// Listener NAME=ADDRESS (IP:PORT, [IPv6]:PORT, unix:/path[,mode=0660]), or
+    /// NAME alone for the socket of that name passed by systemd (LISTEN_FDS);
+    /// repeatable, in fd order
     #[arg(long = "listen", value_name = "NAME=ADDRESS")]
     pub listen: Vec<ListenSpec>,
     /// Readiness check: notify, http:/PATH, tcp, exec:COMMAND, delay:DURATION [default: notify]
@@ -194,6 +197,10 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    #[error("taking the sockets passed by the service manager")]
+    ListenFds(#[from] baton_sys::ListenFdsError),
+    #[error("reaching the service manager")]
+    Systemd(#[from] baton::systemd::NotifySetupError),
     #[error("--user/--group need baton to run as root")]
     NeedsRoot,
     #[error("cannot start the app: {0}")]
@@ -233,6 +240,8 @@ impl CliError {
             | Self::Bind(_)
             | Self::Control(_)
             | Self::Setup { .. }
+            | Self::ListenFds(_)
+            | Self::Systemd(_)
             | Self::NeedsRoot
             | Self::StartApp(_) => EXIT_USAGE,
         }
@@ -277,6 +286,12 @@ pub fn stderr_writer(
 /// Runs a parsed command line; `Ok` carries the exit code of a command
 /// that reported its own outcome (an upgrade that failed exits 1).
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    // Sockets from a service manager are taken first, before anything else
+    // opens descriptors: they are known by number until then.
+    let inherited = match &cli.command {
+        Cmd::Run(_) => InheritedSockets::new(baton_sys::take_listen_fds()?),
+        _ => InheritedSockets::default(),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -287,7 +302,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         })?;
     let result = runtime.block_on(async move {
         match cli.command {
-            Cmd::Run(args) => run::supervise(args, cli.control).await,
+            Cmd::Run(args) => run::supervise(args, cli.control, inherited).await,
             Cmd::Upgrade(args) => client::upgrade(control_path(cli.control), args).await,
             Cmd::Rollback(args) => client::rollback(control_path(cli.control), args).await,
             Cmd::Promote(args) => client::promote(control_path(cli.control), args).await,

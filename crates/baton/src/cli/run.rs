@@ -5,18 +5,24 @@ use std::time::Duration;
 
 use baton::config::TrafficMode;
 use baton::config::{ConfigSource, Overrides};
+use baton::listener::InheritedSockets;
 use baton::notify::NotifySocket;
 use baton::protocol::Trigger;
 use baton::steer::program::PortRange;
 use baton::steer::Sockets;
 use baton::supervisor::{Ask, Handle, Supervisor};
+use baton::systemd::ServiceManager;
 use baton::{control, process};
 use baton_core::UpgradeOptions;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use super::{CliError, RunArgs, EXIT_OK};
 
-pub async fn supervise(args: RunArgs, control: Option<PathBuf>) -> Result<u8, CliError> {
+pub async fn supervise(
+    args: RunArgs,
+    control: Option<PathBuf>,
+    mut inherited: InheritedSockets,
+) -> Result<u8, CliError> {
     let setup = |what| move |source| CliError::Setup { what, source };
     let base_dir = std::env::current_dir().map_err(setup("reading the current directory"))?;
     let source = ConfigSource {
@@ -54,12 +60,15 @@ pub async fn supervise(args: RunArgs, control: Option<PathBuf>) -> Result<u8, Cl
     // Signal handlers before anything starts: without them SIGTERM would
     // kill baton outright and leave its apps to the parent-death signal.
     let signals = Signals::install().map_err(setup("installing signal handlers"))?;
+    let manager = ServiceManager::from_env()?;
     let sockets = Sockets::bind(
         &config.listen,
         config.backlog,
         config.traffic,
         config.probe_ports,
+        &mut inherited,
     )?;
+    inherited.close_unclaimed();
     for s in sockets.info() {
         tracing::info!(name = %s.name, address = %s.address, steered = s.steered, "listening");
     }
@@ -76,7 +85,7 @@ pub async fn supervise(args: RunArgs, control: Option<PathBuf>) -> Result<u8, Cl
     // The apps' stderr lines share baton's stderr through their own
     // non-blocking writer (flushed, boundedly, when the guard drops).
     let (app_stderr, _app_stderr_guard) = super::stderr_writer("baton-app-stderr");
-    let supervisor = Supervisor::new(source, config, sockets, notify, app_stderr)
+    let supervisor = Supervisor::new(source, config, sockets, notify, app_stderr, manager)
         .map_err(setup("starting the spawner thread"))?;
     let handle = supervisor.handle();
     tracing::info!(control = %control_path.display(), pid = std::process::id(), "supervisor started");

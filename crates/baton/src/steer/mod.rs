@@ -34,7 +34,7 @@ use baton_core::{GenId, TrafficMode, TrafficPlan};
 use socket2::{Domain, Socket, Type};
 
 use crate::config::{ListenAddr, ListenSpec};
-use crate::listener::{describe, BindError, Listener};
+use crate::listener::{adopt, describe, BindError, InheritedSockets, Listener};
 use program::{Family, PortRange, Routes};
 
 /// One declared listener.
@@ -48,6 +48,11 @@ struct Group {
     name: String,
     address: SocketAddr,
     family: Family,
+    /// `IPV6_V6ONLY` of the group's sockets: a member must match it to
+    /// join (an inherited `[::]` socket may be dual-stack).
+    v6only: bool,
+    /// Slot 0's socket was passed in by a service manager.
+    first_inherited: bool,
     /// The socket of each slot.
     sockets: Vec<Socket>,
     /// The kernel's array: the slot whose socket is at each index.
@@ -66,6 +71,15 @@ pub struct Sockets {
     backlog: u32,
 }
 
+/// What [`Sockets::recover_detached`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// The active generation must be restarted on a fresh socket.
+    pub restart_active: bool,
+    /// Listeners whose storable socket is new.
+    pub replaced: Vec<String>,
+}
+
 /// What `baton status` shows of a listener.
 pub struct SocketInfo {
     pub name: String,
@@ -79,39 +93,65 @@ impl Sockets {
     /// listeners get their first slot, and a program is attached to each
     /// group to check that the kernel takes it: if it does not, baton says
     /// why and shares the sockets instead.
+    ///
+    /// A listener whose name is among the `inherited` sockets (socket
+    /// activation) takes that socket instead of binding. An inherited TCP
+    /// socket is steered only if baton's own sockets can join its reuseport
+    /// group (it has `SO_REUSEPORT`, and belongs to baton's user); otherwise
+    /// baton says why and shares every socket instead.
     pub fn bind(
         specs: &[ListenSpec],
         backlog: u32,
         mode: TrafficMode,
         probes: PortRange,
+        inherited: &mut InheritedSockets,
     ) -> Result<Self, BindError> {
         let mut endpoints = Vec::with_capacity(specs.len());
+        let mut unsteerable = None;
         for spec in specs {
-            let endpoint = match (&spec.address, mode) {
-                (ListenAddr::Tcp(addr), TrafficMode::Steered) => {
-                    let socket = bind_member(*addr, backlog).map_err(|e| BindError {
-                        name: spec.name.clone(),
-                        address: spec.address.to_string(),
-                        reason: describe(&e),
-                    })?;
-                    let address = socket
-                        .local_addr()
-                        .ok()
-                        .and_then(|a| a.as_socket())
-                        .unwrap_or(*addr);
-                    Endpoint::Steered(Group {
-                        name: spec.name.clone(),
-                        address,
-                        family: if address.is_ipv4() {
-                            Family::V4
-                        } else {
-                            Family::V6
-                        },
-                        sockets: vec![socket],
-                        members: vec![0],
-                    })
+            let endpoint = match inherited.take(spec)? {
+                Some(socket) => {
+                    let adopted = adopt(spec, socket, backlog)?;
+                    match (&adopted.address, mode) {
+                        (ListenAddr::Tcp(addr), TrafficMode::Steered) => {
+                            let addr = *addr;
+                            match joinable(&adopted.socket, addr) {
+                                Ok(v6only) => {
+                                    let mut g =
+                                        Group::new(spec.name.clone(), addr, v6only, adopted.socket);
+                                    g.first_inherited = true;
+                                    Endpoint::Steered(g)
+                                }
+                                Err(why) => {
+                                    unsteerable.get_or_insert(format!(
+                                        "the inherited socket named {} ({addr}) {why}",
+                                        spec.name
+                                    ));
+                                    Endpoint::Shared(Listener::inherited(spec, adopted))
+                                }
+                            }
+                        }
+                        _ => Endpoint::Shared(Listener::inherited(spec, adopted)),
+                    }
                 }
-                _ => Endpoint::Shared(Listener::bind(spec, backlog)?),
+                None => match (&spec.address, mode) {
+                    (ListenAddr::Tcp(addr), TrafficMode::Steered) => {
+                        let v6only = addr.is_ipv6();
+                        let socket =
+                            bind_member(*addr, backlog, v6only).map_err(|e| BindError {
+                                name: spec.name.clone(),
+                                address: spec.address.to_string(),
+                                reason: describe(&e),
+                            })?;
+                        let address = socket
+                            .local_addr()
+                            .ok()
+                            .and_then(|a| a.as_socket())
+                            .unwrap_or(*addr);
+                        Endpoint::Steered(Group::new(spec.name.clone(), address, v6only, socket))
+                    }
+                    _ => Endpoint::Shared(Listener::bind(spec, backlog)?),
+                },
             };
             endpoints.push(endpoint);
         }
@@ -123,7 +163,13 @@ impl Sockets {
             probes,
             backlog,
         };
-        if sockets.groups().next().is_none() {
+        if let Some(why) = unsteerable {
+            tracing::warn!(
+                "steered traffic is unavailable ({why}): every generation shares each socket \
+                 instead (no dark candidates, canary or bake)"
+            );
+            sockets.share();
+        } else if sockets.groups().next().is_none() {
             sockets.mode = TrafficMode::Shared;
         } else if let Err(e) = sockets.attach_all() {
             tracing::warn!(
@@ -167,7 +213,9 @@ impl Sockets {
             .map(|e| match e {
                 Endpoint::Steered(mut g) => {
                     let socket = g.sockets.swap_remove(0);
-                    Endpoint::Shared(Listener::from_tcp(g.name, g.address, socket))
+                    let mut l = Listener::from_tcp(g.name, g.address, socket);
+                    l.inherited = g.first_inherited;
+                    Endpoint::Shared(l)
                 }
                 shared => shared,
             })
@@ -188,6 +236,23 @@ impl Sockets {
                     address: g.address.to_string(),
                     steered: true,
                 },
+            })
+            .collect()
+    }
+
+    /// The sockets that belong in a service manager's fd store, by
+    /// listener name: each listener's shared socket or its group's first
+    /// (through which the group, and its queue, outlive baton), unless the
+    /// manager passed it in and so holds it already.
+    pub fn storable(&self) -> Vec<(&str, BorrowedFd<'_>)> {
+        self.endpoints
+            .iter()
+            .filter_map(|e| match e {
+                Endpoint::Shared(l) if !l.inherited => Some((l.name.as_str(), l.as_fd())),
+                Endpoint::Steered(g) if !g.first_inherited => {
+                    Some((g.name.as_str(), g.sockets[0].as_fd()))
+                }
+                _ => None,
             })
             .collect()
     }
@@ -242,7 +307,7 @@ impl Sockets {
         let slot = self.slots.len();
         let backlog = self.backlog;
         for g in self.groups_mut() {
-            let socket = bind_member(g.address, backlog)?;
+            let socket = bind_member(g.address, backlog, g.v6only)?;
             // listen() appended it to the group: the kernel's array grows
             // at the end, and the program, which names no index that
             // large, sends it nothing until the plan says so.
@@ -368,12 +433,14 @@ impl Sockets {
     /// replaced was carrying live traffic (a shared one, or the active
     /// generation's): no running process holds the fresh one, so the active
     /// generation must be restarted on it; connections queue there
-    /// meanwhile.
-    pub fn recover_detached(&mut self) -> bool {
+    /// meanwhile. Also names the listeners whose [`Sockets::storable`]
+    /// socket was replaced, for the fd store.
+    pub fn recover_detached(&mut self) -> Recovered {
         let backlog = self.backlog;
         let active_slot = self.plan.active.and_then(|g| self.slot_of(g));
         let mut live = false;
         let mut changed = false;
+        let mut replaced = Vec::new();
         for e in &mut self.endpoints {
             match e {
                 Endpoint::Shared(l) => {
@@ -391,6 +458,7 @@ impl Sockets {
                     match bind_shared(addr, backlog) {
                         Ok(socket) => {
                             *l = Listener::from_tcp(l.name.clone(), addr, socket);
+                            replaced.push(l.name.clone());
                             live = true;
                         }
                         Err(err) => tracing::error!(listener = %l.name, "replacing it: {err}"),
@@ -412,11 +480,15 @@ impl Sockets {
                         if let Some(i) = g.members.iter().position(|m| *m == slot) {
                             g.members.swap_remove(i);
                         }
-                        match bind_member(g.address, backlog) {
+                        match bind_member(g.address, backlog, g.v6only) {
                             Ok(socket) => {
                                 g.sockets[slot] = socket;
                                 g.members.push(slot);
                                 live |= active_slot == Some(slot);
+                                if slot == 0 {
+                                    g.first_inherited = false;
+                                    replaced.push(g.name.clone());
+                                }
                             }
                             Err(err) => {
                                 tracing::error!(listener = %g.name, slot, "replacing it: {err}")
@@ -430,7 +502,10 @@ impl Sockets {
         if changed {
             self.apply(&self.plan.clone());
         }
-        live
+        Recovered {
+            restart_active: live,
+            replaced,
+        }
     }
 
     /// Closes every socket: baton is stopping.
@@ -488,20 +563,71 @@ fn bind_shared(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
     Ok(socket)
 }
 
+impl Group {
+    fn new(name: String, address: SocketAddr, v6only: bool, first: Socket) -> Self {
+        Self {
+            name,
+            address,
+            family: if address.is_ipv4() {
+                Family::V4
+            } else {
+                Family::V6
+            },
+            v6only,
+            first_inherited: false,
+            sockets: vec![first],
+            members: vec![0],
+        }
+    }
+}
+
 /// A new member of a reuseport group on `addr`.
-fn bind_member(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
+fn bind_member(addr: SocketAddr, backlog: u32, v6only: bool) -> io::Result<Socket> {
+    let socket = unlistened_member(addr, v6only)?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket)
+}
+
+/// A socket bound to `addr` with `SO_REUSEPORT`, not listening yet: not in
+/// the group, so the kernel sends it nothing.
+fn unlistened_member(addr: SocketAddr, v6only: bool) -> io::Result<Socket> {
     // socket2 creates the socket close-on-exec.
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
-        // [::]:80 means IPv6 only; add a separate 0.0.0.0 listener for v4.
-        socket.set_only_v6(true)?;
+        // [::]:80 means IPv6 only by default (a separate 0.0.0.0 listener
+        // serves v4); an inherited socket's setting is kept.
+        socket.set_only_v6(v6only)?;
     }
     socket.set_nodelay(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(socket)
+}
+
+/// Whether sockets baton binds can join the reuseport group of `socket`,
+/// inherited and listening on `addr`: it must have `SO_REUSEPORT`, and the
+/// kernel lets only the same user join. Tried with a bind that is never
+/// followed by `listen()`, so the trial socket never joins the group (and
+/// no connection can land in it). Returns the `IPV6_V6ONLY` setting new
+/// members must share.
+fn joinable(socket: &Socket, addr: SocketAddr) -> Result<bool, String> {
+    match socket.reuse_port() {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err("has no SO_REUSEPORT (set ReusePort=yes in the .socket unit)".into())
+        }
+        Err(e) => return Err(format!("cannot be inspected: {}", describe(&e))),
+    }
+    let v6only = addr.is_ipv6() && socket.only_v6().unwrap_or(true);
+    match unlistened_member(addr, v6only) {
+        Ok(_trial) => Ok(v6only),
+        Err(e) => Err(format!(
+            "cannot be joined by baton's own sockets: {} (it belongs to another user: \
+             run baton as the user that created it)",
+            describe(&e)
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -555,7 +681,14 @@ mod tests {
     /// socket into its index.
     #[test]
     fn the_mirror_follows_the_kernel() {
-        let mut s = Sockets::bind(&[spec()], 64, TrafficMode::Steered, ports()).unwrap();
+        let mut s = Sockets::bind(
+            &[spec()],
+            64,
+            TrafficMode::Steered,
+            ports(),
+            &mut InheritedSockets::default(),
+        )
+        .unwrap();
         assert_eq!(
             s.mode(),
             TrafficMode::Steered,
@@ -594,7 +727,7 @@ mod tests {
         let victim = socket2::SockRef::from(&fds[0].1);
         victim.shutdown(std::net::Shutdown::Read).unwrap();
         assert!(
-            !s.recover_detached(),
+            !s.recover_detached().restart_active,
             "slot 0 carried no live traffic: nothing to restart"
         );
         // Slot 0 has a fresh socket, which generation 1's copy is not: the
@@ -627,6 +760,9 @@ mod tests {
         // it on the fresh one.
         let active = socket2::SockRef::from(&fds_now[0].1);
         active.shutdown(std::net::Shutdown::Read).unwrap();
-        assert!(s.recover_detached(), "the active slot carried live traffic");
+        assert!(
+            s.recover_detached().restart_active,
+            "the active slot carried live traffic"
+        );
     }
 }
