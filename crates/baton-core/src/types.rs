@@ -18,9 +18,8 @@ impl fmt::Display for GenId {
     }
 }
 
-/// A process id as the shell reported it. The main process of a
-/// generation leads its own process group, so the same number names the
-/// group.
+/// A process id as the shell reported it. Every worker of a generation
+/// leads its own process group, so the same number names the group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Pid(pub i32);
 
@@ -80,6 +79,9 @@ pub enum Readiness {
 /// The settings of one generation that decisions depend on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
+    /// Processes per generation (at least 1), each its own process group
+    /// on the generation's sockets.
+    pub workers: u32,
     pub readiness: Readiness,
     pub ready_timeout: Duration,
     pub drain_timeout: Duration,

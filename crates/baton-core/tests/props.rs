@@ -25,6 +25,8 @@ enum Op {
         /// 0: plain; 1: a bake; 2: a canary; 3: a canary promoting itself.
         style: u8,
         health: bool,
+        /// Workers per generation: 1 to 3.
+        workers: u32,
     },
     Rollback,
     Promote,
@@ -78,7 +80,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let n = 0..8usize;
     prop_oneof![
-        2 => (any::<bool>(), 0..3u8, 0..4u8, any::<bool>()).prop_map(|(signal, readiness, style, health)| Op::Upgrade { signal, readiness, style, health }),
+        2 => (any::<bool>(), 0..3u8, 0..4u8, any::<bool>(), 1..=3u32).prop_map(|(signal, readiness, style, health, workers)| Op::Upgrade { signal, readiness, style, health, workers }),
         1 => Just(Op::Rollback),
         1 => Just(Op::Promote),
         1 => Just(Op::Restart),
@@ -102,7 +104,8 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Default)]
 struct World {
     now_ms: u64,
-    pending: Vec<GenId>,
+    /// Spawns asked for and not answered yet: generation and worker.
+    pending: Vec<(GenId, u32)>,
     /// Every process ever started, in order, with its generation.
     started: Vec<(Pid, GenId)>,
     exited: BTreeSet<Pid>,
@@ -120,7 +123,7 @@ struct Run {
 }
 
 impl Run {
-    fn new(mode: TrafficMode) -> Self {
+    fn new(mode: TrafficMode, workers: u32) -> Self {
         let mut r = Self {
             d: Driver::with_mode(mode),
             w: World {
@@ -129,9 +132,9 @@ impl Run {
             },
             steps: 0,
         };
-        r.feed(Input::Start {
-            spec: spec("v0", Readiness::Notify),
-        });
+        let mut first = spec("v0", Readiness::Notify);
+        first.settings.workers = workers;
+        r.feed(Input::Start { spec: first });
         r
     }
 
@@ -146,6 +149,7 @@ impl Run {
                 readiness,
                 style,
                 health,
+                workers,
             } => {
                 self.w.versions += 1;
                 let readiness = match readiness {
@@ -166,6 +170,7 @@ impl Run {
                 } else {
                     let mut s = spec(&name, readiness);
                     s.settings.health = health.then_some(Health { failures: 2 });
+                    s.settings.workers = workers;
                     Ok(s)
                 };
                 let options = match style {
@@ -213,15 +218,16 @@ impl Run {
                 if self.w.pending.is_empty() {
                     return;
                 }
-                let gen = self.w.pending.remove(n % self.w.pending.len());
+                let (gen, worker) = self.w.pending.remove(n % self.w.pending.len());
                 if ok {
                     let pid = Pid(self.w.next_pid);
                     self.w.next_pid += 1;
                     self.w.started.push((pid, gen));
-                    self.feed(Input::Spawned { gen, pid });
+                    self.feed(Input::Spawned { gen, worker, pid });
                 } else {
                     self.feed(Input::SpawnFailed {
                         gen,
+                        worker,
                         error: "no such file".into(),
                     });
                 }
@@ -303,36 +309,62 @@ impl Run {
         });
     }
 
-    /// Which generation, if any, this READY or probe result may promote:
-    /// one whose current main process is the sender's (or its group's)
-    /// and is still running.
-    fn promotable(&self, input: &Input<()>) -> Option<GenId> {
-        let (candidates, probe): (Vec<Pid>, bool) = match input {
+    /// Which generation, if any, this READY or probe result may make
+    /// ready, and which worker of a serving generation it may make ready
+    /// again: a READY counts only from a starting worker's own running
+    /// process (or its group), and makes its generation ready only if every
+    /// other worker already is; a probe result only for the current run of
+    /// the generation's check.
+    fn promotable(&self, input: &Input<()>) -> (Option<GenId>, Option<(GenId, u32)>) {
+        let senders: Vec<Pid> = match input {
             Input::Notify { pid, pgid, reports } if reports.contains(&Report::Ready) => {
-                ([Some(*pid), *pgid].into_iter().flatten().collect(), false)
+                [Some(*pid), *pgid].into_iter().flatten().collect()
             }
             Input::Probe {
-                pid, result: Ok(_), ..
-            } => (vec![*pid], true),
-            _ => return None,
-        };
-        self.d.m.generations().find_map(|g| match g.phase() {
-            Phase::Starting { pid, check, .. }
-                if candidates.contains(pid)
-                    && !self.w.exited.contains(pid)
-                    && (*check == Check::Probe) == probe
-                    && !matches!(check, Check::Delay { .. }) =>
-            {
-                Some(g.id())
+                gen,
+                pid,
+                result: Ok(_),
+            } => {
+                let current = self.d.m.generation(*gen).is_some_and(
+                    |g| matches!(g.phase(), Phase::Starting { probe: Some(p), .. } if p == pid),
+                ) && !self.w.exited.contains(pid);
+                return (current.then_some(*gen), None);
             }
-            _ => None,
-        })
+            _ => return (None, None),
+        };
+        for g in self.d.m.generations() {
+            let Some(workers) = g.workers() else { continue };
+            for (i, w) in (0u32..).zip(workers) {
+                let Worker::Starting {
+                    pid,
+                    check: Check::Notify,
+                    ..
+                } = w
+                else {
+                    continue;
+                };
+                if !senders.contains(pid) || self.w.exited.contains(pid) {
+                    continue;
+                }
+                return match g.phase() {
+                    Phase::Starting { .. } => {
+                        let others_up = (0u32..)
+                            .zip(workers)
+                            .all(|(j, o)| j == i || matches!(o, Worker::Up { .. }));
+                        (others_up.then_some(g.id()), None)
+                    }
+                    _ => (None, Some((g.id(), i))),
+                };
+            }
+        }
+        (None, None)
     }
 
     fn feed(&mut self, input: Input<()>) {
         self.steps += 1;
-        let may_promote = self.promotable(&input);
+        let (may_promote, may_rejoin) = self.promotable(&input);
         let is_tick = input == Input::Tick;
+        let is_spawned = matches!(input, Input::Spawned { .. });
         let now = Time::from_duration(Duration::from_millis(self.w.now_ms));
         let before_active = self.d.m.traffic().active;
         let effects = self.d.m.step(input.clone(), now);
@@ -340,24 +372,23 @@ impl Run {
 
         for e in &effects {
             match e {
-                Effect::Spawn { gen } => {
+                Effect::Spawn { gen, worker } => {
                     // Spawning, or drained since (stop, cutover) with the
-                    // spawn still owed an answer.
+                    // spawn still owed an answer; never twice at once.
                     assert!(
-                        matches!(
-                            self.d.m.generation(*gen).map(|g| g.phase()),
-                            Some(
-                                Phase::Spawning
-                                    | Phase::Draining {
-                                        spawn_pending: true,
-                                        ..
-                                    }
-                            )
-                        ),
-                        "spawn for a generation not spawning; {}",
+                        self.d
+                            .m
+                            .generation(*gen)
+                            .is_some_and(|g| g.spawning().contains(worker)),
+                        "spawn for a worker not spawning; {}",
                         ctx()
                     );
-                    self.w.pending.push(*gen);
+                    assert!(
+                        !self.w.pending.contains(&(*gen, *worker)),
+                        "a second spawn for one worker; {}",
+                        ctx()
+                    );
+                    self.w.pending.push((*gen, *worker));
                 }
                 Effect::Signal { pid, .. } => {
                     assert!(
@@ -389,6 +420,20 @@ impl Run {
                         may_promote,
                         Some(*gen),
                         "promoted by a READY or probe result that was not its current process's; {}",
+                        ctx()
+                    );
+                }
+                // A worker restarted alone is ready by its own READY (or its
+                // delay), or, checked by a probe, once it runs.
+                Effect::Event(Event {
+                    gen,
+                    kind: EventKind::WorkerReady { worker, via, .. },
+                    ..
+                }) if !is_tick => {
+                    let by_spawn = is_spawned && *via == Via::Running;
+                    assert!(
+                        by_spawn || may_rejoin == Some((*gen, *worker)),
+                        "worker made ready by someone else's READY; {}",
                         ctx()
                     );
                 }
@@ -492,18 +537,59 @@ impl Run {
                 assert_eq!(first, k, "kill deadline of {pid} moved; {}", ctx());
             }
         }
-        // A generation's main process is one it started and still runs.
+        // A starting or serving generation has exactly its N workers, each
+        // a process it started that still runs, except while one is being
+        // (re)started; it runs no other process. Serving means at least one
+        // is ready; starting, not all.
         for g in m.generations() {
-            if let Some(pid) = g.main_pid() {
-                assert!(!self.w.exited.contains(&pid), "{}", ctx());
-                assert_eq!(
-                    m.procs().get(&pid).map(|p| p.gen),
-                    Some(g.id()),
-                    "{}",
-                    ctx()
-                );
+            let Some(workers) = g.workers() else { continue };
+            let n = g.spec().settings.workers as usize;
+            assert_eq!(workers.len(), n, "worker count of {}; {}", g.id(), ctx());
+            assert_eq!(g.records().len(), n, "{}", ctx());
+            let mut pids = BTreeSet::new();
+            for (i, w) in (0u32..).zip(workers) {
+                if let Some(pid) = w.pid() {
+                    assert!(!self.w.exited.contains(&pid), "{}", ctx());
+                    let proc = m.procs().get(&pid);
+                    assert_eq!(
+                        proc.map(|p| (p.gen, p.worker)),
+                        Some((g.id(), i)),
+                        "worker {i} of {}; {}",
+                        g.id(),
+                        ctx()
+                    );
+                    pids.insert(pid);
+                }
+            }
+            let running: BTreeSet<Pid> = m
+                .procs()
+                .iter()
+                .filter(|(_, p)| p.gen == g.id() && p.exit.is_none())
+                .map(|(pid, _)| *pid)
+                .collect();
+            assert_eq!(
+                running,
+                pids,
+                "processes beside the workers of {}; {}",
+                g.id(),
+                ctx()
+            );
+            let up = workers
+                .iter()
+                .filter(|w| matches!(w, Worker::Up { .. }))
+                .count();
+            match g.phase() {
+                Phase::Serving { .. } => assert!(up >= 1, "serving with none ready; {}", ctx()),
+                _ => assert!(up < n, "starting with all ready; {}", ctx()),
             }
         }
+        // The spawns the machine waits for are exactly those outstanding.
+        let owed: BTreeSet<(GenId, u32)> = m
+            .generations()
+            .flat_map(|g| g.spawning().into_iter().map(move |w| (g.id(), w)))
+            .collect();
+        let pending: BTreeSet<(GenId, u32)> = self.w.pending.iter().copied().collect();
+        assert_eq!(owed, pending, "spawns owed; {}", ctx());
     }
 
     /// Stops and lets everything end: the machine must get done.
@@ -513,11 +599,11 @@ impl Run {
             if self.d.m.is_done() {
                 return;
             }
-            while let Some(gen) = self.w.pending.pop() {
+            while let Some((gen, worker)) = self.w.pending.pop() {
                 let pid = Pid(self.w.next_pid);
                 self.w.next_pid += 1;
                 self.w.started.push((pid, gen));
-                self.feed(Input::Spawned { gen, pid });
+                self.feed(Input::Spawned { gen, worker, pid });
             }
             let live: Vec<Pid> = self.d.m.procs().keys().copied().collect();
             for pid in live {
@@ -548,10 +634,11 @@ proptest! {
     #[test]
     fn invariants_hold_after_every_step(
         steered in any::<bool>(),
+        workers in 1..=3u32,
         ops in prop::collection::vec(op(), 1..80),
     ) {
         let mode = if steered { TrafficMode::Steered } else { TrafficMode::Shared };
-        let mut run = Run::new(mode);
+        let mut run = Run::new(mode, workers);
         for op in &ops {
             run.apply(op);
         }
@@ -563,7 +650,7 @@ proptest! {
 /// candidate does produce a Ready event, so the promotion check is live.
 #[test]
 fn the_harness_sees_a_promotion() {
-    let mut run = Run::new(TrafficMode::Steered);
+    let mut run = Run::new(TrafficMode::Steered, 1);
     run.apply(&Op::Resolve { n: 0, ok: true });
     run.apply(&Op::Ready {
         n: 0,
@@ -574,6 +661,7 @@ fn the_harness_sees_a_promotion() {
         readiness: 0,
         style: 0,
         health: false,
+        workers: 1,
     });
     run.apply(&Op::Resolve { n: 0, ok: true });
     run.apply(&Op::Ready { n: 1, member: true });

@@ -121,7 +121,7 @@ fn with_a_bake_the_old_generation_stays_parked_until_it_ends() {
         d.m.upgrade().is_some(),
         "the upgrade lasts through its bake"
     );
-    assert_eq!(d.phase(1), Phase::Serving { pid: p(100) });
+    assert_eq!(d.phase(1), serving(&[100]));
     assert_eq!(d.upgrade("v3", Readiness::Notify), ["reply busy 2"]);
     assert_eq!(d.m.poll_timeout(), Some(ms(10_000)));
     assert_eq!(
@@ -155,7 +155,7 @@ fn rollback_during_the_bake_returns_to_the_parked_processes() {
         ]
     );
     assert_eq!(d.m.traffic().active, Some(g(1)));
-    assert_eq!(d.phase(1), Phase::Serving { pid: p(100) }, "same process");
+    assert_eq!(d.phase(1), serving(&[100]), "same process");
     assert!(d.m.upgrade().is_none());
     // Generation 2 drains once its queue is empty; rolling back again goes
     // to the previous release the cold way (v1 is the only one: none).
@@ -293,7 +293,7 @@ fn a_canary_takes_its_share_and_waits_for_promote() {
         ["2 ready 200", "traffic 1 candidate 2@10", "2 canary 10"]
     );
     assert!(d.m.upgrade().is_some());
-    assert_eq!(d.phase(2), Phase::Serving { pid: p(200) });
+    assert_eq!(d.phase(2), serving(&[200]));
     assert_eq!(
         d.command(Command::Promote),
         [

@@ -20,6 +20,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// Default listen backlog: large enough that a burst arriving while no
 /// generation accepts (restart, slow start) waits instead of being dropped.
 pub const DEFAULT_BACKLOG: u32 = 4096;
+/// Most workers a generation may run: a typo (`workers = 1000000`) should
+/// be an error, not a fork storm.
+pub const MAX_WORKERS: u32 = 1024;
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -414,6 +417,7 @@ pub struct FileConfig {
     health_failures: Option<u32>,
     #[serde(default, deserialize_with = "opt_from_str_de")]
     probe_ports: Option<PortRange>,
+    workers: Option<u32>,
 }
 
 impl FileConfig {
@@ -480,6 +484,7 @@ pub struct Overrides {
     pub health_interval: Option<Duration>,
     pub health_failures: Option<u32>,
     pub probe_ports: Option<PortRange>,
+    pub workers: Option<u32>,
 }
 
 /// The effective configuration.
@@ -510,12 +515,15 @@ pub struct Config {
     pub health_interval: Duration,
     pub health_failures: u32,
     pub probe_ports: PortRange,
+    /// Processes per generation, each its own process group.
+    pub workers: u32,
 }
 
 impl Config {
     /// The settings lifecycle decisions depend on.
     pub fn settings(&self) -> baton_core::Settings {
         baton_core::Settings {
+            workers: self.workers,
             readiness: match self.ready {
                 ReadySpec::Notify => baton_core::Readiness::Notify,
                 ReadySpec::Delay(d) => baton_core::Readiness::Delay(d),
@@ -708,6 +716,15 @@ impl Config {
                 .probe_ports
                 .or(file.probe_ports)
                 .unwrap_or(DEFAULT_PROBE_PORTS),
+            workers: {
+                let n = flags.workers.or(file.workers).unwrap_or(1);
+                if !(1..=MAX_WORKERS).contains(&n) {
+                    return Err(ConfigError::Invalid(format!(
+                        "workers must be between 1 and {MAX_WORKERS}, not {n}"
+                    )));
+                }
+                n
+            },
         })
     }
 }

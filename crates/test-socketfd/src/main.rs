@@ -5,7 +5,7 @@
 //! cwd, argv, env, listen_fds/listen_fdnames/listen_pid, and every open fd with
 //! its readlink target, cloexec flag and socket info). Then it serves HTTP on
 //! every LISTEN_FDS fd (TCP or Unix; only when LISTEN_PID is its own pid):
-//! `GET /` -> `version=.. generation=.. pid=..`, `GET /healthz`, `GET /report`
+//! `GET /` -> `version=.. generation=.. pid=.. worker=..`, `GET /healthz`, `GET /report`
 //! (the start-up report, when TEST_SOCKETFD_REPORT asked for one; else `{}`), `GET /slow`,
 //! `GET /after-drain` (prints `fake: /after-drain waiting for the drain`, answers
 //! `answered after drain` only once the drain signal has arrived; 503 if it
@@ -585,13 +585,14 @@ fn main() -> ExitCode {
     let pid = std::process::id();
     let version = env::var("FAKE_VERSION").unwrap_or_else(|_| "fake".to_string());
     let generation = env::var("BATON_GENERATION").unwrap_or_else(|_| "0".to_string());
+    let worker = env::var("BATON_WORKER").unwrap_or_else(|_| "-".to_string());
     let health = env_num::<u16>("FAKE_HEALTH_STATUS")
         .and_then(|c| StatusCode::from_u16(c).ok())
         .unwrap_or(StatusCode::OK);
     let (term_seen, term) = watch::channel(false);
     let st = Arc::new(State {
         root: Bytes::from(format!(
-            "version={version} generation={generation} pid={pid}\n"
+            "version={version} generation={generation} pid={pid} worker={worker}\n"
         )),
         report: Bytes::from(report),
         health,

@@ -166,6 +166,10 @@ pub struct RunArgs {
     /// a dark candidate [default: 61000-61999]
     #[arg(long, value_name = "FIRST-LAST")]
     pub probe_ports: Option<config::PortRange>,
+    /// Processes per generation, each given the generation's sockets and
+    /// restarted alone if it crashes [default: 1]
+    #[arg(long, value_name = "N")]
+    pub workers: Option<u32>,
     /// The app's command; `{fd:NAME}` becomes that listener's fd number
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,

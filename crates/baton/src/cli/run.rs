@@ -47,6 +47,7 @@ pub async fn supervise(
             health_interval: args.health_interval,
             health_failures: args.health_failures,
             probe_ports: args.probe_ports,
+            workers: args.workers,
         },
         base_dir,
     };
