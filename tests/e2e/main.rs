@@ -10,3 +10,4 @@ mod protocol;
 mod regressions;
 mod steering;
 mod systemd;
+mod workers;

@@ -583,6 +583,21 @@ impl Run {
                 _ => assert!(up < n, "starting with all ready; {}", ctx()),
             }
         }
+        // Drain reaches every worker: each running process of a draining
+        // generation (and, once stopping, of any) has had its signal.
+        for (pid, proc) in m.procs() {
+            let draining = matches!(
+                m.generation(proc.gen).map(|g| g.phase()),
+                Some(Phase::Draining { .. } | Phase::Finished { .. }) | None
+            );
+            if proc.exit.is_none() && (draining || m.stopping()) {
+                assert!(
+                    proc.kill_at.is_some(),
+                    "process {pid} of a draining generation never told; {}",
+                    ctx()
+                );
+            }
+        }
         // The spawns the machine waits for are exactly those outstanding.
         let owed: BTreeSet<(GenId, u32)> = m
             .generations()

@@ -12,7 +12,10 @@
 //! never does within 20 s).
 //!
 //! Environment:
-//! - `TEST_SOCKETFD_REPORT=<path>`: write the report there (atomically, via `<path>.tmp`).
+//! - `TEST_SOCKETFD_REPORT=<path>`: write the report there (atomically, via `<path>.tmp`);
+//!   `{worker}` in it becomes `BATON_WORKER`, so each worker writes its own.
+//! - `FAKE_MISBEHAVE_WORKER=<i>`: the misbehaviours below (`FAKE_EXIT_AT_START`,
+//!   `FAKE_NEVER_READY`, `FAKE_CRASH_AFTER_READY_MS`) apply only to worker `i`.
 //! - `FAKE_VERSION=<v>`: version shown by `GET /` (default `fake`).
 //! - `FAKE_STDERR_LINES=<n>`: print `fake: stderr line i` for i in 1..=n at start.
 //! - `FAKE_EXIT_AT_START=<code>`: exit with `code` right after the report, before serving.
@@ -86,6 +89,15 @@ fn env_num<T: FromStr>(key: &str) -> Option<T> {
 
 fn env_flag(key: &str) -> bool {
     env::var(key).is_ok_and(|v| v == "1")
+}
+
+/// Whether the misbehaviour knobs apply to this process: always, or only
+/// to the worker `FAKE_MISBEHAVE_WORKER` names.
+fn misbehaves() -> bool {
+    match env::var("FAKE_MISBEHAVE_WORKER") {
+        Ok(w) => env::var("BATON_WORKER").is_ok_and(|mine| mine == w),
+        Err(_) => true,
+    }
 }
 
 /// Hand-rolled sd_notify: one datagram to NOTIFY_SOCKET ('@' = abstract name).
@@ -447,7 +459,7 @@ async fn readiness(
     if env_flag("FAKE_NOTIFY_FORGE") {
         *forger.lock().await = spawn_forger().await;
     }
-    if env_flag("FAKE_NEVER_READY") {
+    if env_flag("FAKE_NEVER_READY") && misbehaves() {
         eprintln!("fake: never sending READY=1");
         return;
     }
@@ -463,7 +475,7 @@ async fn readiness(
     notify(&format!("READY=1\nSTATUS={status}\n"));
     sent_ready.store(true, Ordering::SeqCst);
     eprintln!("fake: ready");
-    if let Some(ms) = env_num("FAKE_CRASH_AFTER_READY_MS") {
+    if let Some(ms) = env_num("FAKE_CRASH_AFTER_READY_MS").filter(|_| misbehaves()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         eprintln!("fake: crashing with exit code 3");
         std::process::exit(3);
@@ -566,6 +578,8 @@ fn main() -> ExitCode {
     // (tens of thousands of TIME_WAIT entries) can take seconds.
     let report = match env::var("TEST_SOCKETFD_REPORT") {
         Ok(path) => {
+            let worker = env::var("BATON_WORKER").unwrap_or_default();
+            let path = path.replace("{worker}", &worker);
             let report = build_report().to_string();
             if let Err(e) = write_atomic(&path, &report) {
                 eprintln!("fake: cannot write report to {path}: {e}");
@@ -577,7 +591,7 @@ fn main() -> ExitCode {
     for i in 1..=env_num::<u32>("FAKE_STDERR_LINES").unwrap_or(0) {
         eprintln!("fake: stderr line {i}");
     }
-    if let Some(code) = env_num::<i32>("FAKE_EXIT_AT_START") {
+    if let Some(code) = env_num::<i32>("FAKE_EXIT_AT_START").filter(|_| misbehaves()) {
         eprintln!("fake: exiting at start with {code}");
         std::process::exit(code);
     }
