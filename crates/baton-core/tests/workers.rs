@@ -54,6 +54,13 @@ fn candidate_n(d: &mut Driver, workers: u32, options: UpgradeOptions) {
     }
 }
 
+fn bake_60s() -> UpgradeOptions {
+    UpgradeOptions {
+        bake: Some(Duration::from_secs(60)),
+        ..UpgradeOptions::default()
+    }
+}
+
 fn up(pids: &[i32]) -> Vec<Worker> {
     pids.iter().map(|&pid| Worker::Up { pid: p(pid) }).collect()
 }
@@ -492,11 +499,7 @@ fn retiring_workers_are_drained_together_once_the_queue_is_empty() {
 #[test]
 fn a_worker_dying_during_the_bake_rolls_back() {
     let mut d = serving_n(TrafficMode::Steered, 2);
-    let bake = UpgradeOptions {
-        bake: Some(Duration::from_secs(60)),
-        ..UpgradeOptions::default()
-    };
-    candidate_n(&mut d, 2, bake);
+    candidate_n(&mut d, 2, bake_60s());
     d.ready(200);
     d.ready(201);
     assert_eq!(d.m.traffic().parked, Some(g(1)));
@@ -523,11 +526,7 @@ fn a_worker_dying_during_the_bake_rolls_back() {
 #[test]
 fn a_parked_generation_losing_a_worker_is_drained_whole() {
     let mut d = serving_n(TrafficMode::Steered, 2);
-    let bake = UpgradeOptions {
-        bake: Some(Duration::from_secs(60)),
-        ..UpgradeOptions::default()
-    };
-    candidate_n(&mut d, 1, bake);
+    candidate_n(&mut d, 1, bake_60s());
     d.ready(200);
     assert_eq!(
         d.exited(100, 1),
@@ -550,11 +549,7 @@ fn a_parked_generation_losing_a_worker_is_drained_whole() {
 #[test]
 fn a_failed_restart_during_a_bake_with_nothing_parked_is_retried() {
     let mut d = Driver::serving_in(TrafficMode::Steered);
-    let bake = UpgradeOptions {
-        bake: Some(Duration::from_secs(60)),
-        ..UpgradeOptions::default()
-    };
-    candidate_n(&mut d, 2, bake);
+    candidate_n(&mut d, 2, bake_60s());
     d.ready(200);
     d.ready(201);
     d.exited(100, 0);

@@ -936,6 +936,52 @@ address = "127.0.0.1:1"
     }
 
     #[test]
+    fn workers_default_to_one_and_are_bounded() {
+        let c = Config::merge(FileConfig::default(), &flags_with_cmd(), Path::new("/")).unwrap();
+        assert_eq!((c.workers, c.settings().workers), (1, 1));
+        let file = FileConfig::parse("workers = 4\n").unwrap();
+        let c = Config::merge(file, &flags_with_cmd(), Path::new("/")).unwrap();
+        assert_eq!(c.settings().workers, 4);
+        // The flag wins over the file.
+        let file = FileConfig::parse("workers = 4\n").unwrap();
+        let flags = Overrides {
+            workers: Some(2),
+            ..flags_with_cmd()
+        };
+        assert_eq!(
+            Config::merge(file, &flags, Path::new("/")).unwrap().workers,
+            2
+        );
+        for bad in [0, MAX_WORKERS + 1] {
+            let flags = Overrides {
+                workers: Some(bad),
+                ..flags_with_cmd()
+            };
+            let err = Config::merge(FileConfig::default(), &flags, Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("workers") && err.contains(&bad.to_string()),
+                "{err}"
+            );
+            assert!(!err.contains('\n'), "{err}");
+        }
+        let err = FileConfig::parse("workers = -1\n").unwrap_err();
+        // Like every key: the line and column of the bad value.
+        assert!(
+            err.starts_with("line 1, column 11") && err.contains("-1"),
+            "{err}"
+        );
+        // BATON_WORKER is baton's to set.
+        let flags = Overrides {
+            env: vec![("BATON_WORKER".into(), "7".into())],
+            ..flags_with_cmd()
+        };
+        let err = Config::merge(FileConfig::default(), &flags, Path::new("/")).unwrap_err();
+        assert!(err.to_string().contains("BATON_WORKER"), "{err}");
+    }
+
+    #[test]
     fn fd_substitution() {
         assert_eq!(substitute_fds("--fd={fd:api}", &["http", "api"]), "--fd=4");
         assert_eq!(substitute_fds("fd://{fd:http}", &["http"]), "fd://3");
