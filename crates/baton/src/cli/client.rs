@@ -301,8 +301,7 @@ fn format_status(s: &Status) -> String {
                     WorkerState::Draining => "draining",
                     WorkerState::Exited => "exited",
                 };
-                let _ = write!(
-                    out,
+                let mut line = format!(
                     "     worker {:<3} {:<10} {:<8} {:<9} {:<9}",
                     w.index,
                     state,
@@ -311,9 +310,9 @@ fn format_status(s: &Status) -> String {
                     w.restarts
                 );
                 if let Some(exit) = &w.last_exit {
-                    let _ = write!(out, " (last: {exit})");
+                    let _ = write!(line, " (last: {exit})");
                 }
-                out.push('\n');
+                let _ = writeln!(out, "{}", line.trim_end());
             }
         }
     }
