@@ -1140,11 +1140,15 @@ impl<P: Clone> Machine<P> {
                 .get(&gen)
                 .map_or(Duration::ZERO, |g| g.settings().bake),
         };
+        // Only a whole generation (every worker ready) is parked: one that
+        // is restarting a worker is no longer exactly what served, like a
+        // parked one that loses a worker.
         let previous = self.traffic.active.filter(|a| {
             *a != gen
                 && matches!(
                     self.gens.get(a).map(|g| &g.phase),
-                    Some(Phase::Serving { .. })
+                    Some(Phase::Serving { workers })
+                        if workers.iter().all(|w| matches!(w, Worker::Up { .. }))
                 )
         });
         let parked = previous.filter(|_| !bake.is_zero());

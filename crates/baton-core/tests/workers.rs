@@ -543,6 +543,35 @@ fn a_parked_generation_losing_a_worker_is_drained_whole() {
     assert_eq!(d.command(Command::Rollback), ["reply busy 2"]);
 }
 
+/// A generation restarting a worker at the cutover is not parked (it is
+/// not whole) but retired; its pending restart is dropped. (Found by the
+/// property test: it used to be parked, then drained by its restart timer
+/// while still in the traffic plan.)
+#[test]
+fn a_generation_missing_a_worker_is_retired_not_parked() {
+    let mut d = serving_n(TrafficMode::Steered, 2);
+    d.exited(101, 1);
+    candidate_n(&mut d, 1, bake_60s());
+    assert_eq!(
+        d.ready(200),
+        [
+            "2 ready 200",
+            "traffic 2",
+            "2 active 200",
+            "1 retiring 100",
+            "watch-queue 1",
+            "2 succeeded"
+        ]
+    );
+    assert_eq!(d.m.traffic().parked, None);
+    assert_eq!(d.tick_at(100), Vec::<String>::new(), "no restart");
+    // Positive control: a whole generation is parked.
+    let mut d = serving_n(TrafficMode::Steered, 2);
+    candidate_n(&mut d, 1, bake_60s());
+    d.ready(200);
+    assert_eq!(d.m.traffic().parked, Some(g(1)));
+}
+
 /// During a bake with nothing parked, the new generation restarts its
 /// workers like any active one, even when a restart's spawn fails (which
 /// once ended the active generation).
