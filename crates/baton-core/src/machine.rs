@@ -1363,6 +1363,21 @@ impl<P: Clone> Machine<P> {
     /// and it is drained once they are empty; with a shared socket (whose
     /// queue is the next generation's too) it is drained at once.
     fn retire(&mut self, gen: GenId, upgrade: Option<UpgradeRef>, failure: Option<Failure>) {
+        if matches!(
+            self.gens.get(&gen).map(|g| &g.phase),
+            Some(Phase::Retiring { .. })
+        ) {
+            // Retired already (a cutover right after another): it keeps
+            // its wait for its queue, now on behalf of this upgrade too, so
+            // that one waits for its drain as well.
+            if let (Some(up), Some(&pid)) = (upgrade, self.running_procs(gen).first()) {
+                if let Some(g) = self.gens.get_mut(&gen) {
+                    g.upgrade = Some(up);
+                }
+                self.emit(gen, EventKind::Retiring { pid });
+            }
+            return;
+        }
         let until = self.now + RETIRE_WAIT;
         // Only a running worker can accept what waits in its sockets.
         let accepting = self.accepting(gen);

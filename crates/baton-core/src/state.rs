@@ -197,8 +197,9 @@ pub struct Proc {
     /// Which of the generation's workers it is.
     pub worker: u32,
     pub started: Time,
-    /// `None` while the main process runs; its status once it has exited
-    /// (other members of its group may still run).
+    /// `None` while the group's leader (the worker's process) runs; its
+    /// status once it has exited (other members of its group may still
+    /// run).
     pub exit: Option<ExitStatus>,
     /// When the group gets SIGKILL; set by the first drain signal and
     /// never moved.

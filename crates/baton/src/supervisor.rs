@@ -1209,7 +1209,7 @@ fn log_note(note: &Note) {
         Note::GroupOutlivesLeader { gen, pid } => warn!(
             generation = gen.0,
             pgid = pid.0,
-            "main process gone; draining the rest of its group"
+            "worker process gone; draining the rest of its group"
         ),
         Note::KillingLeftovers { gen, pid } => warn!(
             generation = gen.0,
