@@ -479,6 +479,12 @@ pub fn block_all_signals() -> io::Result<()> {
         .map_err(Into::into)
 }
 
+/// Unblocks every signal in the calling thread.
+pub fn unblock_all_signals() -> io::Result<()> {
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(Into::into)
+}
+
 /// One classic BPF instruction, as the kernel takes it (`sock_filter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SockFilter {

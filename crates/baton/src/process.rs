@@ -2,10 +2,13 @@
 //!
 //! - [`resolve`] turns the configured directory and command into a
 //!   [`Release`] (paths resolved now, kept for restarts and rollbacks);
-//! - [`Spawner`] forks from one long-lived thread: `PR_SET_PDEATHSIG` fires
-//!   when the *thread* that forked exits, so a pool thread retired after
-//!   idling would take the apps down with it. Credential lookups (NSS) and
-//!   the wait for `exec` happen there too, never in the decision loop;
+//! - [`Spawner`] forks from the process's main thread ([`Forks::run`]):
+//!   `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, so the
+//!   forking thread must live as long as baton, and must be the one that
+//!   re-executes baton for its own upgrade (an `execve` from any other
+//!   thread ends the main thread, and with it every app). Credential
+//!   lookups (NSS) and the wait for `exec` happen there too, never in the
+//!   decision loop;
 //! - [`watch`] waits on a pidfd for the exit and reads its status without
 //!   reaping, so the pid (and the process group id) stays reserved until
 //!   the supervisor releases it, then reports when the group is empty;
@@ -201,39 +204,92 @@ pub struct Started {
     pub probe: Option<Listener>,
 }
 
-/// The thread every process is forked from.
+/// What the main thread is asked to do.
+enum Job {
+    Spawn {
+        job: SpawnJob,
+        events: UnboundedSender<ProcessEvent>,
+    },
+    Exec {
+        exec: ExecJob,
+        failed: std::sync::mpsc::Sender<std::io::Error>,
+    },
+}
+
+/// baton re-executing itself: the image replaces this one in the same
+/// process (same pid, same children), keeping the descriptors the caller
+/// made inheritable.
+pub struct ExecJob {
+    pub program: CString,
+    pub argv: Vec<CString>,
+    pub env: Vec<CString>,
+}
+
+/// A way to ask the main thread to fork (or re-execute baton). Cloneable;
+/// the main thread's [`Forks::run`] returns once every one is dropped.
+#[derive(Clone)]
 pub struct Spawner {
-    jobs: std::sync::mpsc::Sender<SpawnJob>,
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+/// The main thread's side of [`Spawner`].
+pub struct Forks {
+    jobs: std::sync::mpsc::Receiver<Job>,
 }
 
 impl Spawner {
-    /// Starts the spawner thread; results go to `events`.
-    pub fn start(events: UnboundedSender<ProcessEvent>) -> std::io::Result<Self> {
-        let (jobs, rx) = std::sync::mpsc::channel::<SpawnJob>();
-        std::thread::Builder::new()
-            .name("baton-spawner".into())
-            .spawn(move || {
-                // Forks happen with every signal blocked (see baton_sys::spawn);
-                // this thread never needs to run a handler at all.
-                if let Err(e) = baton_sys::block_all_signals() {
-                    tracing::warn!("spawner: blocking signals: {e}");
-                }
-                // Ends when the supervisor drops its sender.
-                for job in rx {
-                    let gen = job.gen;
-                    let result = spawn_now(job);
-                    if events.send(ProcessEvent::Spawned { gen, result }).is_err() {
-                        break;
-                    }
-                }
-            })?;
-        Ok(Self { jobs })
+    pub fn new() -> (Self, Forks) {
+        let (jobs, rx) = std::sync::mpsc::channel();
+        (Self { jobs }, Forks { jobs: rx })
     }
 
-    pub fn spawn(&self, job: SpawnJob) -> Result<(), String> {
+    /// Starts `job`; the result goes to `events`.
+    pub fn spawn(
+        &self,
+        job: SpawnJob,
+        events: UnboundedSender<ProcessEvent>,
+    ) -> Result<(), String> {
         self.jobs
-            .send(job)
+            .send(Job::Spawn { job, events })
             .map_err(|_| "the spawner thread has gone".to_owned())
+    }
+
+    /// Replaces this process's image with `exec`. Returns only if that
+    /// failed, with why (blocking: a failed `execve` returns at once).
+    pub fn exec(&self, exec: ExecJob) -> std::io::Error {
+        let (failed, rx) = std::sync::mpsc::channel();
+        if self.jobs.send(Job::Exec { exec, failed }).is_err() {
+            return std::io::Error::other("the main thread no longer takes jobs");
+        }
+        rx.recv()
+            .unwrap_or_else(|_| std::io::Error::other("the main thread dropped the exec"))
+    }
+}
+
+impl Forks {
+    /// Runs the jobs on the calling thread, which must be the main thread
+    /// and must outlive every child: returns once every [`Spawner`] is
+    /// dropped. Blocks every signal in this thread for good (forks happen
+    /// with every signal blocked, see `baton_sys::spawn`; the tokio
+    /// threads and the signal thread handle them).
+    pub fn run(self) {
+        if let Err(e) = baton_sys::block_all_signals() {
+            tracing::warn!("spawner: blocking signals: {e}");
+        }
+        for job in self.jobs {
+            match job {
+                Job::Spawn { job, events } => {
+                    let gen = job.gen;
+                    let result = spawn_now(job);
+                    let _ = events.send(ProcessEvent::Spawned { gen, result });
+                }
+                Job::Exec { exec, failed } => {
+                    let err = nix::unistd::execve(&exec.program, &exec.argv, &exec.env)
+                        .map_or_else(std::io::Error::from, |never| match never {});
+                    let _ = failed.send(err);
+                }
+            }
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! (commands, process exits, readiness results, notify messages, the
 //! passing of time) and performs the effects it returns (spawn, signal,
 //! probe, reply, publish). Every decision is the machine's; this file only
-//! does I/O, and nothing here blocks: forks happen on the spawner thread,
+//! does I/O, and nothing here blocks: forks happen on the main thread,
 //! configuration is loaded and /proc scanned on blocking tasks, logs go
 //! through a non-blocking writer.
 //!
@@ -311,6 +311,7 @@ impl Supervisor {
         notify: NotifySocket,
         stderr_sink: StderrSink,
         manager: Option<ServiceManager>,
+        spawner: Spawner,
     ) -> std::io::Result<Self> {
         let (cmd_tx, commands) = mpsc::channel(64);
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
@@ -320,7 +321,6 @@ impl Supervisor {
             commands: cmd_tx,
             events: events.clone(),
         };
-        let spawner = Spawner::start(process_tx.clone())?;
         let notify_path = notify.path().to_owned();
         let tx = internal_tx.clone();
         let notify_task = tokio::spawn(async move {
@@ -823,7 +823,7 @@ impl Supervisor {
             notify_path: self.notify_path.clone(),
             base_env: self.prep.base_env.clone(),
         };
-        match self.spawner.spawn(job) {
+        match self.spawner.spawn(job, self.process_tx.clone()) {
             Ok(()) => self.spawning += 1,
             Err(error) => self.feed(Input::SpawnFailed { gen, error }),
         }

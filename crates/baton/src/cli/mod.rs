@@ -300,16 +300,30 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             what: "starting the runtime",
             source,
         })?;
-    let result = runtime.block_on(async move {
-        match cli.command {
-            Cmd::Run(args) => run::supervise(args, cli.control, inherited).await,
-            Cmd::Upgrade(args) => client::upgrade(control_path(cli.control), args).await,
-            Cmd::Rollback(args) => client::rollback(control_path(cli.control), args).await,
-            Cmd::Promote(args) => client::promote(control_path(cli.control), args).await,
-            Cmd::Status { json } => client::status(control_path(cli.control), json).await,
-            Cmd::Stop => client::stop(control_path(cli.control)).await,
+    let result = match cli.command {
+        Cmd::Run(args) => {
+            // The supervisor runs on the runtime's threads; this (main)
+            // thread forks every app, until the supervisor is done.
+            let (spawner, forks) = baton::process::Spawner::new();
+            let task = runtime.spawn(run::supervise(args, cli.control, inherited, spawner));
+            forks.run();
+            runtime.block_on(task).unwrap_or_else(|e| {
+                Err(CliError::StartApp(format!(
+                    "the supervisor task failed: {e}"
+                )))
+            })
         }
-    });
+        command => runtime.block_on(async move {
+            match command {
+                Cmd::Run(_) => unreachable!("handled above"),
+                Cmd::Upgrade(args) => client::upgrade(control_path(cli.control), args).await,
+                Cmd::Rollback(args) => client::rollback(control_path(cli.control), args).await,
+                Cmd::Promote(args) => client::promote(control_path(cli.control), args).await,
+                Cmd::Status { json } => client::status(control_path(cli.control), json).await,
+                Cmd::Stop => client::stop(control_path(cli.control)).await,
+            }
+        }),
+    };
     // Don't wait for lingering blocking tasks (none should remain).
     runtime.shutdown_timeout(Duration::from_millis(100));
     result.map(ExitCode::from)

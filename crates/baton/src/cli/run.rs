@@ -22,6 +22,7 @@ pub async fn supervise(
     args: RunArgs,
     control: Option<PathBuf>,
     mut inherited: InheritedSockets,
+    spawner: process::Spawner,
 ) -> Result<u8, CliError> {
     let setup = |what| move |source| CliError::Setup { what, source };
     let base_dir = std::env::current_dir().map_err(setup("reading the current directory"))?;
@@ -60,6 +61,20 @@ pub async fn supervise(
     // Signal handlers before anything starts: without them SIGTERM would
     // kill baton outright and leave its apps to the parent-death signal.
     let signals = Signals::install().map_err(setup("installing signal handlers"))?;
+    // Every other thread blocks signals (the main thread, which forks;
+    // the runtime's threads, which inherit a re-executed baton's mask):
+    // this one takes them, now that the handlers exist.
+    std::thread::Builder::new()
+        .name("baton-signals".into())
+        .spawn(|| {
+            if let Err(e) = baton_sys::unblock_all_signals() {
+                tracing::error!("the signal thread cannot unblock signals: {e}");
+            }
+            loop {
+                std::thread::park();
+            }
+        })
+        .map_err(setup("starting the signal thread"))?;
     let manager = ServiceManager::from_env()?;
     let sockets = Sockets::bind(
         &config.listen,
@@ -85,8 +100,10 @@ pub async fn supervise(
     // The apps' stderr lines share baton's stderr through their own
     // non-blocking writer (flushed, boundedly, when the guard drops).
     let (app_stderr, _app_stderr_guard) = super::stderr_writer("baton-app-stderr");
-    let supervisor = Supervisor::new(source, config, sockets, notify, app_stderr, manager)
-        .map_err(setup("starting the spawner thread"))?;
+    let supervisor = Supervisor::new(
+        source, config, sockets, notify, app_stderr, manager, spawner,
+    )
+    .map_err(setup("starting the spawner thread"))?;
     let handle = supervisor.handle();
     tracing::info!(control = %control_path.display(), pid = std::process::id(), "supervisor started");
     let connections = control::Connections::default();
