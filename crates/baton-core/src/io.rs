@@ -207,6 +207,7 @@ pub struct Event {
 
 /// An upgrade, as events refer to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct UpgradeRef {
     /// The candidate's generation number.
     pub id: GenId,
@@ -297,6 +298,7 @@ pub enum Via {
 
 /// Why a generation was abandoned.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Failure {
     /// Its process could not be started.
     Spawn(String),

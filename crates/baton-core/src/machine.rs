@@ -58,6 +58,7 @@ enum Unstartable {
 
 /// The supervisor's state. `P` is the shell's per-generation payload.
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Machine<P> {
     mode: TrafficMode,
     gens: BTreeMap<GenId, Generation<P>>,
@@ -73,6 +74,7 @@ pub struct Machine<P> {
     stopping: bool,
     // Scratch for the step in progress.
     now: Time,
+    #[cfg_attr(feature = "serde", serde(skip))]
     out: Vec<Effect>,
 }
 

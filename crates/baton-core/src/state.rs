@@ -8,6 +8,7 @@ use crate::types::{ExitStatus, GenId, Pid, Settings, Spec, Time, Trigger, Upgrad
 
 /// What a generation's main process is doing.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Phase {
     /// [`Effect::Spawn`](crate::Effect::Spawn) is out; its answer has not
     /// arrived.
@@ -53,6 +54,7 @@ pub enum Phase {
 
 /// How a starting generation proves it is ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Check {
     Notify,
     Probe,
@@ -61,6 +63,7 @@ pub enum Check {
 
 /// One generation: a release, started (and restarted) from one spec.
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Generation<P> {
     pub(crate) id: GenId,
     pub(crate) spec: Spec<P>,
@@ -116,6 +119,7 @@ impl<P> Generation<P> {
 /// [`Input::Spawned`](crate::Input::Spawned) until
 /// [`Effect::Release`](crate::Effect::Release).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Proc {
     pub gen: GenId,
     pub started: Time,
@@ -131,6 +135,7 @@ pub struct Proc {
 /// An upgrade in progress (at most one, by construction). It lasts until
 /// its outcome: through the candidate's start, a canary and a bake.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Upgrade {
     pub candidate: GenId,
     pub started: Time,
@@ -140,6 +145,7 @@ pub struct Upgrade {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum UpgradePhase {
     /// The candidate is starting, dark.
     Starting,

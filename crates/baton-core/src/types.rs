@@ -10,6 +10,7 @@ use std::time::Duration;
 /// A generation's number: 1 for the first, then one more per upgrade or
 /// rollback. Also names the upgrade that started it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct GenId(pub u64);
 
 impl fmt::Display for GenId {
@@ -22,6 +23,7 @@ impl fmt::Display for GenId {
 /// generation leads its own process group, so the same number names the
 /// group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Pid(pub i32);
 
 impl fmt::Display for Pid {
@@ -33,6 +35,7 @@ impl fmt::Display for Pid {
 /// A reading of the shell's monotonic clock, as time since an epoch the
 /// shell chose. The machine never reads a clock itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Time(Duration);
 
 impl Time {
@@ -61,6 +64,7 @@ impl Add<Duration> for Time {
 
 /// How a process ended: the real wait status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum ExitStatus {
     Code(i32),
     Signaled { signal: i32, core_dumped: bool },
@@ -68,6 +72,7 @@ pub enum ExitStatus {
 
 /// How a generation proves it is ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Readiness {
     /// `READY=1` from the generation's own processes.
     Notify,
@@ -79,6 +84,7 @@ pub enum Readiness {
 
 /// The settings of one generation that decisions depend on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Settings {
     pub readiness: Readiness,
     pub ready_timeout: Duration,
@@ -93,6 +99,7 @@ pub struct Settings {
 
 /// When health checks fail a generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Health {
     /// Consecutive failed checks that count as unhealthy.
     pub failures: u32,
@@ -100,6 +107,7 @@ pub struct Health {
 
 /// How new connections reach generations, fixed for the supervisor's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum TrafficMode {
     /// One socket per listener, shared by every generation: whichever
     /// process calls accept() gets the connection.
@@ -113,6 +121,7 @@ pub enum TrafficMode {
 
 /// What one upgrade request asks for, beyond the new spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct UpgradeOptions {
     /// Once ready, the candidate takes this percentage of new connections
     /// and the upgrade waits for `promote` (or rollback).
@@ -127,6 +136,7 @@ pub struct UpgradeOptions {
 /// requested, then kept, so a crash restart runs the same release even if
 /// a `current` symlink has moved meanwhile.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Release {
     pub dir: PathBuf,
     pub program: PathBuf,
@@ -137,6 +147,7 @@ pub struct Release {
 /// (its full configuration); the machine only carries it, so a rollback
 /// can reuse the active generation's.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Spec<P> {
     pub release: Release,
     pub settings: Settings,
@@ -145,6 +156,7 @@ pub struct Spec<P> {
 
 /// What asked for a generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Trigger {
     Start,
     Control,

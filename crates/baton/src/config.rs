@@ -51,8 +51,8 @@ pub enum ConfigError {
 }
 
 /// A listening socket's address.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum ListenAddr {
     Tcp(SocketAddr),
     Unix(PathBuf),
@@ -76,6 +76,29 @@ impl From<ListenAddr> for String {
         a.to_string()
     }
 }
+
+impl TryFrom<String> for ListenAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "(inherited)" => Ok(Self::Inherited),
+            _ => s.parse(),
+        }
+    }
+}
+
+/// The `try_from = "String"` half of the types written as strings.
+macro_rules! try_from_string {
+    ($($t:ty),*) => {$(
+        impl TryFrom<String> for $t {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                s.parse()
+            }
+        }
+    )*};
+}
+try_from_string!(ReadySpec, HealthSpec, SignalSpec);
 
 impl FromStr for ListenAddr {
     type Err = String;
@@ -105,7 +128,7 @@ impl FromStr for ListenAddr {
 
 /// One declared listener: `NAME=ADDR[,mode=0660]`, or `NAME` alone for the
 /// inherited socket of that name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenSpec {
     pub name: String,
     pub address: ListenAddr,
@@ -173,8 +196,8 @@ fn validate_name(name: &str) -> Result<(), String> {
 }
 
 /// How a new generation proves it is ready.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum ReadySpec {
     /// `READY=1` over sd_notify.
     Notify,
@@ -215,8 +238,8 @@ impl From<ReadySpec> for String {
 
 /// A check run during a canary and a bake: `http:/PATH`, `tcp` or
 /// `exec:COMMAND` (the readiness syntax, without `notify` and `delay`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct HealthSpec(pub ReadySpec);
 
 impl From<HealthSpec> for String {
@@ -279,8 +302,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A signal given by name (`SIGTERM`, `TERM`) or number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(into = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct SignalSpec(pub nix::sys::signal::Signal);
 
 impl From<SignalSpec> for String {
@@ -459,7 +482,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// Values given as `run` flags; each overrides the file's.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Overrides {
     pub listen: Vec<ListenSpec>,
     pub command: Vec<String>,
@@ -483,7 +506,7 @@ pub struct Overrides {
 }
 
 /// The effective configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
     pub listen: Vec<ListenSpec>,
     pub command: Vec<String>,
@@ -502,7 +525,6 @@ pub struct Config {
     pub group: Option<String>,
     pub control_allow_uids: Vec<u32>,
     /// Per-generation sockets steered by the kernel, or one shared socket.
-    #[serde(skip)]
     pub traffic: TrafficMode,
     /// How long the previous generation stays parked after a cutover.
     pub bake: Duration,
@@ -553,7 +575,7 @@ impl Config {
 }
 
 /// Where the configuration comes from; kept so upgrades can re-read it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConfigSource {
     pub file: Option<PathBuf>,
     pub overrides: Overrides,
