@@ -6,6 +6,7 @@ mod cutover;
 mod failures;
 mod hardening;
 mod lifecycle;
+mod observability;
 mod protocol;
 mod regressions;
 mod steering;

@@ -347,6 +347,21 @@ pub enum GenState {
     Failed,
 }
 
+impl GenState {
+    /// Its name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Active => "active",
+            Self::Retiring => "retiring",
+            Self::Draining => "draining",
+            Self::Exited => "exited",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GenerationStatus {
     pub number: u64,
@@ -386,6 +401,14 @@ pub enum Role {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_names_are_their_json_names() {
+        use GenState::*;
+        for s in [Starting, Ready, Active, Retiring, Draining, Exited, Failed] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
 
     #[test]
     fn request_json() {

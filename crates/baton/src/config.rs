@@ -271,6 +271,34 @@ pub fn parse_traffic(s: &str) -> Result<TrafficMode, String> {
     }
 }
 
+/// How baton writes its logs on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines; the apps' stderr passes through unchanged.
+    #[default]
+    Text,
+    /// One JSON object per line, the apps' stderr lines included.
+    Json,
+}
+
+/// `log_format = "text" | "json"`.
+pub fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s.trim() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("bad log format {s:?}: expected text or json")),
+    }
+}
+
+/// `metrics = "IP:PORT"`: where `/metrics` is served (port 0: any free
+/// port, logged at start).
+pub fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!("bad metrics address {s:?}: expected IP:PORT or [IPv6]:PORT, e.g. 127.0.0.1:9100")
+    })
+}
+
 impl FromStr for ReadySpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -366,6 +394,20 @@ fn opt_traffic_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TrafficMode>
         .map_err(serde::de::Error::custom)
 }
 
+fn opt_log_format_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<LogFormat>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_log_format(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn opt_metrics_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_metrics_addr(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 fn opt_mode_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     let s = String::deserialize(d)?;
     parse_mode(&s).map(Some).map_err(serde::de::Error::custom)
@@ -405,6 +447,10 @@ impl Default for EnvInherit {
 pub struct FileConfig {
     #[serde(default)]
     listen: Vec<FileListen>,
+    #[serde(default, deserialize_with = "opt_metrics_de")]
+    metrics: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "opt_log_format_de")]
+    log_format: Option<LogFormat>,
     command: Option<Vec<String>>,
     cwd: Option<PathBuf>,
     #[serde(default)]
@@ -485,6 +531,8 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Overrides {
     pub listen: Vec<ListenSpec>,
+    pub metrics: Option<SocketAddr>,
+    pub log_format: Option<LogFormat>,
     pub command: Vec<String>,
     pub cwd: Option<PathBuf>,
     pub env: Vec<(String, String)>,
@@ -509,6 +557,9 @@ pub struct Overrides {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
     pub listen: Vec<ListenSpec>,
+    /// Where Prometheus metrics are served, if anywhere.
+    pub metrics: Option<SocketAddr>,
+    pub log_format: LogFormat,
     pub command: Vec<String>,
     /// Working directory as configured (may be a symlink; resolved at spawn).
     pub cwd: PathBuf,
@@ -556,7 +607,8 @@ impl Config {
     }
 
     /// Which settings an upgrade changes that are fixed for baton's
-    /// lifetime (the sockets, the control socket and who may use it).
+    /// lifetime (the sockets, the control socket and who may use it, the
+    /// metrics address and the log format).
     pub fn fixed_change(&self, next: &Config) -> Option<&'static str> {
         [
             ("listeners", self.listen != next.listen),
@@ -568,6 +620,8 @@ impl Config {
             ),
             ("traffic mode", self.traffic != next.traffic),
             ("probe ports", self.probe_ports != next.probe_ports),
+            ("metrics address", self.metrics != next.metrics),
+            ("log format", self.log_format != next.log_format),
         ]
         .into_iter()
         .find_map(|(what, changed)| changed.then_some(what))
@@ -667,6 +721,8 @@ impl Config {
         }
         Ok(Config {
             listen,
+            metrics: flags.metrics.or(file.metrics),
+            log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
             command,
             cwd: base_dir.join(cwd),
             env,
@@ -938,6 +994,50 @@ address = "127.0.0.1:1"
         let err = Config::merge(FileConfig::default(), &Overrides::default(), Path::new("/"))
             .unwrap_err();
         assert!(err.to_string().contains("no command"));
+    }
+
+    #[test]
+    fn metrics_and_log_format_keys() {
+        let file = FileConfig::parse(
+            "command = [\"./server\"]\nmetrics = \"127.0.0.1:9100\"\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let c = Config::merge(file, &Overrides::default(), Path::new("/")).unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Json);
+        // Defaults: no metrics, text logs; flags win over the file.
+        let c = Config::merge(FileConfig::default(), &flags_with_cmd(), Path::new("/")).unwrap();
+        assert_eq!((c.metrics, c.log_format), (None, LogFormat::Text));
+        let flags = Overrides {
+            metrics: Some("[::1]:0".parse().unwrap()),
+            log_format: Some(LogFormat::Text),
+            ..flags_with_cmd()
+        };
+        let file = FileConfig::parse("metrics = \"127.0.0.1:1\"\nlog_format = \"json\"\n").unwrap();
+        let c = Config::merge(file, &flags, Path::new("/")).unwrap();
+        assert_eq!(c.metrics, Some("[::1]:0".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Text);
+        // Bad values name the key's line and the value, on one line.
+        let err = FileConfig::parse("command = [\"x\"]\nmetrics = \"localhost\"\n").unwrap_err();
+        assert!(
+            err.starts_with("line 2,") && err.contains("localhost"),
+            "{err}"
+        );
+        let err = FileConfig::parse("log_format = \"xml\"\n").unwrap_err();
+        assert!(err.starts_with("line 1,") && err.contains("xml"), "{err}");
+        // Both are fixed for baton's lifetime.
+        let a = Config::merge(FileConfig::default(), &flags_with_cmd(), Path::new("/")).unwrap();
+        let b = Config {
+            log_format: LogFormat::Json,
+            ..a.clone()
+        };
+        assert_eq!(a.fixed_change(&b), Some("log format"));
+        let b = Config {
+            metrics: Some("127.0.0.1:1".parse().unwrap()),
+            ..a.clone()
+        };
+        assert_eq!(a.fixed_change(&b), Some("metrics address"));
+        assert_eq!(a.fixed_change(&a.clone()), None, "positive control");
     }
 
     #[test]

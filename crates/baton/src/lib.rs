@@ -15,6 +15,7 @@
 pub mod config;
 pub mod control;
 pub mod listener;
+pub mod metrics;
 pub mod notify;
 pub mod probe;
 pub mod process;

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, ConfigSource, ReadySpec};
 use crate::listener::Listener;
+use crate::metrics::{Asked, Metrics};
 use crate::notify::{NotifyMessage, NotifySocket, Received};
 use crate::probe::{self, Source};
 use crate::process::{self, PidFd, ProcessEvent, SpawnJob, Spawner, StderrSink, StderrTail};
@@ -285,6 +286,7 @@ pub struct Supervisor {
     events: broadcast::Sender<Event>,
     handle: Handle,
     notify_task: AbortHandle,
+    metrics: Metrics,
     /// Upgrade requests whose configuration is being loaded.
     preparing: usize,
     /// baton's own service manager (systemd), when it has one.
@@ -375,6 +377,7 @@ impl Supervisor {
             events,
             handle,
             notify_task,
+            metrics: Metrics::new(),
             preparing: 0,
             systemd: manager.map(|manager| SystemdLink {
                 manager,
@@ -386,6 +389,11 @@ impl Supervisor {
 
     pub fn handle(&self) -> Handle {
         self.handle.clone()
+    }
+
+    /// What `/metrics` serves.
+    pub fn metrics(&self) -> Arc<prometheus_client::registry::Registry> {
+        self.metrics.registry()
     }
 
     fn now(&self) -> Time {
@@ -476,7 +484,12 @@ impl Supervisor {
 
     /// Steps the machine and performs what it says, in order.
     fn feed(&mut self, input: Input<Arc<Config>>) {
-        let effects = self.machine.step(input, self.now());
+        let now = self.now();
+        let asked = Asked::of(&input);
+        let effects = self.machine.step(input, now);
+        // Before any effect is performed: no reply, event or log line is
+        // ever ahead of the metrics.
+        self.metrics.observe(asked, &effects, &self.machine, now);
         for effect in effects {
             self.perform(effect);
         }
@@ -616,6 +629,7 @@ impl Supervisor {
                 Some(ReplyTo::Upgrade(reply)),
             ),
             Err(e) => {
+                self.metrics.config_refused();
                 tracing::warn!("upgrade refused: {}", e.message);
                 if let Some(s) = &mut self.systemd {
                     s.last_outcome = Some(format!("refused: {}", e.message));

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_core::{
-    EventKind as Core, ExitStatus, Failure, GenId, Machine, Phase, Time, TrafficMode, Via,
+    EventKind as Core, ExitStatus, Failure, GenId, Generation, Machine, Phase, Time, TrafficMode,
+    TrafficPlan, Via,
 };
 
 use crate::config::Config;
@@ -183,33 +184,9 @@ pub fn status(
                     .procs()
                     .iter()
                     .find(|(_, p)| p.gen == g.id() && p.exit.is_none());
-                let state = match g.phase() {
-                    Phase::Spawning
-                    | Phase::Starting { .. }
-                    | Phase::Recycling { .. }
-                    | Phase::Restarting { .. } => GenState::Starting,
-                    Phase::Retiring { .. } => GenState::Retiring,
-                    Phase::Serving { .. } if active == Some(g.id()) => GenState::Active,
-                    Phase::Serving { .. } => GenState::Ready,
-                    Phase::Draining { .. } => GenState::Draining,
-                    Phase::Finished { failure: None, .. } => GenState::Exited,
-                    Phase::Finished {
-                        failure: Some(_), ..
-                    } => GenState::Failed,
-                };
+                let state = gen_state(g, active);
                 let spec = g.spec();
-                let id = g.id();
-                let canary = plan.candidate.filter(|c| c.gen == id);
-                let (role, share) = if active == Some(id) {
-                    let taken = plan.candidate.map_or(0, |c| c.share);
-                    (Some(Role::Active), Some(100 - taken.min(100)))
-                } else if let Some(c) = canary {
-                    (Some(Role::Candidate), Some(c.share))
-                } else if plan.parked == Some(id) {
-                    (Some(Role::Parked), Some(0))
-                } else {
-                    (None, None)
-                };
+                let (role, share) = role_share(plan, g.id());
                 GenerationStatus {
                     number: g.id().0,
                     state,
@@ -226,6 +203,39 @@ pub fn status(
                 }
             })
             .collect(),
+    }
+}
+
+/// A generation's state as `baton status` (and the metrics) name it.
+pub fn gen_state<P>(g: &Generation<P>, active: Option<GenId>) -> GenState {
+    match g.phase() {
+        Phase::Spawning
+        | Phase::Starting { .. }
+        | Phase::Recycling { .. }
+        | Phase::Restarting { .. } => GenState::Starting,
+        Phase::Retiring { .. } => GenState::Retiring,
+        Phase::Serving { .. } if active == Some(g.id()) => GenState::Active,
+        Phase::Serving { .. } => GenState::Ready,
+        Phase::Draining { .. } => GenState::Draining,
+        Phase::Finished { failure: None, .. } => GenState::Exited,
+        Phase::Finished {
+            failure: Some(_), ..
+        } => GenState::Failed,
+    }
+}
+
+/// Generation `id`'s part in the traffic plan, and its percent of new
+/// connections.
+pub fn role_share(plan: &TrafficPlan, id: GenId) -> (Option<Role>, Option<u8>) {
+    if plan.active == Some(id) {
+        let taken = plan.candidate.map_or(0, |c| c.share);
+        (Some(Role::Active), Some(100 - taken.min(100)))
+    } else if let Some(c) = plan.candidate.filter(|c| c.gen == id) {
+        (Some(Role::Candidate), Some(c.share))
+    } else if plan.parked == Some(id) {
+        (Some(Role::Parked), Some(0))
+    } else {
+        (None, None)
     }
 }
 
@@ -257,10 +267,11 @@ pub fn log_event(ev: &Event) {
             parked,
         } => info!(
             generation = gen,
-            active = ?active,
-            candidate = ?candidate,
+            // Recorded only when there is one: plain numbers in JSON logs.
+            active = *active,
+            candidate = *candidate,
             share,
-            parked = ?parked,
+            parked = *parked,
             "traffic"
         ),
         EventKind::Retiring { pid } => info!(generation = gen, pid, "generation retiring"),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use baton::control;
-use baton::protocol::{EventKind, GenState, Reply, Request, Role, Status};
+use baton::protocol::{EventKind, Reply, Request, Role, Status};
 
 use super::{CliError, PromoteArgs, StreamArgs, UpgradeArgs, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 
@@ -226,15 +226,7 @@ fn format_status(s: &Status) -> String {
         "\nGEN  STATE     TRAFFIC      PID      UPTIME    RESTARTS  DIR  (STATUS)"
     );
     for g in s.generations.iter().rev() {
-        let state = match g.state {
-            GenState::Starting => "starting",
-            GenState::Ready => "ready",
-            GenState::Active => "active",
-            GenState::Retiring => "retiring",
-            GenState::Draining => "draining",
-            GenState::Exited => "exited",
-            GenState::Failed => "failed",
-        };
+        let state = g.state.as_str();
         let traffic = match (g.role, g.share) {
             (Some(Role::Candidate), Some(0)) => "dark".to_owned(),
             (Some(Role::Parked), _) => "parked".to_owned(),

@@ -8,6 +8,7 @@
 //! unreachable). [`CliError::exit_code`] is the one place errors map to them.
 
 mod client;
+mod docs;
 mod run;
 
 use std::path::PathBuf;
@@ -60,6 +61,14 @@ pub enum Cmd {
     },
     /// Drain every generation, then exit the supervisor
     Stop,
+    /// Print a shell completion script to stdout
+    Completions {
+        /// The shell to complete for
+        #[arg(value_enum)]
+        shell: clap_complete::aot::Shell,
+    },
+    /// Print baton's man page (roff) to stdout
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +118,14 @@ pub struct RunArgs {
     /// Configuration file (TOML); flags override its values
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT; port 0
+    /// takes a free port, logged at start)
+    #[arg(long, value_name = "ADDR", value_parser = config::parse_metrics_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Log format on stderr: text or json (one object per line, the apps'
+    /// stderr lines included) [default: text]
+    #[arg(long, value_name = "FORMAT", value_parser = config::parse_log_format)]
+    pub log_format: Option<config::LogFormat>,
     /// Listener NAME=ADDRESS (IP:PORT, [IPv6]:PORT, unix:/path[,mode=0660]), or
     /// NAME alone for the socket of that name passed by systemd (LISTEN_FDS);
     /// repeatable, in fd order
@@ -190,6 +207,10 @@ pub enum CliError {
     #[error(transparent)]
     Bind(#[from] baton::listener::BindError),
     #[error(transparent)]
+    Metrics(#[from] baton::metrics::BindError),
+    #[error("writing to stdout")]
+    Stdout(#[source] std::io::Error),
+    #[error(transparent)]
     Control(#[from] baton::control::ControlError),
     #[error("{what}")]
     Setup {
@@ -232,12 +253,15 @@ impl CliError {
                 | ErrorKind::NeedsSteering => EXIT_FAILED,
                 ErrorKind::BadRequest | ErrorKind::Config | ErrorKind::Forbidden => EXIT_USAGE,
             },
-            Self::StreamEnded(_) | Self::NoStatus | Self::StillDraining | Self::Json(_) => {
-                EXIT_FAILED
-            }
+            Self::StreamEnded(_)
+            | Self::NoStatus
+            | Self::StillDraining
+            | Self::Json(_)
+            | Self::Stdout(_) => EXIT_FAILED,
             Self::Config(_)
             | Self::Resolve(_)
             | Self::Bind(_)
+            | Self::Metrics(_)
             | Self::Control(_)
             | Self::Setup { .. }
             | Self::ListenFds(_)
@@ -251,17 +275,28 @@ impl CliError {
 /// Logs go to stderr through a non-blocking writer: a slow or stuck log
 /// reader must never delay a cutover or a kill timer. Lines that do not
 /// fit its buffer are dropped. The guard flushes (boundedly) when dropped.
-pub fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
+/// JSON lines carry `timestamp`, `level`, `message` and the event's fields
+/// at the top level (docs/operations.md lists them).
+pub fn init_tracing(format: config::LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (writer, guard) = stderr_writer("baton-log");
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_target(false)
-        .with_ansi(ansi)
-        .init();
+        .with_target(false);
+    match format {
+        config::LogFormat::Text => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            logs.with_ansi(ansi).init();
+        }
+        config::LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
     guard
 }
 
@@ -286,12 +321,21 @@ pub fn stderr_writer(
 /// Runs a parsed command line; `Ok` carries the exit code of a command
 /// that reported its own outcome (an upgrade that failed exits 1).
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command {
+        Cmd::Completions { shell } => return docs::completions(shell).map(ExitCode::from),
+        Cmd::Man => return docs::man().map(ExitCode::from),
+        _ => {}
+    }
     // Sockets from a service manager are taken first, before anything else
     // opens descriptors: they are known by number until then.
     let inherited = match &cli.command {
         Cmd::Run(_) => InheritedSockets::new(baton_sys::take_listen_fds()?),
         _ => InheritedSockets::default(),
     };
+    // `run` sets its logs up once its configuration (which names the
+    // format) is loaded.
+    let _logs =
+        (!matches!(cli.command, Cmd::Run(_))).then(|| init_tracing(config::LogFormat::Text));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -321,6 +365,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 Cmd::Promote(args) => client::promote(control_path(cli.control), args).await,
                 Cmd::Status { json } => client::status(control_path(cli.control), json).await,
                 Cmd::Stop => client::stop(control_path(cli.control)).await,
+                Cmd::Completions { .. } | Cmd::Man => Ok(EXIT_OK),
             }
         }),
     };

@@ -7,12 +7,13 @@ use baton::config::TrafficMode;
 use baton::config::{ConfigSource, Overrides};
 use baton::listener::InheritedSockets;
 use baton::notify::NotifySocket;
+use baton::process::StderrSink;
 use baton::protocol::Trigger;
 use baton::steer::program::PortRange;
 use baton::steer::Sockets;
 use baton::supervisor::{Ask, Handle, Supervisor};
 use baton::systemd::ServiceManager;
-use baton::{control, process};
+use baton::{control, metrics, process};
 use baton_core::UpgradeOptions;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -30,6 +31,8 @@ pub async fn supervise(
         file: args.config.clone(),
         overrides: Overrides {
             listen: args.listen,
+            metrics: args.metrics,
+            log_format: args.log_format,
             command: args.command,
             cwd: args.cwd,
             env: args.env,
@@ -52,6 +55,7 @@ pub async fn supervise(
         base_dir,
     };
     let config = source.load()?;
+    let _logs = super::init_tracing(config.log_format);
     // Everything that can be checked is checked before the first bind, so
     // a bad invocation starts nothing.
     process::resolve_config(&config, &process::own_env())?;
@@ -76,6 +80,8 @@ pub async fn supervise(
         })
         .map_err(setup("starting the signal thread"))?;
     let manager = ServiceManager::from_env()?;
+    // First of the binds: an address that cannot be had starts nothing.
+    let metrics_listener = config.metrics.map(metrics::bind).transpose()?;
     let sockets = Sockets::bind(
         &config.listen,
         config.backlog,
@@ -100,11 +106,23 @@ pub async fn supervise(
     // The apps' stderr lines share baton's stderr through their own
     // non-blocking writer (flushed, boundedly, when the guard drops).
     let (app_stderr, _app_stderr_guard) = super::stderr_writer("baton-app-stderr");
+    let app_stderr = StderrSink::new(app_stderr, config.log_format);
     let supervisor = Supervisor::new(
         source, config, sockets, notify, app_stderr, manager, spawner,
     )
     .map_err(setup("starting the spawner thread"))?;
     let handle = supervisor.handle();
+    let metrics_server = match metrics_listener {
+        Some(listener) => {
+            let address = listener
+                .local_addr()
+                .map_err(setup("reading the metrics address"))?;
+            // Tests and operators learn an OS-chosen port from this line.
+            tracing::info!(%address, "metrics listening");
+            Some(tokio::spawn(metrics::serve(listener, supervisor.metrics())))
+        }
+        None => None,
+    };
     tracing::info!(control = %control_path.display(), pid = std::process::id(), "supervisor started");
     let connections = control::Connections::default();
     let server = tokio::spawn(control::serve(
@@ -117,6 +135,9 @@ pub async fn supervise(
     let result = supervisor.run(std::future::pending()).await;
     server.abort();
     signal_task.abort();
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
     // Let replies in flight (`stop`'s own) reach their clients.
     connections.drained(Duration::from_secs(1)).await;
     let _ = std::fs::remove_file(&control_path);
