@@ -198,8 +198,10 @@ enum Launch<'a> {
     Direct,
     /// By a shell that opened a file as this descriptor and execs baton.
     HoldingFd(u32, &'a Path),
-    /// By this program (and arguments), which runs baton.
-    Under(&'a [String]),
+    /// By this program (and arguments), which runs this baton binary.
+    Under(&'a [String], &'a Path),
+    /// This baton binary instead of the workspace's.
+    Binary(&'a Path),
 }
 
 /// A running `baton run`, killed (with everything it started) on drop.
@@ -264,7 +266,23 @@ impl Baton {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
-        Self::spawn_inner(dir, args, env, Launch::Under(launcher))
+        Self::spawn_inner(dir, args, env, Launch::Under(launcher, &bin("baton")))
+    }
+
+    /// [`Baton::spawn_under`] with the baton binary at `exe`.
+    pub fn spawn_under_binary(
+        dir: tempfile::TempDir,
+        launcher: &[String],
+        exe: &Path,
+        args: &[&str],
+    ) -> Self {
+        Self::spawn_inner(dir, args, &[], Launch::Under(launcher, exe))
+    }
+
+    /// [`Baton::spawn`] running the baton binary at `exe` (a copy a test
+    /// can replace, for baton's own upgrade).
+    pub fn spawn_binary(dir: tempfile::TempDir, exe: &Path, args: &[&str]) -> Self {
+        Self::spawn_inner(dir, args, &[], Launch::Binary(exe))
     }
 
     fn spawn_inner(
@@ -290,9 +308,10 @@ impl Baton {
                     .arg(bin("baton"));
                 c
             }
-            Launch::Under(launcher) => {
+            Launch::Binary(exe) => Command::new(exe),
+            Launch::Under(launcher, exe) => {
                 let mut c = Command::new(&launcher[0]);
-                c.args(&launcher[1..]).arg(bin("baton"));
+                c.args(&launcher[1..]).arg(exe);
                 c
             }
         };

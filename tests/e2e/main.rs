@@ -9,5 +9,6 @@ mod lifecycle;
 mod observability;
 mod protocol;
 mod regressions;
+mod self_upgrade;
 mod steering;
 mod systemd;

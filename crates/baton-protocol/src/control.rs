@@ -53,6 +53,9 @@ pub enum Request {
     },
     /// Drain every generation and exit.
     Stop,
+    /// Re-execute baton's own binary in place (same pid), handing over
+    /// every socket, process and its state.
+    UpgradeSelf,
 }
 
 impl Request {
@@ -109,6 +112,7 @@ enum WireRequest {
         no_wait: bool,
     },
     Stop {},
+    UpgradeSelf {},
 }
 
 impl From<WireRequest> for Request {
@@ -137,6 +141,7 @@ impl From<WireRequest> for Request {
                 no_wait,
             },
             WireRequest::Stop {} => Self::Stop,
+            WireRequest::UpgradeSelf {} => Self::UpgradeSelf,
         }
     }
 }
@@ -150,7 +155,19 @@ pub enum Reply {
     Done(Outcome),
     /// Answer to `stop`: draining has begun.
     Stopping,
+    /// Answer to `upgrade_self`: the new binary passed its check and baton
+    /// is re-executing it now. The connection then closes; the new baton
+    /// reports `handovers` one higher in `status`.
+    HandingOver(HandingOver),
     Error(ErrorReply),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandingOver {
+    /// The binary being executed.
+    pub exe: String,
+    /// The hand-over number the new baton will report.
+    pub handover: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +196,10 @@ pub enum ErrorKind {
     NeedsSteering,
     /// The client's uid is not allowed.
     Forbidden,
+    /// baton cannot upgrade itself now (the binary is missing, not
+    /// executable or incompatible, or an upgrade is under way); the old
+    /// baton keeps running.
+    SelfUpgrade,
 }
 
 /// How an upgrade ended.
@@ -308,6 +329,15 @@ pub enum Trigger {
 pub struct Status {
     pub pid: u32,
     pub version: String,
+    /// The binary this baton runs, as it was when started.
+    #[serde(default)]
+    pub binary: Binary,
+    /// How many times this baton upgraded itself in place (same pid).
+    #[serde(default)]
+    pub handovers: u64,
+    /// Why the last self-upgrade failed after it was accepted, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_upgrade_error: Option<String>,
     pub uptime_ms: u64,
     pub stopping: bool,
     pub sockets: Vec<SocketStatus>,
@@ -318,6 +348,16 @@ pub struct Status {
     /// The candidate of the upgrade in progress, if any.
     pub upgrading: Option<u64>,
     pub generations: Vec<GenerationStatus>,
+}
+
+/// A binary's identity: its path and what its file looked like when it
+/// was started (a replaced build differs in size or time).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binary {
+    pub path: String,
+    pub size: u64,
+    /// Modification time, microseconds since the Unix epoch.
+    pub modified_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

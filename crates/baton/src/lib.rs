@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod control;
+pub mod handover;
 pub mod listener;
 pub mod metrics;
 pub mod notify;

@@ -95,9 +95,27 @@ impl Listener {
         }
     }
 
-    /// The socket, to hand to a service manager's fd store.
-    pub fn socket_fd(&self) -> BorrowedFd<'_> {
-        self.socket.as_fd()
+    /// The socket file this listener created (and removes on drop), with
+    /// its inode, for the hand-over to a new baton image.
+    pub(crate) fn unix_file(&self) -> Option<&(PathBuf, u64)> {
+        self.unix_file.as_ref()
+    }
+
+    /// A listener handed over by the previous baton image, as it was.
+    pub(crate) fn handed_over(
+        name: String,
+        address: ListenAddr,
+        socket: Socket,
+        unix_file: Option<(PathBuf, u64)>,
+        inherited: bool,
+    ) -> Self {
+        Self {
+            name,
+            address,
+            socket,
+            unix_file,
+            inherited,
+        }
     }
 
     /// A bound, listening TCP socket made elsewhere (a steering group's

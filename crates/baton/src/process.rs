@@ -525,6 +525,10 @@ impl PidFd {
         Self(Arc::new(fd))
     }
 
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+
     /// Whether the process has exited (reaped or not), without waiting.
     pub fn has_exited(&self) -> bool {
         baton_sys::has_exited(self.0.as_fd())
@@ -582,6 +586,20 @@ pub async fn watch(pid: Pid, pidfd: PidFd, events: UnboundedSender<ProcessEvent>
             let _ = events.send(ProcessEvent::GroupEmpty { pid });
             return;
         }
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// Watches the group of `pid`, whose exit was already reported (by a
+/// previous baton image): reports when it is empty.
+pub async fn watch_group(pid: Pid, events: UnboundedSender<ProcessEvent>) {
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if group_empty_now(pid).await {
+            let _ = events.send(ProcessEvent::GroupEmpty { pid });
+            return;
+        }
+        tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(250));
     }
 }

@@ -32,10 +32,15 @@ use crate::metrics::{Asked, Metrics};
 use crate::notify::{NotifyMessage, NotifySocket, Received};
 use crate::probe::{self, Source};
 use crate::process::{self, PidFd, ProcessEvent, SpawnJob, Spawner, StderrSink, StderrTail};
-use crate::protocol::{ErrorKind, ErrorReply, Event, EventKind, SocketStatus, Status, Trigger};
+use crate::protocol::{
+    Binary, ErrorKind, ErrorReply, Event, EventKind, HandingOver, SocketStatus, Status, Trigger,
+};
 use crate::steer::Sockets;
 use crate::systemd::{Observed, Reporter, ServiceManager, Upgrading};
 use crate::wire;
+
+#[path = "supervisor_handover.rs"]
+mod handover_impl;
 
 /// How long a retired generation's sockets are watched before the first
 /// look at their queues: handshakes that were in flight when it lost its
@@ -58,6 +63,8 @@ pub enum Command {
         reply: oneshot::Sender<Result<Started, ErrorReply>>,
     },
     Stop(oneshot::Sender<()>),
+    /// Re-execute baton's binary in place (`baton upgrade --self`).
+    UpgradeSelf(oneshot::Sender<Result<HandingOver, ErrorReply>>),
 }
 
 /// What an upgrade request asks for.
@@ -160,6 +167,14 @@ impl Handle {
     pub async fn stop(&self) {
         let _ = self.ask(Command::Stop).await;
     }
+
+    /// Checks baton's binary and, if it passes, re-executes it in place;
+    /// the reply comes just before the exec.
+    pub async fn upgrade_self(&self) -> Result<HandingOver, ErrorReply> {
+        self.ask(Command::UpgradeSelf)
+            .await
+            .unwrap_or_else(|| Err(stopping_error()))
+    }
 }
 
 fn stopping_error() -> ErrorReply {
@@ -193,6 +208,16 @@ enum Internal {
     QueueEmpty {
         gen: GenId,
     },
+    /// The new binary's check of the hand-over document is done.
+    SelfChecked {
+        exe: PathBuf,
+        result: Result<(), String>,
+        reply: oneshot::Sender<Result<HandingOver, ErrorReply>>,
+    },
+    /// The control server is quiet: hand over to `exe` now.
+    ExecSelf {
+        exe: PathBuf,
+    },
 }
 
 /// How the reply to a request gets back to its asker.
@@ -211,6 +236,9 @@ struct ProcHandle {
     /// Our copy of its private probe listener, while its check runs.
     probe: Option<Listener>,
     watcher: AbortHandle,
+    /// A copy of the read end of its stderr pipe while it is open, for a
+    /// hand-over to a new baton image.
+    stderr: Option<OwnedFd>,
 }
 
 /// What upgrades need to load a configuration, off the decision loop.
@@ -291,6 +319,34 @@ pub struct Supervisor {
     preparing: usize,
     /// baton's own service manager (systemd), when it has one.
     systemd: Option<SystemdLink>,
+    /// How baton was started, to find (and re-execute) its binary.
+    argv0: PathBuf,
+    /// The binary this image runs.
+    binary: Binary,
+    /// Self-upgrades so far.
+    handovers: u64,
+    /// Why the last accepted self-upgrade failed, if it did.
+    self_upgrade_error: Option<String>,
+    /// A new binary is checking the hand-over document.
+    self_checking: bool,
+    /// What only a hand-over needs: copies of the descriptors other tasks
+    /// own (the control, notify and metrics sockets).
+    handover_fds: Option<HandoverFds>,
+    /// Taken over from a previous image: the generations already run.
+    resumed: bool,
+    /// Pauses the control server, and tells when its connections are done.
+    control_pause: Option<(
+        tokio::sync::watch::Sender<bool>,
+        crate::control::Connections,
+    )>,
+}
+
+/// Copies of descriptors owned by tasks, for a hand-over.
+pub struct HandoverFds {
+    pub control: OwnedFd,
+    pub notify: OwnedFd,
+    pub notify_dir: PathBuf,
+    pub metrics: Option<OwnedFd>,
 }
 
 /// What baton tells its own service manager, and what it told it.
@@ -384,7 +440,32 @@ impl Supervisor {
                 reporter: Reporter::default(),
                 last_outcome: None,
             }),
+            argv0: std::env::args_os()
+                .next()
+                .map(PathBuf::from)
+                .unwrap_or_default(),
+            binary: handover_impl::own_binary(),
+            handovers: 0,
+            self_upgrade_error: None,
+            self_checking: false,
+            handover_fds: None,
+            resumed: false,
+            control_pause: None,
         })
+    }
+
+    /// Gives the supervisor copies of the descriptors its tasks own, so it
+    /// can hand them to a new image of itself, and the means to quiesce the
+    /// control server first: `pause` stops it accepting, `connections`
+    /// says when those in flight are done.
+    pub fn set_handover_fds(
+        &mut self,
+        fds: HandoverFds,
+        pause: tokio::sync::watch::Sender<bool>,
+        connections: crate::control::Connections,
+    ) {
+        self.handover_fds = Some(fds);
+        self.control_pause = Some((pause, connections));
     }
 
     pub fn handle(&self) -> Handle {
@@ -416,6 +497,8 @@ impl Supervisor {
             })
         };
         match first {
+            // A resumed machine runs its generations already.
+            _ if self.resumed => {}
             Ok(spec) => self.feed(Input::Start { spec }),
             // Checked before binding, so only a race (the program removed
             // meanwhile) gets here.
@@ -425,7 +508,10 @@ impl Supervisor {
         let mut shutdown_done = false;
         let mut recover = tokio::time::interval(RECOVER_INTERVAL);
         recover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        self.store_sockets();
+        if !self.resumed {
+            // A resumed baton's sockets are in the store already.
+            self.store_sockets();
+        }
         // Pinged from this loop, so a wedged loop stops the pings and the
         // manager acts.
         let watchdog_every = self
@@ -580,6 +666,7 @@ impl Supervisor {
                 Ask::Upgrade(options) => self.prepare(trigger, options, Some(reply)),
             },
             Command::Stop(reply) => self.request(CoreCommand::Stop, Some(ReplyTo::Stop(reply))),
+            Command::UpgradeSelf(reply) => self.check_self_upgrade(reply),
         }
     }
 
@@ -659,6 +746,13 @@ impl Supervisor {
             Internal::Health { gen, pid, result } => {
                 self.feed_report(Input::Health { gen, pid, result })
             }
+            Internal::SelfChecked { exe, result, reply } => {
+                self.on_self_checked(exe, result, reply);
+            }
+            Internal::ExecSelf { exe } => {
+                self.self_checking = false;
+                self.exec_self(&exe);
+            }
             Internal::QueueEmpty { gen } => {
                 self.queue_watches.remove(&gen);
                 self.feed(Input::QueueEmpty { gen });
@@ -707,7 +801,12 @@ impl Supervisor {
                 self.retry_deferred();
             }
             ProcessEvent::GroupEmpty { pid } => self.feed(Input::GroupEmpty { pid }),
-            ProcessEvent::StderrClosed { pid } => self.feed(Input::StderrClosed { pid }),
+            ProcessEvent::StderrClosed { pid } => {
+                if let Some(h) = self.procs.get_mut(&pid) {
+                    h.stderr = None;
+                }
+                self.feed(Input::StderrClosed { pid })
+            }
         }
     }
 
@@ -716,6 +815,7 @@ impl Supervisor {
             Ok(started) => {
                 let pid = started.pid;
                 let pidfd = PidFd::new(started.pidfd);
+                let stderr = started.stderr.try_clone().ok();
                 let tail = process::forward(
                     pid,
                     started.stderr,
@@ -734,6 +834,7 @@ impl Supervisor {
                         exit_reported: false,
                         probe: started.probe,
                         watcher,
+                        stderr,
                     },
                 );
                 self.feed(Input::Spawned { gen, pid });
@@ -1135,7 +1236,11 @@ impl Supervisor {
                 fd: baton_protocol::app::FIRST_FD + i as u32,
             })
             .collect();
-        wire::status(&self.machine, &sockets, self.now(), self.epoch.elapsed())
+        let mut status = wire::status(&self.machine, &sockets, self.now(), self.epoch.elapsed());
+        status.binary = self.binary.clone();
+        status.handovers = self.handovers;
+        status.self_upgrade_error = self.self_upgrade_error.clone();
+        status
     }
 }
 

@@ -165,6 +165,9 @@ pub fn status(
     Status {
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        binary: Default::default(),
+        handovers: 0,
+        self_upgrade_error: None,
         uptime_ms: uptime.as_millis() as u64,
         stopping: machine.stopping(),
         sockets: sockets.to_vec(),

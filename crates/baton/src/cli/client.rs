@@ -100,7 +100,7 @@ async fn stream(
                 });
             }
             Reply::Error(e) => refused = Some(e),
-            Reply::Status(_) | Reply::Stopping => {}
+            Reply::Status(_) | Reply::Stopping | Reply::HandingOver(_) => {}
         }
     })
     .await?;
@@ -108,6 +108,68 @@ async fn stream(
         return Err(CliError::Refused { what, reply });
     }
     code.ok_or(CliError::StreamEnded(what))
+}
+
+/// `baton upgrade --self`: asks, then waits until the new image answers
+/// (its `handovers` one higher) or the old one says why it failed.
+pub async fn upgrade_self(path: PathBuf) -> Result<u8, CliError> {
+    const LIMIT: Duration = Duration::from_secs(30);
+    let before = fetch_status(&path).await?;
+    let mut refused = None;
+    let mut accepted = None;
+    // The connection may close under the reply when the exec wins the race
+    // with its last write: what counts is the status afterwards.
+    let _ = control::request(&path, &Request::UpgradeSelf, |reply| match reply {
+        Reply::Error(e) => refused = Some(e),
+        Reply::HandingOver(h) => accepted = Some(h),
+        _ => {}
+    })
+    .await;
+    if let Some(reply) = refused {
+        return Err(CliError::Refused {
+            what: "self-upgrade",
+            reply,
+        });
+    }
+    if let Some(h) = &accepted {
+        println!("handing over to {}", h.exe);
+    }
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        if let Ok(now) = fetch_status(&path).await {
+            if now.handovers > before.handovers {
+                println!(
+                    "baton upgraded itself: pid {} (unchanged), version {} -> {}, binary {} ({} bytes)",
+                    now.pid, before.version, now.version, now.binary.path, now.binary.size
+                );
+                return Ok(EXIT_OK);
+            }
+            if now.self_upgrade_error.is_some()
+                && now.self_upgrade_error != before.self_upgrade_error
+            {
+                println!(
+                    "self-upgrade failed, the old baton goes on: {}",
+                    now.self_upgrade_error.unwrap_or_default()
+                );
+                return Ok(EXIT_FAILED);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(CliError::SelfUpgradeLost(LIMIT));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn fetch_status(path: &std::path::Path) -> Result<Status, CliError> {
+    let mut status = None;
+    control::request(path, &Request::Status, |reply| {
+        if let Reply::Status(s) = reply {
+            status = Some(s);
+        }
+    })
+    .await?;
+    status.ok_or(CliError::NoStatus)
 }
 
 fn describe_event(gen: u64, kind: &EventKind) -> String {

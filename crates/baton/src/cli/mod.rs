@@ -69,6 +69,17 @@ pub enum Cmd {
     },
     /// Print baton's man page (roff) to stdout
     Man,
+    /// (internal) Continue a baton that is upgrading itself: the previous
+    /// image re-executes the binary with this
+    #[command(name = "__handover", hide = true)]
+    Handover {
+        #[arg(long)]
+        state_fd: i32,
+    },
+    /// (internal) Check a hand-over document on stdin: exit 0 if this
+    /// binary can take it over
+    #[command(name = "__handover-check", hide = true)]
+    HandoverCheck,
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +97,11 @@ pub struct StreamArgs {
 pub struct UpgradeArgs {
     #[command(flatten)]
     pub stream: StreamArgs,
+    /// Upgrade baton itself: re-execute its binary (the path it was
+    /// started from, looked up again) in place, same pid, handing over
+    /// every socket and process; the apps are untouched
+    #[arg(long = "self", conflicts_with_all = ["no_wait", "canary", "canary_for", "bake"])]
+    pub self_: bool,
     /// Return as soon as the new generation is active, without waiting
     /// for its bake (or the old generation's drain)
     #[arg(long)]
@@ -222,6 +238,10 @@ pub enum CliError {
     ListenFds(#[from] baton_sys::ListenFdsError),
     #[error("reaching the service manager")]
     Systemd(#[from] baton::systemd::NotifySetupError),
+    #[error("taking over from the previous baton")]
+    Handover(#[from] baton::handover::HandoverError),
+    #[error("baton did not come back from its self-upgrade within {0:?}")]
+    SelfUpgradeLost(Duration),
     #[error("--user/--group need baton to run as root")]
     NeedsRoot,
     #[error("cannot start the app: {0}")]
@@ -250,14 +270,17 @@ impl CliError {
                 | ErrorKind::Stopping
                 | ErrorKind::NoPrevious
                 | ErrorKind::NothingToPromote
-                | ErrorKind::NeedsSteering => EXIT_FAILED,
+                | ErrorKind::NeedsSteering
+                | ErrorKind::SelfUpgrade => EXIT_FAILED,
                 ErrorKind::BadRequest | ErrorKind::Config | ErrorKind::Forbidden => EXIT_USAGE,
             },
             Self::StreamEnded(_)
             | Self::NoStatus
             | Self::StillDraining
             | Self::Json(_)
-            | Self::Stdout(_) => EXIT_FAILED,
+            | Self::Stdout(_)
+            | Self::Handover(_)
+            | Self::SelfUpgradeLost(_) => EXIT_FAILED,
             Self::Config(_)
             | Self::Resolve(_)
             | Self::Bind(_)
@@ -324,6 +347,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Cmd::Completions { shell } => return docs::completions(shell).map(ExitCode::from),
         Cmd::Man => return docs::man().map(ExitCode::from),
+        Cmd::HandoverCheck => {
+            return baton::handover::State::read(std::io::stdin().lock())
+                .map(|_| ExitCode::from(EXIT_OK))
+                .map_err(CliError::Handover)
+        }
         _ => {}
     }
     // Sockets from a service manager are taken first, before anything else
@@ -334,8 +362,8 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     };
     // `run` sets its logs up once its configuration (which names the
     // format) is loaded.
-    let _logs =
-        (!matches!(cli.command, Cmd::Run(_))).then(|| init_tracing(config::LogFormat::Text));
+    let _logs = (!matches!(cli.command, Cmd::Run(_) | Cmd::Handover { .. }))
+        .then(|| init_tracing(config::LogFormat::Text));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -357,15 +385,28 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 )))
             })
         }
+        Cmd::Handover { state_fd } => {
+            let (spawner, forks) = baton::process::Spawner::new();
+            let task = runtime.spawn(run::resume(state_fd, spawner));
+            forks.run();
+            runtime.block_on(task).unwrap_or_else(|e| {
+                Err(CliError::StartApp(format!(
+                    "the supervisor task failed: {e}"
+                )))
+            })
+        }
         command => runtime.block_on(async move {
             match command {
-                Cmd::Run(_) => unreachable!("handled above"),
+                Cmd::Run(_) | Cmd::Handover { .. } => unreachable!("handled above"),
+                Cmd::Upgrade(args) if args.self_ => {
+                    client::upgrade_self(control_path(cli.control)).await
+                }
                 Cmd::Upgrade(args) => client::upgrade(control_path(cli.control), args).await,
                 Cmd::Rollback(args) => client::rollback(control_path(cli.control), args).await,
                 Cmd::Promote(args) => client::promote(control_path(cli.control), args).await,
                 Cmd::Status { json } => client::status(control_path(cli.control), json).await,
                 Cmd::Stop => client::stop(control_path(cli.control)).await,
-                Cmd::Completions { .. } | Cmd::Man => Ok(EXIT_OK),
+                Cmd::Completions { .. } | Cmd::Man | Cmd::HandoverCheck => Ok(EXIT_OK),
             }
         }),
     };

@@ -5,16 +5,18 @@ use std::time::Duration;
 
 use baton::config::TrafficMode;
 use baton::config::{ConfigSource, Overrides};
+use baton::handover::{FdNum, State};
 use baton::listener::InheritedSockets;
 use baton::notify::NotifySocket;
 use baton::process::StderrSink;
 use baton::protocol::Trigger;
 use baton::steer::program::PortRange;
 use baton::steer::Sockets;
-use baton::supervisor::{Ask, Handle, Supervisor};
+use baton::supervisor::{Ask, Handle, HandoverFds, Supervisor};
 use baton::systemd::ServiceManager;
 use baton::{control, metrics, process};
 use baton_core::UpgradeOptions;
+use std::os::fd::AsFd;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use super::{CliError, RunArgs, EXIT_OK};
@@ -64,21 +66,7 @@ pub async fn supervise(
     }
     // Signal handlers before anything starts: without them SIGTERM would
     // kill baton outright and leave its apps to the parent-death signal.
-    let signals = Signals::install().map_err(setup("installing signal handlers"))?;
-    // Every other thread blocks signals (the main thread, which forks;
-    // the runtime's threads, which inherit a re-executed baton's mask):
-    // this one takes them, now that the handlers exist.
-    std::thread::Builder::new()
-        .name("baton-signals".into())
-        .spawn(|| {
-            if let Err(e) = baton_sys::unblock_all_signals() {
-                tracing::error!("the signal thread cannot unblock signals: {e}");
-            }
-            loop {
-                std::thread::park();
-            }
-        })
-        .map_err(setup("starting the signal thread"))?;
+    let signals = Signals::install_with_thread()?;
     let manager = ServiceManager::from_env()?;
     // First of the binds: an address that cannot be had starts nothing.
     let metrics_listener = config.metrics.map(metrics::bind).transpose()?;
@@ -103,16 +91,185 @@ pub async fn supervise(
         .map_err(setup("binding the notify socket"))?;
     let control_path = config.control.clone();
     let allowed = config.control_allow_uids.clone();
+    let log_format = config.log_format;
+    let handover = handover_fds(
+        &control_listener,
+        &notify,
+        runtime_dir.path(),
+        metrics_listener.as_ref(),
+    )?;
+    let supervisor = |app_stderr| {
+        Supervisor::new(
+            source, config, sockets, notify, app_stderr, manager, spawner,
+        )
+    };
+    serve(
+        supervisor,
+        Serving {
+            signals,
+            log_format,
+            control_listener,
+            control_path,
+            allowed,
+            metrics_listener,
+            handover,
+            notify_dir: NotifyDir::Temp(runtime_dir),
+        },
+    )
+    .await
+}
+
+/// Continues a baton that is upgrading itself (`__handover`): takes every
+/// descriptor and the state the previous image handed over, and
+/// supervises on from there.
+pub async fn resume(state_fd: i32, spawner: process::Spawner) -> Result<u8, CliError> {
+    let setup = |what| move |source| CliError::Setup { what, source };
+    let doc = FdNum(state_fd)
+        .take()
+        .map_err(setup("taking the hand-over document"))?;
+    let state = State::read(std::fs::File::from(doc))?;
+    let _logs = super::init_tracing(state.initial.log_format);
+    let signals = Signals::install_with_thread()?;
+    let manager = ServiceManager::from_env()?;
+    let taking = setup("taking the sockets handed over");
+    let sockets = Sockets::take_over(state.sockets).map_err(taking)?;
+    let control_listener = {
+        let fd = state
+            .control
+            .take()
+            .map_err(setup("taking the control socket"))?;
+        let std = std::os::unix::net::UnixListener::from(fd);
+        std.set_nonblocking(true)
+            .map_err(setup("taking the control socket"))?;
+        tokio::net::UnixListener::from_std(std).map_err(setup("taking the control socket"))?
+    };
+    let notify = state
+        .notify
+        .fd
+        .take()
+        .and_then(|fd| NotifySocket::handed_over(fd, &state.notify.path))
+        .map_err(setup("taking the notify socket"))?;
+    let metrics_listener = match state.metrics {
+        Some(fd) => {
+            let std =
+                std::net::TcpListener::from(fd.take().map_err(setup("taking the metrics socket"))?);
+            std.set_nonblocking(true)
+                .map_err(setup("taking the metrics socket"))?;
+            Some(
+                tokio::net::TcpListener::from_std(std)
+                    .map_err(setup("taking the metrics socket"))?,
+            )
+        }
+        None => None,
+    };
+    let control_path = state.initial.control.clone();
+    let allowed = state.initial.control_allow_uids.clone();
+    let log_format = state.initial.log_format;
+    let handover = handover_fds(
+        &control_listener,
+        &notify,
+        &state.notify.dir,
+        metrics_listener.as_ref(),
+    )?;
+    tracing::info!(
+        handover = state.handovers,
+        from_version = %state.from_version,
+        version = env!("CARGO_PKG_VERSION"),
+        "took over from the previous baton image"
+    );
+    let notify_dir = NotifyDir::Path(state.notify.dir.clone());
+    let supervisor = |app_stderr| {
+        Supervisor::resume(
+            state.machine,
+            state.clock_us,
+            state.source,
+            state.initial,
+            sockets,
+            notify,
+            app_stderr,
+            manager,
+            spawner,
+            state.procs,
+            state.handovers,
+            state.argv0,
+            state.systemd_ready,
+        )
+    };
+    serve(
+        supervisor,
+        Serving {
+            signals,
+            log_format,
+            control_listener,
+            control_path,
+            allowed,
+            metrics_listener,
+            handover,
+            notify_dir,
+        },
+    )
+    .await
+}
+
+/// Copies of the descriptors the serving tasks own, for a later hand-over.
+fn handover_fds(
+    control: &tokio::net::UnixListener,
+    notify: &NotifySocket,
+    notify_dir: &std::path::Path,
+    metrics: Option<&tokio::net::TcpListener>,
+) -> Result<HandoverFds, CliError> {
+    let setup = |source| CliError::Setup {
+        what: "copying descriptors for a later self-upgrade",
+        source,
+    };
+    Ok(HandoverFds {
+        control: control.as_fd().try_clone_to_owned().map_err(setup)?,
+        notify: notify.try_clone_fd().map_err(setup)?,
+        notify_dir: notify_dir.to_owned(),
+        metrics: metrics
+            .map(|m| m.as_fd().try_clone_to_owned())
+            .transpose()
+            .map_err(setup)?,
+    })
+}
+
+/// Where the notify socket's private directory is, to remove at exit.
+enum NotifyDir {
+    Temp(tempfile::TempDir),
+    /// Created by a previous image of this baton.
+    Path(PathBuf),
+}
+
+/// What a supervisor is served with, fresh or taken over.
+struct Serving {
+    signals: Signals,
+    log_format: baton::config::LogFormat,
+    control_listener: tokio::net::UnixListener,
+    control_path: PathBuf,
+    allowed: Vec<u32>,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    handover: HandoverFds,
+    notify_dir: NotifyDir,
+}
+
+/// Runs the supervisor made by `make` (given the apps' stderr sink) with
+/// its control server, signals and metrics, until it is done; then cleans
+/// up.
+async fn serve(
+    make: impl FnOnce(StderrSink) -> std::io::Result<Supervisor>,
+    s: Serving,
+) -> Result<u8, CliError> {
+    let setup = |what| move |source| CliError::Setup { what, source };
     // The apps' stderr lines share baton's stderr through their own
     // non-blocking writer (flushed, boundedly, when the guard drops).
     let (app_stderr, _app_stderr_guard) = super::stderr_writer("baton-app-stderr");
-    let app_stderr = StderrSink::new(app_stderr, config.log_format);
-    let supervisor = Supervisor::new(
-        source, config, sockets, notify, app_stderr, manager, spawner,
-    )
-    .map_err(setup("starting the spawner thread"))?;
+    let app_stderr = StderrSink::new(app_stderr, s.log_format);
+    let mut supervisor = make(app_stderr).map_err(setup("starting the supervisor"))?;
+    let connections = control::Connections::default();
+    let (pause, paused) = tokio::sync::watch::channel(false);
+    supervisor.set_handover_fds(s.handover, pause, connections.clone());
     let handle = supervisor.handle();
-    let metrics_server = match metrics_listener {
+    let metrics_server = match s.metrics_listener {
         Some(listener) => {
             let address = listener
                 .local_addr()
@@ -123,15 +280,15 @@ pub async fn supervise(
         }
         None => None,
     };
-    tracing::info!(control = %control_path.display(), pid = std::process::id(), "supervisor started");
-    let connections = control::Connections::default();
+    tracing::info!(control = %s.control_path.display(), pid = std::process::id(), "supervisor started");
     let server = tokio::spawn(control::serve(
-        control_listener,
+        s.control_listener,
         handle.clone(),
-        allowed,
+        s.allowed,
         connections.clone(),
+        paused,
     ));
-    let signal_task = tokio::spawn(signals.serve(handle));
+    let signal_task = tokio::spawn(s.signals.serve(handle));
     let result = supervisor.run(std::future::pending()).await;
     server.abort();
     signal_task.abort();
@@ -140,8 +297,13 @@ pub async fn supervise(
     }
     // Let replies in flight (`stop`'s own) reach their clients.
     connections.drained(Duration::from_secs(1)).await;
-    let _ = std::fs::remove_file(&control_path);
-    drop(runtime_dir);
+    let _ = std::fs::remove_file(&s.control_path);
+    match s.notify_dir {
+        NotifyDir::Temp(dir) => drop(dir),
+        NotifyDir::Path(dir) => {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
     result.map_err(CliError::StartApp)?;
     Ok(EXIT_OK)
 }
@@ -186,9 +348,11 @@ fn notify_dir(other_user: bool) -> std::io::Result<tempfile::TempDir> {
     Ok(dir)
 }
 
-/// SIGHUP upgrades; SIGTERM and SIGINT stop.
+/// SIGHUP upgrades the app; SIGUSR2 upgrades baton itself; SIGTERM and
+/// SIGINT stop.
 struct Signals {
     hup: Signal,
+    usr2: Signal,
     term: Signal,
     int: Signal,
 }
@@ -197,15 +361,43 @@ impl Signals {
     fn install() -> std::io::Result<Self> {
         install_all(&[
             SignalKind::hangup(),
+            SignalKind::user_defined2(),
             SignalKind::terminate(),
             SignalKind::interrupt(),
         ])
         .map(|mut s| {
-            let int = s.pop().expect("three handlers");
-            let term = s.pop().expect("three handlers");
-            let hup = s.pop().expect("three handlers");
-            Self { hup, term, int }
+            let int = s.pop().expect("four handlers");
+            let term = s.pop().expect("four handlers");
+            let usr2 = s.pop().expect("four handlers");
+            let hup = s.pop().expect("four handlers");
+            Self {
+                hup,
+                usr2,
+                term,
+                int,
+            }
         })
+    }
+
+    /// Installs the handlers, then starts the thread that takes the
+    /// signals: every other thread blocks them (the main thread, which
+    /// forks; the runtime's threads, which inherit a re-executed baton's
+    /// mask).
+    fn install_with_thread() -> Result<Self, CliError> {
+        let setup = |what| move |source| CliError::Setup { what, source };
+        let signals = Self::install().map_err(setup("installing signal handlers"))?;
+        std::thread::Builder::new()
+            .name("baton-signals".into())
+            .spawn(|| {
+                if let Err(e) = baton_sys::unblock_all_signals() {
+                    tracing::error!("the signal thread cannot unblock signals: {e}");
+                }
+                loop {
+                    std::thread::park();
+                }
+            })
+            .map_err(setup("starting the signal thread"))?;
+        Ok(signals)
     }
 
     async fn serve(mut self, handle: Handle) {
@@ -216,6 +408,12 @@ impl Signals {
                     let ask = Ask::Upgrade(UpgradeOptions::default());
                     if let Err(e) = handle.upgrade(Trigger::Signal, ask).await {
                         tracing::info!("SIGHUP: {}", e.message);
+                    }
+                }
+                _ = self.usr2.recv() => {
+                    tracing::info!("SIGUSR2: baton upgrades itself");
+                    if let Err(e) = handle.upgrade_self().await {
+                        tracing::warn!("SIGUSR2: {}", e.message);
                     }
                 }
                 _ = self.term.recv() => { tracing::info!("SIGTERM: stopping"); handle.stop().await; }

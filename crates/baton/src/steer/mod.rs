@@ -34,6 +34,7 @@ use baton_core::{GenId, TrafficMode, TrafficPlan};
 use socket2::{Domain, Socket, Type};
 
 use crate::config::{ListenAddr, ListenSpec};
+use crate::handover::FdNum;
 use crate::listener::{adopt, describe, BindError, InheritedSockets, Listener};
 use program::{Family, PortRange, Routes};
 
@@ -69,6 +70,50 @@ pub struct Sockets {
     plan: TrafficPlan,
     probes: PortRange,
     backlog: u32,
+}
+
+/// The sockets as handed to a new baton image: descriptors by number,
+/// with the layout that gives them meaning (the slots, the mirror of each
+/// group's kernel array, the traffic plan in force).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct SocketsState {
+    mode: TrafficMode,
+    endpoints: Vec<EndpointState>,
+    slots: Vec<Option<GenId>>,
+    plan: TrafficPlan,
+    probes: PortRange,
+    backlog: u32,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum EndpointState {
+    Shared {
+        name: String,
+        address: ListenAddr,
+        fd: FdNum,
+        unix_file: Option<(std::path::PathBuf, u64)>,
+        inherited: bool,
+    },
+    Steered {
+        name: String,
+        address: SocketAddr,
+        v6only: bool,
+        first_inherited: bool,
+        fds: Vec<FdNum>,
+        members: Vec<usize>,
+    },
+}
+
+impl SocketsState {
+    pub fn fds(&self) -> Vec<FdNum> {
+        self.endpoints
+            .iter()
+            .flat_map(|e| match e {
+                EndpointState::Shared { fd, .. } => vec![*fd],
+                EndpointState::Steered { fds, .. } => fds.clone(),
+            })
+            .collect()
+    }
 }
 
 /// What [`Sockets::recover_detached`] did.
@@ -179,6 +224,101 @@ impl Sockets {
             sockets.share();
         }
         Ok(sockets)
+    }
+
+    /// The state for a new baton image, and the descriptors it names.
+    pub fn hand_over(&self) -> (SocketsState, Vec<BorrowedFd<'_>>) {
+        let mut fds = Vec::new();
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|e| match e {
+                Endpoint::Shared(l) => {
+                    fds.push(l.as_fd());
+                    EndpointState::Shared {
+                        name: l.name.clone(),
+                        address: l.address.clone(),
+                        fd: FdNum::of(l.as_fd()),
+                        unix_file: l.unix_file().cloned(),
+                        inherited: l.inherited,
+                    }
+                }
+                Endpoint::Steered(g) => {
+                    fds.extend(g.sockets.iter().map(|s| s.as_fd()));
+                    EndpointState::Steered {
+                        name: g.name.clone(),
+                        address: g.address,
+                        v6only: g.v6only,
+                        first_inherited: g.first_inherited,
+                        fds: g.sockets.iter().map(|s| FdNum::of(s.as_fd())).collect(),
+                        members: g.members.clone(),
+                    }
+                }
+            })
+            .collect();
+        let state = SocketsState {
+            mode: self.mode,
+            endpoints,
+            slots: self.slots.clone(),
+            plan: self.plan.clone(),
+            probes: self.probes,
+            backlog: self.backlog,
+        };
+        (state, fds)
+    }
+
+    /// The sockets a previous baton image handed over, exactly as they
+    /// were: the kernel still has the same groups and program.
+    pub fn take_over(state: SocketsState) -> io::Result<Self> {
+        let endpoints = state
+            .endpoints
+            .into_iter()
+            .map(|e| match e {
+                EndpointState::Shared {
+                    name,
+                    address,
+                    fd,
+                    unix_file,
+                    inherited,
+                } => Ok(Endpoint::Shared(Listener::handed_over(
+                    name,
+                    address,
+                    Socket::from(fd.take()?),
+                    unix_file,
+                    inherited,
+                ))),
+                EndpointState::Steered {
+                    name,
+                    address,
+                    v6only,
+                    first_inherited,
+                    fds,
+                    members,
+                } => {
+                    let sockets = fds
+                        .into_iter()
+                        .map(|fd| fd.take().map(Socket::from))
+                        .collect::<io::Result<Vec<_>>>()?;
+                    let mut rest = sockets.into_iter();
+                    let first = rest
+                        .next()
+                        .ok_or_else(|| io::Error::other("a steered listener without sockets"))?;
+                    let mut g = Group::new(name, address, v6only, first);
+                    g.sockets.extend(rest);
+                    g.first_inherited = first_inherited;
+                    g.members = members;
+                    Ok(Endpoint::Steered(g))
+                }
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Self {
+            mode: state.mode,
+            endpoints,
+            slots: state.slots,
+            plan: state.plan,
+            probes: state.probes,
+            backlog: state.backlog,
+        })
     }
 
     /// The traffic mode in force (steered only if the kernel took it).
