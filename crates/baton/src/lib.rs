@@ -18,6 +18,7 @@ pub mod listener;
 pub mod notify;
 pub mod probe;
 pub mod process;
+pub mod releases;
 pub mod steer;
 pub mod supervisor;
 pub mod wire;
