@@ -585,6 +585,8 @@ mod tests {
             active: Some(6),
             upgrading: None,
             generations: vec![],
+            releases: None,
+            rollback_to: None,
         }
     }
 

@@ -1,5 +1,7 @@
 //! The command line: `baton run` starts a supervisor; `upgrade`,
-//! `rollback`, `status` and `stop` talk to one over its control socket.
+//! `rollback`, `status` and `stop` talk to one over its control socket;
+//! `deploy` and `releases` manage releases side by side and then talk to
+//! it the same way.
 //!
 //! Exit codes (stable, for scripts): 0 success; 1 the operation failed
 //! (the upgrade failed and the old generation still serves, another
@@ -8,6 +10,8 @@
 //! unreachable). [`CliError::exit_code`] is the one place errors map to them.
 
 mod client;
+mod deploy;
+mod report;
 mod run;
 
 use std::path::PathBuf;
@@ -59,6 +63,45 @@ pub enum Cmd {
     },
     /// Drain every generation, then exit the supervisor
     Stop,
+    /// Unpack an artifact into a new release beside the others, point
+    /// `current` at it and upgrade to it (`current` goes back if the
+    /// upgrade fails)
+    Deploy(DeployArgs),
+    /// List the releases: which is active, parked, previous or failed, and
+    /// when each was deployed
+    Releases(ReleasesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// A .tar.gz, .tar.zst or .tar archive, or a directory
+    #[arg(value_name = "ARTIFACT")]
+    pub artifact: PathBuf,
+    /// Name of the release [default: the artifact's file name without
+    /// .tar.gz/.tar.zst, else a timestamp]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Releases root, if the supervisor does not report one (it does when
+    /// started with --releases-dir)
+    #[arg(long, value_name = "DIR")]
+    pub releases_dir: Option<PathBuf>,
+    /// Unpack and point `current` at the release without upgrading: a
+    /// first install before `baton run`, or staging for the next upgrade
+    #[arg(long, conflicts_with_all = ["canary", "canary_for", "bake", "no_wait"])]
+    pub no_upgrade: bool,
+    #[command(flatten)]
+    pub upgrade: UpgradeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReleasesArgs {
+    /// Releases root, if the supervisor does not report one (or is not
+    /// running)
+    #[arg(long, value_name = "DIR")]
+    pub releases_dir: Option<PathBuf>,
+    /// Print JSON for scripts
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -67,9 +110,14 @@ pub struct StreamArgs {
     /// generation to finish draining
     #[arg(long)]
     pub no_wait_drain: bool,
-    /// Print the raw event stream (NDJSON)
-    #[arg(long)]
+    /// Print one JSON object with the outcome at the end (outcome,
+    /// generation, release, phases, reason; see docs/fleet.md), and
+    /// nothing else on stdout
+    #[arg(long, conflicts_with = "events")]
     pub json: bool,
+    /// Print the raw event stream (NDJSON), as the control socket sends it
+    #[arg(long)]
+    pub events: bool,
 }
 
 #[derive(Debug, Args)]
@@ -163,6 +211,14 @@ pub struct RunArgs {
     /// a dark candidate [default: 61000-61999]
     #[arg(long, value_name = "FIRST-LAST")]
     pub probe_ports: Option<config::PortRange>,
+    /// Releases root for `baton deploy`: releases in DIR/releases/NAME,
+    /// and the app runs in DIR/current unless --cwd is given
+    #[arg(long, value_name = "DIR")]
+    pub releases_dir: Option<PathBuf>,
+    /// Releases `baton deploy` keeps, besides the active and previous ones
+    /// [default: 5]
+    #[arg(long, value_name = "N")]
+    pub keep_releases: Option<u32>,
     /// The app's command; `{fd:NAME}` becomes that listener's fd number
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -211,6 +267,12 @@ pub enum CliError {
     StillDraining,
     #[error("printing JSON")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Release(#[from] baton::releases::ReleaseError),
+    #[error("no releases directory: the supervisor was not started with --releases-dir (or `releases_dir`); pass --releases-dir")]
+    NoReleasesDir,
+    #[error("no release deployed yet: {} does not exist; deploy one first with `baton deploy --no-upgrade --releases-dir {} ARTIFACT`", .current.display(), .root.display())]
+    NoRelease { current: PathBuf, root: PathBuf },
 }
 
 impl CliError {
@@ -228,6 +290,9 @@ impl CliError {
             Self::StreamEnded(_) | Self::NoStatus | Self::StillDraining | Self::Json(_) => {
                 EXIT_FAILED
             }
+            Self::Release(e) if e.is_usage() => EXIT_USAGE,
+            Self::Release(_) => EXIT_FAILED,
+            Self::NoReleasesDir | Self::NoRelease { .. } => EXIT_USAGE,
             Self::Config(_)
             | Self::Resolve(_)
             | Self::Bind(_)
@@ -293,6 +358,8 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Cmd::Promote(args) => client::promote(control_path(cli.control), args).await,
             Cmd::Status { json } => client::status(control_path(cli.control), json).await,
             Cmd::Stop => client::stop(control_path(cli.control)).await,
+            Cmd::Deploy(args) => deploy::deploy(control_path(cli.control), args).await,
+            Cmd::Releases(args) => deploy::releases(control_path(cli.control), args).await,
         }
     });
     // Don't wait for lingering blocking tasks (none should remain).
