@@ -480,6 +480,8 @@ impl Releases {
     pub fn remove(&self, name: &str, _lock: &DeployLock) -> Result<(), ReleaseError> {
         let dir = self.release(name);
         let aside = self.releases_dir().join(format!(".del-{name}"));
+        // A leftover of a removal that was killed midway would be in the way.
+        remove_tree(&aside)?;
         if dir.symlink_metadata().is_ok() {
             std::fs::rename(&dir, &aside).map_err(ReleaseError::io("removing", &dir))?;
         }
