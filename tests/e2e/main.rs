@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cutover;
+mod deploy;
 mod failures;
 mod hardening;
 mod lifecycle;

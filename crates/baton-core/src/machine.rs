@@ -122,6 +122,14 @@ impl<P: Clone> Machine<P> {
         &self.traffic
     }
 
+    /// The release a cold `rollback` starts: the previous successful one.
+    pub fn rollback_release(&self) -> Option<&Release> {
+        self.releases
+            .len()
+            .checked_sub(2)
+            .and_then(|i| self.releases.get(i))
+    }
+
     pub fn upgrade(&self) -> Option<&Upgrade> {
         self.upgrade.as_ref()
     }
@@ -318,11 +326,7 @@ impl<P: Clone> Machine<P> {
             // A cold rollback: the previous successful release, started
             // and cut over to like any upgrade.
             None => {
-                let prev = self
-                    .releases
-                    .len()
-                    .checked_sub(2)
-                    .map(|i| self.releases[i].clone());
+                let prev = self.rollback_release().cloned();
                 // Settings and payload of the generation now serving.
                 let base = self
                     .traffic

@@ -348,6 +348,24 @@ pub struct Status {
     /// The candidate of the upgrade in progress, if any.
     pub upgrading: Option<u64>,
     pub generations: Vec<GenerationStatus>,
+    /// The releases root, when baton runs with one (`releases_dir`): what
+    /// `baton deploy` unpacks into and prunes. Absent from older
+    /// supervisors, hence the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub releases: Option<ReleasesStatus>,
+    /// The release directory `baton rollback` would start (outside a
+    /// canary or a bake): the previous successful one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_to: Option<String>,
+}
+
+/// Where releases live, for the clients that manage them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasesStatus {
+    /// The releases root: `DIR/releases/NAME`, `DIR/current`.
+    pub dir: String,
+    /// How many releases `baton deploy` keeps (`keep_releases`).
+    pub keep: u32,
 }
 
 /// A binary's identity: its path and what its file looked like when it
@@ -477,6 +495,21 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"upgrade","force":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{}"#).is_err());
+    }
+
+    /// A status from a supervisor that predates the releases fields still
+    /// parses, and the fields are left out when unset.
+    #[test]
+    fn status_releases_fields_are_optional() {
+        let old = r#"{"pid":1,"version":"0.1.0","uptime_ms":5,"stopping":false,"sockets":[],
+            "traffic":"steered","active":1,"upgrading":null,"generations":[]}"#;
+        let s: Status = serde_json::from_str(old).unwrap();
+        assert_eq!((&s.releases, &s.rollback_to), (&None, &None));
+        let v = serde_json::to_value(&s).unwrap();
+        assert!(
+            v.get("releases").is_none() && v.get("rollback_to").is_none(),
+            "{v}"
+        );
     }
 
     #[test]

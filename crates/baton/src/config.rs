@@ -483,6 +483,8 @@ pub struct FileConfig {
     health_failures: Option<u32>,
     #[serde(default, deserialize_with = "opt_from_str_de")]
     probe_ports: Option<PortRange>,
+    releases_dir: Option<PathBuf>,
+    keep_releases: Option<u32>,
 }
 
 impl FileConfig {
@@ -551,6 +553,8 @@ pub struct Overrides {
     pub health_interval: Option<Duration>,
     pub health_failures: Option<u32>,
     pub probe_ports: Option<PortRange>,
+    pub releases_dir: Option<PathBuf>,
+    pub keep_releases: Option<u32>,
 }
 
 /// The effective configuration.
@@ -583,6 +587,11 @@ pub struct Config {
     pub health_interval: Duration,
     pub health_failures: u32,
     pub probe_ports: PortRange,
+    /// The releases root for `baton deploy` (`DIR/releases/NAME`,
+    /// `DIR/current`); the default working directory is `DIR/current`.
+    pub releases_dir: Option<PathBuf>,
+    /// Releases `baton deploy` keeps (besides the active and previous).
+    pub keep_releases: u32,
 }
 
 impl Config {
@@ -709,7 +718,27 @@ impl Config {
         } else {
             file.env_inherit.unwrap_or_default()
         };
-        let cwd = flags.cwd.clone().or(file.cwd).unwrap_or_else(|| ".".into());
+        let releases_dir = flags
+            .releases_dir
+            .clone()
+            .or(file.releases_dir)
+            .map(|d| base_dir.join(d));
+        // With a releases root the app runs in whatever `current` points to.
+        let cwd = flags
+            .cwd
+            .clone()
+            .or(file.cwd)
+            .or_else(|| releases_dir.as_ref().map(|d| d.join("current")))
+            .unwrap_or_else(|| ".".into());
+        let keep_releases = flags
+            .keep_releases
+            .or(file.keep_releases)
+            .unwrap_or(crate::releases::DEFAULT_KEEP_RELEASES);
+        if keep_releases == 0 {
+            return Err(ConfigError::Invalid(
+                "keep_releases must be at least 1".into(),
+            ));
+        }
         let control = flags
             .control
             .clone()
@@ -786,6 +815,8 @@ impl Config {
                 .probe_ports
                 .or(file.probe_ports)
                 .unwrap_or(DEFAULT_PROBE_PORTS),
+            releases_dir,
+            keep_releases,
         })
     }
 }
@@ -1038,6 +1069,26 @@ address = "127.0.0.1:1"
         };
         assert_eq!(a.fixed_change(&b), Some("metrics address"));
         assert_eq!(a.fixed_change(&a.clone()), None, "positive control");
+    }
+
+    #[test]
+    fn releases_dir_sets_the_default_cwd() {
+        let flags = Overrides {
+            releases_dir: Some("srv/app".into()),
+            ..flags_with_cmd()
+        };
+        let c = Config::merge(FileConfig::default(), &flags, Path::new("/base")).unwrap();
+        assert_eq!(c.releases_dir.as_deref(), Some(Path::new("/base/srv/app")));
+        assert_eq!(c.cwd, Path::new("/base/srv/app/current"));
+        assert_eq!(c.keep_releases, crate::releases::DEFAULT_KEEP_RELEASES);
+        // An explicit cwd wins.
+        let file = FileConfig::parse("cwd = \"/elsewhere\"\nkeep_releases = 3\n").unwrap();
+        let c = Config::merge(file, &flags, Path::new("/base")).unwrap();
+        assert_eq!(c.cwd, Path::new("/elsewhere"));
+        assert_eq!(c.keep_releases, 3);
+        let file = FileConfig::parse("keep_releases = 0\n").unwrap();
+        let err = Config::merge(file, &flags, Path::new("/base")).unwrap_err();
+        assert!(err.to_string().contains("keep_releases"), "{err}");
     }
 
     #[test]

@@ -607,6 +607,8 @@ mod tests {
             binary: Default::default(),
             handovers: 0,
             self_upgrade_error: None,
+            releases: None,
+            rollback_to: None,
         }
     }
 

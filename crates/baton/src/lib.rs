@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod notify;
 pub mod probe;
 pub mod process;
+pub mod releases;
 pub mod steer;
 pub mod supervisor;
 pub mod systemd;

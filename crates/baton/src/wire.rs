@@ -15,7 +15,8 @@ use baton_core::{
 use crate::config::Config;
 use crate::process::StderrTail;
 use crate::protocol::{
-    Event, EventKind, GenState, GenerationStatus, Role, SocketStatus, Status, Trigger,
+    Event, EventKind, GenState, GenerationStatus, ReleasesStatus, Role, SocketStatus, Status,
+    Trigger,
 };
 
 pub fn core_trigger(t: Trigger) -> baton_core::Trigger {
@@ -154,6 +155,21 @@ pub fn event(
 
 /// The supervisor's state as `baton status` shows it. `pids` (the live
 /// members of each group) are filled in by the caller, off the loop.
+/// The releases root as the serving generation's configuration has it
+/// (the file is re-read at every upgrade), else the newest one's.
+fn releases_status(machine: &Machine<Arc<Config>>) -> Option<ReleasesStatus> {
+    let spec = machine
+        .traffic()
+        .active
+        .and_then(|a| machine.spec(a))
+        .or_else(|| machine.generations().last().map(|g| g.spec()))?;
+    let config = &spec.payload;
+    config.releases_dir.as_ref().map(|dir| ReleasesStatus {
+        dir: dir.display().to_string(),
+        keep: config.keep_releases,
+    })
+}
+
 pub fn status(
     machine: &Machine<Arc<Config>>,
     sockets: &[SocketStatus],
@@ -178,6 +194,10 @@ pub fn status(
         .to_owned(),
         active: active.map(|g| g.0),
         upgrading: machine.upgrade().map(|u| u.candidate.0),
+        releases: releases_status(machine),
+        rollback_to: machine
+            .rollback_release()
+            .map(|r| r.dir.display().to_string()),
         generations: machine
             .generations()
             .map(|g| {

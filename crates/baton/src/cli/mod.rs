@@ -1,5 +1,7 @@
 //! The command line: `baton run` starts a supervisor; `upgrade`,
-//! `rollback`, `status` and `stop` talk to one over its control socket.
+//! `rollback`, `status` and `stop` talk to one over its control socket;
+//! `deploy` and `releases` manage releases side by side and then talk to
+//! it the same way.
 //!
 //! Exit codes (stable, for scripts): 0 success; 1 the operation failed
 //! (the upgrade failed and the old generation still serves, another
@@ -8,7 +10,9 @@
 //! unreachable). [`CliError::exit_code`] is the one place errors map to them.
 
 mod client;
+mod deploy;
 mod docs;
+mod report;
 mod run;
 
 use std::path::PathBuf;
@@ -46,7 +50,7 @@ pub enum Cmd {
     /// Bind the sockets, start the app and supervise it
     Run(RunArgs),
     /// Start a new generation from the current configuration and cut over
-    Upgrade(UpgradeArgs),
+    Upgrade(UpgradeCmd),
     /// During a canary or bake: give the traffic back to the previous
     /// generation at once. Otherwise: start the previous successful release
     /// and cut over to it
@@ -80,6 +84,45 @@ pub enum Cmd {
     /// binary can take it over
     #[command(name = "__handover-check", hide = true)]
     HandoverCheck,
+    /// Unpack an artifact into a new release beside the others, point
+    /// `current` at it and upgrade to it (`current` goes back if the
+    /// upgrade fails)
+    Deploy(DeployArgs),
+    /// List the releases: which is active, parked, previous or failed, and
+    /// when each was deployed
+    Releases(ReleasesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// A .tar.gz, .tar.zst or .tar archive, or a directory
+    #[arg(value_name = "ARTIFACT")]
+    pub artifact: PathBuf,
+    /// Name of the release [default: the artifact's file name without
+    /// .tar.gz/.tar.zst, else a timestamp]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Releases root, if the supervisor does not report one (it does when
+    /// started with --releases-dir)
+    #[arg(long, value_name = "DIR")]
+    pub releases_dir: Option<PathBuf>,
+    /// Unpack and point `current` at the release without upgrading: a
+    /// first install before `baton run`, or staging for the next upgrade
+    #[arg(long, conflicts_with_all = ["canary", "canary_for", "bake", "no_wait"])]
+    pub no_upgrade: bool,
+    #[command(flatten)]
+    pub upgrade: UpgradeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReleasesArgs {
+    /// Releases root, if the supervisor does not report one (or is not
+    /// running)
+    #[arg(long, value_name = "DIR")]
+    pub releases_dir: Option<PathBuf>,
+    /// Print JSON for scripts
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -88,20 +131,31 @@ pub struct StreamArgs {
     /// generation to finish draining
     #[arg(long)]
     pub no_wait_drain: bool,
-    /// Print the raw event stream (NDJSON)
-    #[arg(long)]
+    /// Print one JSON object with the outcome at the end (outcome,
+    /// generation, release, phases, reason; see docs/fleet.md), and
+    /// nothing else on stdout
+    #[arg(long, conflicts_with = "events")]
     pub json: bool,
+    /// Print the raw event stream (NDJSON), as the control socket sends it
+    #[arg(long)]
+    pub events: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeCmd {
+    #[command(flatten)]
+    pub args: UpgradeArgs,
+    /// Upgrade baton itself: re-execute its binary (the path it was
+    /// started from, looked up again) in place, same pid, handing over
+    /// every socket and process; the apps are untouched
+    #[arg(long = "self", conflicts_with_all = ["no_wait", "canary", "canary_for", "bake", "json", "events"])]
+    pub self_: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct UpgradeArgs {
     #[command(flatten)]
     pub stream: StreamArgs,
-    /// Upgrade baton itself: re-execute its binary (the path it was
-    /// started from, looked up again) in place, same pid, handing over
-    /// every socket and process; the apps are untouched
-    #[arg(long = "self", conflicts_with_all = ["no_wait", "canary", "canary_for", "bake"])]
-    pub self_: bool,
     /// Return as soon as the new generation is active, without waiting
     /// for its bake (or the old generation's drain)
     #[arg(long)]
@@ -199,6 +253,14 @@ pub struct RunArgs {
     /// a dark candidate [default: 61000-61999]
     #[arg(long, value_name = "FIRST-LAST")]
     pub probe_ports: Option<config::PortRange>,
+    /// Releases root for `baton deploy`: releases in DIR/releases/NAME,
+    /// and the app runs in DIR/current unless --cwd is given
+    #[arg(long, value_name = "DIR")]
+    pub releases_dir: Option<PathBuf>,
+    /// Releases `baton deploy` keeps, besides the active and previous ones
+    /// [default: 5]
+    #[arg(long, value_name = "N")]
+    pub keep_releases: Option<u32>,
     /// The app's command; `{fd:NAME}` becomes that listener's fd number
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -259,6 +321,12 @@ pub enum CliError {
     StillDraining,
     #[error("printing JSON")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Release(#[from] baton::releases::ReleaseError),
+    #[error("no releases directory: the supervisor was not started with --releases-dir (or `releases_dir`); pass --releases-dir")]
+    NoReleasesDir,
+    #[error("no release deployed yet: {} does not exist; deploy one first with `baton deploy --no-upgrade --releases-dir {} ARTIFACT`", .current.display(), .root.display())]
+    NoRelease { current: PathBuf, root: PathBuf },
 }
 
 impl CliError {
@@ -281,6 +349,9 @@ impl CliError {
             | Self::Stdout(_)
             | Self::Handover(_)
             | Self::SelfUpgradeLost(_) => EXIT_FAILED,
+            Self::Release(e) if e.is_usage() => EXIT_USAGE,
+            Self::Release(_) => EXIT_FAILED,
+            Self::NoReleasesDir | Self::NoRelease { .. } => EXIT_USAGE,
             Self::Config(_)
             | Self::Resolve(_)
             | Self::Bind(_)
@@ -398,14 +469,16 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         command => runtime.block_on(async move {
             match command {
                 Cmd::Run(_) | Cmd::Handover { .. } => unreachable!("handled above"),
-                Cmd::Upgrade(args) if args.self_ => {
+                Cmd::Upgrade(cmd) if cmd.self_ => {
                     client::upgrade_self(control_path(cli.control)).await
                 }
-                Cmd::Upgrade(args) => client::upgrade(control_path(cli.control), args).await,
+                Cmd::Upgrade(cmd) => client::upgrade(control_path(cli.control), cmd.args).await,
                 Cmd::Rollback(args) => client::rollback(control_path(cli.control), args).await,
                 Cmd::Promote(args) => client::promote(control_path(cli.control), args).await,
                 Cmd::Status { json } => client::status(control_path(cli.control), json).await,
                 Cmd::Stop => client::stop(control_path(cli.control)).await,
+                Cmd::Deploy(args) => deploy::deploy(control_path(cli.control), args).await,
+                Cmd::Releases(args) => deploy::releases(control_path(cli.control), args).await,
                 Cmd::Completions { .. } | Cmd::Man | Cmd::HandoverCheck => Ok(EXIT_OK),
             }
         }),

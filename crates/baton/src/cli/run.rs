@@ -53,11 +53,24 @@ pub async fn supervise(
             health_interval: args.health_interval,
             health_failures: args.health_failures,
             probe_ports: args.probe_ports,
+            releases_dir: args.releases_dir,
+            keep_releases: args.keep_releases,
         },
         base_dir,
     };
     let config = source.load()?;
     let _logs = super::init_tracing(config.log_format);
+    // Before the first deploy there is no `current` to run in: say so
+    // rather than that the program is missing.
+    if let Some(root) = &config.releases_dir {
+        let current = root.join("current");
+        if config.cwd == current && current.symlink_metadata().is_err() {
+            return Err(CliError::NoRelease {
+                current,
+                root: root.clone(),
+            });
+        }
+    }
     // Everything that can be checked is checked before the first bind, so
     // a bad invocation starts nothing.
     process::resolve_config(&config, &process::own_env())?;
