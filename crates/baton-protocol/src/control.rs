@@ -177,6 +177,9 @@ pub enum ErrorKind {
     /// The request needs steered traffic (a canary), which this baton
     /// does not have.
     NeedsSteering,
+    /// The request needs two generations at once (a canary, a bake), which
+    /// an upgrade without overlap never runs.
+    NeedsOverlap,
     /// The client's uid is not allowed.
     Forbidden,
 }
@@ -330,6 +333,9 @@ pub struct SocketStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GenState {
+    /// Not started yet: it waits for the previous generation to exit (an
+    /// upgrade without overlap). Connections queue for it.
+    Waiting,
     /// Spawned (or restarting), not yet ready.
     Starting,
     /// Passed its readiness check; about to become active.

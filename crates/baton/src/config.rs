@@ -33,7 +33,7 @@ pub const DEFAULT_PROBE_PORTS: PortRange = PortRange {
 };
 
 pub use crate::steer::program::PortRange;
-pub use baton_core::TrafficMode;
+pub use baton_core::{Overlap, TrafficMode};
 pub use baton_protocol::app::{PROBE_FD_NAME, PROTOCOL_ENV};
 
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +226,15 @@ impl FromStr for HealthSpec {
     }
 }
 
+/// `overlap = "full" | "none"`.
+pub fn parse_overlap(s: &str) -> Result<Overlap, String> {
+    match s.trim() {
+        "full" => Ok(Overlap::Full),
+        "none" => Ok(Overlap::None),
+        _ => Err(format!("bad overlap {s:?}: expected full or none")),
+    }
+}
+
 /// `traffic = "steered" | "shared"`.
 pub fn parse_traffic(s: &str) -> Result<TrafficMode, String> {
     match s.trim() {
@@ -332,6 +341,13 @@ fn opt_traffic_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TrafficMode>
         .map_err(serde::de::Error::custom)
 }
 
+fn opt_overlap_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Overlap>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_overlap(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 fn opt_mode_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     let s = String::deserialize(d)?;
     parse_mode(&s).map(Some).map_err(serde::de::Error::custom)
@@ -402,6 +418,8 @@ pub struct FileConfig {
     health_failures: Option<u32>,
     #[serde(default, deserialize_with = "opt_from_str_de")]
     probe_ports: Option<PortRange>,
+    #[serde(default, deserialize_with = "opt_overlap_de")]
+    overlap: Option<Overlap>,
 }
 
 impl FileConfig {
@@ -468,6 +486,7 @@ pub struct Overrides {
     pub health_interval: Option<Duration>,
     pub health_failures: Option<u32>,
     pub probe_ports: Option<PortRange>,
+    pub overlap: Option<Overlap>,
 }
 
 /// The effective configuration.
@@ -498,6 +517,9 @@ pub struct Config {
     pub health_interval: Duration,
     pub health_failures: u32,
     pub probe_ports: PortRange,
+    /// Whether an upgrade may run the new generation beside the old one.
+    #[serde(skip)]
+    pub overlap: Overlap,
 }
 
 impl Config {
@@ -518,6 +540,7 @@ impl Config {
             health: self.health.as_ref().map(|_| baton_core::Health {
                 failures: self.health_failures,
             }),
+            overlap: self.overlap,
         }
     }
 
@@ -631,6 +654,16 @@ impl Config {
         if backlog == 0 {
             return Err(ConfigError::Invalid("backlog must be at least 1".into()));
         }
+        let overlap = flags.overlap.or(file.overlap).unwrap_or_default();
+        let bake = flags.bake.or(file.bake).unwrap_or(Duration::ZERO);
+        if overlap == Overlap::None && !bake.is_zero() {
+            // A bake keeps the previous generation running beside the new one.
+            return Err(ConfigError::Invalid(
+                "bake needs two generations at once, which overlap = \"none\" never runs: \
+                 drop one of them"
+                    .into(),
+            ));
+        }
         Ok(Config {
             listen,
             command,
@@ -666,7 +699,7 @@ impl Config {
                 .traffic
                 .or(file.traffic)
                 .unwrap_or(TrafficMode::Steered),
-            bake: flags.bake.or(file.bake).unwrap_or(Duration::ZERO),
+            bake,
             health: flags.health.clone().or(file.health),
             health_interval: {
                 let i = flags
@@ -696,6 +729,7 @@ impl Config {
                 .probe_ports
                 .or(file.probe_ports)
                 .unwrap_or(DEFAULT_PROBE_PORTS),
+            overlap,
         })
     }
 }
@@ -896,6 +930,28 @@ address = "127.0.0.1:1"
         let err = Config::merge(FileConfig::default(), &Overrides::default(), Path::new("/"))
             .unwrap_err();
         assert!(err.to_string().contains("no command"));
+    }
+
+    #[test]
+    fn overlap_is_full_or_none_and_none_refuses_a_bake() {
+        let c = Config::merge(FileConfig::default(), &flags_with_cmd(), Path::new("/")).unwrap();
+        assert_eq!(c.overlap, Overlap::Full);
+        assert_eq!(c.settings().overlap, Overlap::Full);
+        let file = FileConfig::parse("overlap = \"none\"\n").unwrap();
+        let c = Config::merge(file, &flags_with_cmd(), Path::new("/")).unwrap();
+        assert_eq!(c.settings().overlap, Overlap::None);
+        let err = FileConfig::parse("overlap = \"half\"\n").unwrap_err();
+        assert!(err.starts_with("line 1,") && err.contains("half"), "{err}");
+        let file = FileConfig::parse("overlap = \"none\"\nbake = \"1m\"\n").unwrap();
+        let err = Config::merge(file, &flags_with_cmd(), Path::new("/")).unwrap_err();
+        assert!(err.to_string().contains("bake"), "{err}");
+        // The flag wins over the file, either way.
+        let file = FileConfig::parse("overlap = \"none\"\nbake = \"1m\"\n").unwrap();
+        let flags = Overrides {
+            overlap: Some(Overlap::Full),
+            ..flags_with_cmd()
+        };
+        assert!(Config::merge(file, &flags, Path::new("/")).is_ok());
     }
 
     #[test]

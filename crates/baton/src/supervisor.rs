@@ -702,6 +702,12 @@ impl Supervisor {
                 }
                 self.sockets.free(gen);
             }
+            Effect::PassSockets { from, to } => {
+                if let Some(task) = self.queue_watches.remove(&from) {
+                    task.abort();
+                }
+                self.sockets.pass(from, to);
+            }
             Effect::Traffic(plan) => {
                 // Applied first: the event says what the kernel does now.
                 self.sockets.apply(&plan);
@@ -1005,6 +1011,12 @@ fn refusal(r: Refusal) -> ErrorReply {
         Refusal::NothingToPromote => ErrorReply {
             kind: ErrorKind::NothingToPromote,
             message: "nothing to promote: no canary runs and no bake is under way".into(),
+        },
+        Refusal::NeedsOverlap => ErrorReply {
+            kind: ErrorKind::NeedsOverlap,
+            message: "a canary or a bake needs two generations at once, and with \
+                      overlap = \"none\" the app never runs twice"
+                .into(),
         },
         Refusal::NeedsSteering => ErrorReply {
             kind: ErrorKind::NeedsSteering,

@@ -184,6 +184,7 @@ pub fn status(
                     .iter()
                     .find(|(_, p)| p.gen == g.id() && p.exit.is_none());
                 let state = match g.phase() {
+                    Phase::Waiting => GenState::Waiting,
                     Phase::Spawning
                     | Phase::Starting { .. }
                     | Phase::Recycling { .. }

@@ -227,6 +227,7 @@ fn format_status(s: &Status) -> String {
     );
     for g in s.generations.iter().rev() {
         let state = match g.state {
+            GenState::Waiting => "waiting",
             GenState::Starting => "starting",
             GenState::Ready => "ready",
             GenState::Active => "active",

@@ -163,6 +163,11 @@ pub struct RunArgs {
     /// a dark candidate [default: 61000-61999]
     #[arg(long, value_name = "FIRST-LAST")]
     pub probe_ports: Option<config::PortRange>,
+    /// full (the new generation starts beside the old one) or none (the
+    /// app cannot run twice: the old one drains and exits first, then the
+    /// new one starts; connections wait meanwhile) [default: full]
+    #[arg(long, value_name = "MODE", value_parser = config::parse_overlap)]
+    pub overlap: Option<config::Overlap>,
     /// The app's command; `{fd:NAME}` becomes that listener's fd number
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -222,7 +227,8 @@ impl CliError {
                 | ErrorKind::Stopping
                 | ErrorKind::NoPrevious
                 | ErrorKind::NothingToPromote
-                | ErrorKind::NeedsSteering => EXIT_FAILED,
+                | ErrorKind::NeedsSteering
+                | ErrorKind::NeedsOverlap => EXIT_FAILED,
                 ErrorKind::BadRequest | ErrorKind::Config | ErrorKind::Forbidden => EXIT_USAGE,
             },
             Self::StreamEnded(_) | Self::NoStatus | Self::StillDraining | Self::Json(_) => {

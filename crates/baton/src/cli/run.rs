@@ -41,6 +41,7 @@ pub async fn supervise(args: RunArgs, control: Option<PathBuf>) -> Result<u8, Cl
             health_interval: args.health_interval,
             health_failures: args.health_failures,
             probe_ports: args.probe_ports,
+            overlap: args.overlap,
         },
         base_dir,
     };

@@ -282,6 +282,24 @@ impl Sockets {
         }
     }
 
+    /// `to` takes `from`'s place (an upgrade without overlap): `from`'s
+    /// slot becomes `to`'s, with every connection waiting in its sockets,
+    /// which `to` accepts once it runs (it has not run yet, so it holds no
+    /// slot of its own). Nothing is reset. A generation without a slot
+    /// passes nothing; `to` then takes one when it spawns.
+    pub fn pass(&mut self, from: GenId, to: GenId) {
+        let Some(slot) = self.slot_of(from) else {
+            return;
+        };
+        self.slots[slot] = Some(to);
+        tracing::debug!(
+            slot,
+            from = from.0,
+            to = to.0,
+            "socket slot handed over with its queue"
+        );
+    }
+
     /// Copies of `gen`'s steered sockets, to watch their queues.
     pub fn watch_fds(&self, gen: GenId) -> Vec<OwnedFd> {
         let Some(slot) = self.slot_of(gen) else {
@@ -547,6 +565,51 @@ mod tests {
             }),
             parked: None,
         }
+    }
+
+    /// Without overlap the new generation takes the old one's slot: the
+    /// connections queued there are not reset when the old one ends, the
+    /// new one gets that very socket, and new connections keep landing in
+    /// it.
+    #[test]
+    fn a_handed_over_slot_keeps_its_queue() {
+        let mut s = Sockets::bind(&[spec()], 64, TrafficMode::Steered, ports()).unwrap();
+        let addr = s.probe_addr().unwrap();
+        let old = s.for_spawn(GenId(1)).unwrap().remove(0).1;
+        s.apply(&plan(1, None));
+        let queued: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let waiting = |fd: &OwnedFd| baton_sys::tcp_accept_queue_len(fd.as_fd()).unwrap();
+        wait_for(|| waiting(&old) == 3);
+        s.pass(GenId(1), GenId(2));
+        s.apply(&plan(2, None));
+        // The old generation no longer holds the slot: freeing it (the
+        // machine does not even ask) resets nothing.
+        s.free(GenId(1));
+        assert_eq!(waiting(&old), 3, "handed over: nothing reset");
+        let new = s.for_spawn(GenId(2)).unwrap().remove(0).1;
+        let inode = |fd: &OwnedFd| {
+            use std::os::fd::AsRawFd;
+            std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap()
+        };
+        assert_eq!(inode(&new), inode(&old), "the very same socket");
+        let _more = TcpStream::connect(addr).unwrap();
+        wait_for(|| waiting(&new) == 4);
+        assert_eq!(s.slot_count(), 1, "no new slot was needed");
+        s.free(GenId(2));
+        assert_eq!(waiting(&new), 0, "positive control: a freed slot is reset");
+        drop(queued);
+    }
+
+    /// Polls `cond` for up to 2 s (the kernel completes handshakes
+    /// asynchronously).
+    fn wait_for(mut cond: impl FnMut() -> bool) {
+        for _ in 0..2000 {
+            if cond() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("condition not met within 2 s");
     }
 
     /// The kernel's array of a group, mirrored: connections land on the
