@@ -6,6 +6,7 @@ mod cutover;
 mod failures;
 mod hardening;
 mod lifecycle;
+mod overlap;
 mod protocol;
 mod regressions;
 mod steering;

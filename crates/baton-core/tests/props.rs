@@ -138,10 +138,6 @@ struct Run {
 }
 
 impl Run {
-    fn new(mode: TrafficMode) -> Self {
-        Self::starting(mode, false)
-    }
-
     /// The first generation's configuration says whether it can run twice.
     fn starting(mode: TrafficMode, alone: bool) -> Self {
         let mut r = Self {

@@ -49,6 +49,8 @@ async fn stream(
 ) -> Result<u8, CliError> {
     let mut code = None;
     let mut refused = None;
+    // Where a failed upgrade sent the traffic back, if it did.
+    let mut back_to = None;
     control::request(&path, &req, |reply| {
         if args.json {
             if let Ok(s) = serde_json::to_string(&reply) {
@@ -57,6 +59,9 @@ async fn stream(
         }
         match reply {
             Reply::Event(ev) => {
+                if let EventKind::RolledBack { to, .. } = ev.kind {
+                    back_to = Some(to);
+                }
                 if !args.json {
                     println!(
                         "{:>9}  {}",
@@ -80,11 +85,19 @@ async fn stream(
                             o.active.unwrap_or(o.upgrade)
                         );
                     } else {
-                        println!(
-                            "{what} failed: {}; generation {} still serves",
-                            o.reason.as_deref().unwrap_or("unknown reason"),
-                            o.active.map_or("none".into(), |a| a.to_string())
-                        );
+                        let reason = o.reason.as_deref().unwrap_or("unknown reason");
+                        match (back_to, o.active) {
+                            // Without overlap the previous release was
+                            // started again, as a newer generation.
+                            (Some(to), Some(active)) if to == active && to > o.upgrade => println!(
+                                "{what} failed: {reason}; the previous release serves again \
+                                 as generation {active}"
+                            ),
+                            _ => println!(
+                                "{what} failed: {reason}; generation {} still serves",
+                                o.active.map_or("none".into(), |a| a.to_string())
+                            ),
+                        }
                         if !o.stderr_tail.is_empty() {
                             println!("last lines of generation {}'s stderr:", o.upgrade);
                             for l in &o.stderr_tail {
