@@ -328,8 +328,8 @@ impl Baton {
             .unwrap_or_else(|e| panic!("status printed no JSON ({e}):\n{}", describe_output(&out)))
     }
 
-    /// The bound address of listener `name`.
-    pub fn addr(&self, name: &str) -> SocketAddr {
+    /// The address listener `name` shows in `status`.
+    fn address(&self, name: &str) -> String {
         let s = self.status();
         let sock = s["sockets"]
             .as_array()
@@ -337,7 +337,22 @@ impl Baton {
             .iter()
             .find(|x| x["name"] == name)
             .unwrap_or_else(|| panic!("no socket {name} in {s}"));
-        sock["address"].as_str().unwrap().parse().unwrap()
+        sock["address"].as_str().unwrap().to_owned()
+    }
+
+    /// The bound address of listener `name`.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.address(name).parse().unwrap()
+    }
+
+    /// The bound address of datagram listener `name` (`udp:IP:PORT`).
+    pub fn udp_addr(&self, name: &str) -> SocketAddr {
+        let address = self.address(name);
+        address
+            .strip_prefix("udp:")
+            .unwrap_or_else(|| panic!("{name} is no datagram socket: {address}"))
+            .parse()
+            .unwrap()
     }
 
     /// Status of generation `n`.

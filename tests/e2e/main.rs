@@ -10,3 +10,4 @@ mod overlap;
 mod protocol;
 mod regressions;
 mod steering;
+mod udp;

@@ -326,8 +326,14 @@ pub struct Status {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SocketStatus {
     pub name: String,
+    /// `IP:PORT`, `udp:IP:PORT` or `unix:/path`.
     pub address: String,
     pub fd: u32,
+    /// A socket per generation, the kernel choosing (TCP with steered
+    /// traffic); false: one socket every generation shares (Unix, UDP,
+    /// `traffic = "shared"`).
+    #[serde(default)]
+    pub steered: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -56,6 +56,9 @@ pub enum ConfigError {
 pub enum ListenAddr {
     Tcp(SocketAddr),
     Unix(PathBuf),
+    /// A datagram socket (`udp:IP:PORT`): bound, not listening, and
+    /// always shared by every generation.
+    Udp(SocketAddr),
 }
 
 impl fmt::Display for ListenAddr {
@@ -63,6 +66,7 @@ impl fmt::Display for ListenAddr {
         match self {
             Self::Tcp(a) => write!(f, "{a}"),
             Self::Unix(p) => write!(f, "unix:{}", p.display()),
+            Self::Udp(a) => write!(f, "udp:{a}"),
         }
     }
 }
@@ -93,9 +97,14 @@ impl FromStr for ListenAddr {
             }
             return Ok(Self::Unix(PathBuf::from(path)));
         }
-        s.parse::<SocketAddr>()
-            .map(Self::Tcp)
-            .map_err(|_| format!("bad address {s:?}: expected IP:PORT, [IPv6]:PORT or unix:/path"))
+        if let Some(addr) = s.strip_prefix("udp:") {
+            return addr.parse::<SocketAddr>().map(Self::Udp).map_err(|_| {
+                format!("bad address {s:?}: expected udp:IP:PORT or udp:[IPv6]:PORT")
+            });
+        }
+        s.parse::<SocketAddr>().map(Self::Tcp).map_err(|_| {
+            format!("bad address {s:?}: expected IP:PORT, [IPv6]:PORT, udp:IP:PORT or unix:/path")
+        })
     }
 }
 
@@ -799,6 +808,14 @@ mod tests {
         );
         let l: ListenSpec = "api=[::1]:9000".parse().unwrap();
         assert_eq!(l.address.to_string(), "[::1]:9000");
+        let l: ListenSpec = "dns=udp:127.0.0.1:5353".parse().unwrap();
+        assert_eq!(
+            l.address,
+            ListenAddr::Udp("127.0.0.1:5353".parse().unwrap())
+        );
+        assert_eq!(l.address.to_string(), "udp:127.0.0.1:5353");
+        let l: ListenSpec = "dns6=udp:[::1]:53".parse().unwrap();
+        assert_eq!(l.address.to_string(), "udp:[::1]:53");
         let l: ListenSpec = "admin=unix:/run/app/admin.sock,mode=0600".parse().unwrap();
         assert_eq!(l.address, ListenAddr::Unix("/run/app/admin.sock".into()));
         assert_eq!(l.mode, Some(0o600));
@@ -813,6 +830,10 @@ mod tests {
             "x=unix:/p,mode=999",
             "x=unix:/p,color=red",
             "baton-probe=127.0.0.1:1",
+            "dns=udp:",
+            "dns=udp:localhost:53",
+            "dns=udp:127.0.0.1",
+            "dns=udp:/run/x",
         ] {
             assert!(
                 bad.parse::<ListenSpec>().is_err(),

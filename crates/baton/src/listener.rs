@@ -2,7 +2,9 @@
 //!
 //! Binding happens once, before any app starts; every generation receives
 //! the same sockets, so a connection that arrives while no app accepts
-//! (start, restart, cutover) waits in the kernel's accept queue.
+//! (start, restart, cutover) waits in the kernel's accept queue. A
+//! datagram socket (`udp:`) is bound, not listening: datagrams that arrive
+//! while no app reads wait in its receive buffer.
 
 use std::io;
 use std::net::SocketAddr;
@@ -48,20 +50,28 @@ impl Listener {
             address: spec.address.to_string(),
             reason,
         };
+        // The bound address: the OS-chosen port when 0 was asked for.
+        let inet = |socket: Socket, addr: SocketAddr, kind: fn(SocketAddr) -> ListenAddr| {
+            let local = socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .unwrap_or(addr);
+            Self {
+                name: spec.name.clone(),
+                address: kind(local),
+                socket,
+                unix_file: None,
+            }
+        };
         match &spec.address {
             ListenAddr::Tcp(addr) => {
                 let socket = bind_tcp(*addr, backlog).map_err(|e| err(describe(&e)))?;
-                let local = socket
-                    .local_addr()
-                    .ok()
-                    .and_then(|a| a.as_socket())
-                    .unwrap_or(*addr);
-                Ok(Self {
-                    name: spec.name.clone(),
-                    address: ListenAddr::Tcp(local),
-                    socket,
-                    unix_file: None,
-                })
+                Ok(inet(socket, *addr, ListenAddr::Tcp))
+            }
+            ListenAddr::Udp(addr) => {
+                let socket = bind_udp(*addr).map_err(|e| err(describe(&e)))?;
+                Ok(inet(socket, *addr, ListenAddr::Udp))
             }
             ListenAddr::Unix(path) => {
                 let (socket, ino) = bind_unix(path, spec.mode, backlog).map_err(err)?;
@@ -131,6 +141,20 @@ fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// A bound datagram socket. No `SO_REUSEADDR`: for UDP it would let
+/// another socket bind the same address and take datagrams meant for the
+/// app.
+fn bind_udp(addr: SocketAddr) -> io::Result<Socket> {
+    // socket2 creates the socket close-on-exec.
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    if addr.is_ipv6() {
+        // As for TCP: [::]:53 means IPv6 only.
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
 fn bind_unix(path: &Path, mode: Option<u32>, backlog: u32) -> Result<(Socket, u64), String> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
@@ -196,6 +220,43 @@ mod tests {
         let err = Listener::bind(&again, 16).unwrap_err().to_string();
         assert!(err.contains(&first.address.to_string()), "{err}");
         assert!(err.contains("in use"), "{err}");
+    }
+
+    #[test]
+    fn udp_binds_v4_and_v6_and_a_port_in_use_is_named() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let spec: ListenSpec = format!("dns=udp:{addr}").parse().unwrap();
+            let l = Listener::bind(&spec, 16).unwrap();
+            let ListenAddr::Udp(bound) = l.address else {
+                panic!("{:?}", l.address)
+            };
+            assert_ne!(bound.port(), 0);
+            let ty = socket2::SockRef::from(&l).r#type().unwrap();
+            assert_eq!(ty, Type::DGRAM);
+            // Datagrams wait in it while nobody reads.
+            let client = std::net::UdpSocket::bind(if bound.is_ipv6() {
+                "[::1]:0"
+            } else {
+                "127.0.0.1:0"
+            })
+            .unwrap();
+            client.send_to(b"hello", bound).unwrap();
+            let mut buf = [0u8; 16];
+            let s = socket2::SockRef::from(&l);
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let n = std::net::UdpSocket::from(s.try_clone().unwrap())
+                .recv(&mut buf)
+                .unwrap();
+            assert_eq!(&buf[..n], b"hello");
+            let again = ListenSpec {
+                address: l.address.clone(),
+                ..spec
+            };
+            let err = Listener::bind(&again, 16).unwrap_err().to_string();
+            assert!(err.contains(&l.address.to_string()), "{err}");
+            assert!(err.contains("in use"), "{err}");
+        }
     }
 
     #[test]

@@ -989,6 +989,7 @@ impl Supervisor {
                 name: info.name,
                 address: info.address,
                 fd: baton_protocol::app::FIRST_FD + i as u32,
+                steered: info.steered,
             })
             .collect();
         wire::status(&self.machine, &sockets, self.now(), self.epoch.elapsed())

@@ -230,9 +230,14 @@ fn format_status(s: &Status) -> String {
         if s.stopping { ", stopping" } else { "" }
     );
     let _ = writeln!(out, "traffic: {}", s.traffic);
-    let _ = writeln!(out, "\nSOCKET   FD  ADDRESS");
+    let _ = writeln!(out, "\nSOCKET   FD  TRAFFIC  ADDRESS");
     for sock in &s.sockets {
-        let _ = writeln!(out, "{:<8} {:<3} {}", sock.name, sock.fd, sock.address);
+        let traffic = if sock.steered { "steered" } else { "shared" };
+        let _ = writeln!(
+            out,
+            "{:<8} {:<3} {:<8} {}",
+            sock.name, sock.fd, traffic, sock.address
+        );
     }
     let _ = writeln!(
         out,

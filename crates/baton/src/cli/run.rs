@@ -63,6 +63,12 @@ pub async fn supervise(args: RunArgs, control: Option<PathBuf>) -> Result<u8, Cl
     )?;
     for s in sockets.info() {
         tracing::info!(name = %s.name, address = %s.address, steered = s.steered, "listening");
+        if s.datagram && sockets.mode() == TrafficMode::Steered {
+            tracing::info!(
+                name = %s.name,
+                "datagrams are never steered: every generation reads this one shared socket"
+            );
+        }
     }
     if sockets.mode() == TrafficMode::Steered {
         warn_if_probe_ports_are_ephemeral(config.probe_ports);

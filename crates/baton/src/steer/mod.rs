@@ -19,10 +19,10 @@
 //! once its sockets' queues are empty; anything that still lands there
 //! after it has gone is reset when its slot is freed.
 //!
-//! Unix listeners (and every listener with `traffic = "shared"`, or where
-//! the kernel refuses the program) are one socket shared by every
-//! generation, as in the systemd model: whichever process accepts gets the
-//! connection.
+//! Unix listeners, datagram (UDP) sockets (and every listener with
+//! `traffic = "shared"`, or where the kernel refuses the program) are one
+//! socket shared by every generation, as in the systemd model: whichever
+//! process accepts (or reads) gets the connection (or the datagram).
 
 pub mod program;
 
@@ -71,6 +71,8 @@ pub struct SocketInfo {
     pub name: String,
     pub address: String,
     pub steered: bool,
+    /// A datagram socket: shared by every generation, never steered.
+    pub datagram: bool,
 }
 
 impl Sockets {
@@ -182,11 +184,13 @@ impl Sockets {
                     name: l.name.clone(),
                     address: l.address.to_string(),
                     steered: false,
+                    datagram: matches!(l.address, ListenAddr::Udp(_)),
                 },
                 Endpoint::Steered(g) => SocketInfo {
                     name: g.name.clone(),
                     address: g.address.to_string(),
                     steered: true,
+                    datagram: false,
                 },
             })
             .collect()
