@@ -339,7 +339,7 @@ pub fn text(s: &Summary) -> String {
         for (what, figure) in rows {
             let _ = writeln!(
                 out,
-                "  {:<46} {}",
+                "  {:<48} {}",
                 format!("{what} (ms):"),
                 fmt_stat(figure)
             );

@@ -108,7 +108,7 @@ pub struct RunArgs {
     /// Configuration file (TOML); flags override its values
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Listener NAME=ADDRESS (IP:PORT, [IPv6]:PORT, unix:/path[,mode=0660]); repeatable, in fd order
+    /// Listener NAME=ADDRESS (IP:PORT, [IPv6]:PORT, udp:IP:PORT, unix:/path[,mode=0660]); repeatable, in fd order
     #[arg(long = "listen", value_name = "NAME=ADDRESS")]
     pub listen: Vec<ListenSpec>,
     /// Readiness check: notify, http:/PATH, tcp, exec:COMMAND, delay:DURATION [default: notify]
