@@ -65,6 +65,9 @@ pub enum Refusal {
     NothingToPromote,
     /// A canary needs steered traffic.
     NeedsSteering,
+    /// A canary or a bake needs two generations running at once, which
+    /// an upgrade without overlap never has.
+    NeedsOverlap,
 }
 
 /// Everything the machine reacts to.
@@ -170,6 +173,13 @@ pub enum Effect {
     /// generation.
     FreeSockets {
         gen: GenId,
+    },
+    /// `to` takes `from`'s place (an upgrade without overlap): `from`'s
+    /// sockets, with the connections waiting in them, become `to`'s.
+    /// Nothing queued there may be lost or reset.
+    PassSockets {
+        from: GenId,
+        to: GenId,
     },
     /// Send `signal` to the process group led by `pid`.
     Signal {

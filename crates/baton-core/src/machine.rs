@@ -21,6 +21,12 @@
 //! With one shared socket there is nothing to steer: the candidate serves
 //! from its first accept(), there is no canary or bake, and an old
 //! generation is drained at cutover.
+//!
+//! Without overlap (an app that cannot run twice), an upgrade drains the
+//! serving generation first; the candidate owns the sockets (and what
+//! queues in them) from the start, and starts once no other generation has
+//! a process left. If it fails before it is ready, the previous release is
+//! started again the same way, as a new generation.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -33,8 +39,8 @@ use crate::io::{
 use crate::state::{Check, Generation, Phase, Proc, Upgrade, UpgradePhase};
 use crate::traffic::{Candidate, TrafficPlan};
 use crate::types::{
-    ExitStatus, GenId, Pid, Readiness, Release, Report, Signal, Spec, Time, TrafficMode, Trigger,
-    UpgradeOptions,
+    ExitStatus, GenId, Overlap, Pid, Readiness, Release, Report, Settings, Signal, Spec, Time,
+    TrafficMode, Trigger, UpgradeOptions,
 };
 
 /// Finished generations kept for `status`; older ones are forgotten so
@@ -176,7 +182,9 @@ impl<P: Clone> Machine<P> {
             UpgradePhase::Reporting { at, .. } => Some(at),
             UpgradePhase::Canary { promote_at, .. } => promote_at,
             UpgradePhase::Baking { until, .. } => Some(until),
-            UpgradePhase::Starting => None,
+            UpgradePhase::Starting
+            | UpgradePhase::Replacing { .. }
+            | UpgradePhase::Restoring { .. } => None,
         });
         gens.chain(kills).chain(upgrade).min()
     }
@@ -212,6 +220,7 @@ impl<P: Clone> Machine<P> {
             }
             Input::Tick => self.on_tick(),
         }
+        self.start_waiting();
         self.prune();
         std::mem::take(&mut self.out)
     }
@@ -252,6 +261,7 @@ impl<P: Clone> Machine<P> {
                 backoff,
                 status_text: None,
                 last_exit: None,
+                owns_sockets: true,
             },
         );
         id
@@ -284,7 +294,11 @@ impl<P: Clone> Machine<P> {
                 spec,
                 options,
             } => {
-                if options.canary.is_some() && !self.steered() {
+                let alone = self.no_overlap(spec.as_ref().ok().map(|s| &s.settings));
+                let bake = options.bake.is_some_and(|b| !b.is_zero());
+                if alone && (options.canary.is_some() || bake) {
+                    Reply::Refused(Refusal::NeedsOverlap)
+                } else if options.canary.is_some() && !self.steered() {
                     Reply::Refused(Refusal::NeedsSteering)
                 } else {
                     let spec = spec.map_err(Unstartable::Unresolved);
@@ -309,7 +323,14 @@ impl<P: Clone> Machine<P> {
         match self.upgrade.as_ref().map(|u| (u.candidate, &u.phase)) {
             // The upgrade in progress is abandoned: the traffic goes back
             // to where it was, at once.
-            Some((id, UpgradePhase::Starting | UpgradePhase::Canary { .. })) => {
+            // Without overlap, before the candidate is ready: it is
+            // abandoned and the previous release started again.
+            Some((
+                id,
+                UpgradePhase::Starting
+                | UpgradePhase::Canary { .. }
+                | UpgradePhase::Replacing { .. },
+            )) => {
                 self.fail_upgrade(Failure::RolledBack, None);
                 Reply::RolledBack(id)
             }
@@ -442,7 +463,30 @@ impl<P: Clone> Machine<P> {
                 return Reply::Upgrading(gen);
             }
         };
+        let replacing = self
+            .no_overlap(Some(&spec.settings))
+            .then_some(self.traffic.active)
+            .flatten();
         let gen = self.new_generation(spec, Some(up_ref));
+        if let Some(previous) = replacing {
+            // The app cannot run twice: the generation serving now drains
+            // first; the candidate takes its sockets and its traffic at once
+            // (connections queue for it) and starts once nothing else runs.
+            if let Some(g) = self.gens.get_mut(&gen) {
+                g.phase = Phase::Waiting;
+            }
+            self.upgrade = Some(Upgrade {
+                candidate: gen,
+                started,
+                trigger,
+                options,
+                phase: UpgradePhase::Replacing { previous },
+            });
+            self.emit(gen, EventKind::Requested { trigger });
+            self.hand_over(previous, gen);
+            self.drain(previous, Some(up_ref));
+            return Reply::Upgrading(gen);
+        }
         self.upgrade = Some(Upgrade {
             candidate: gen,
             started,
@@ -471,7 +515,8 @@ impl<P: Clone> Machine<P> {
         self.out.push(Effect::CloseListeners);
         if let Some(up) = self.upgrade.take() {
             let failure = match &up.phase {
-                UpgradePhase::Reporting { failure, .. } => failure.clone(),
+                UpgradePhase::Reporting { failure, .. }
+                | UpgradePhase::Restoring { failure, .. } => failure.clone(),
                 _ => Failure::Stopping,
             };
             if matches!(
@@ -546,6 +591,7 @@ impl<P: Clone> Machine<P> {
                 self.signal_drain(gen, pid);
             }
         }
+        self.end_restore(gen);
     }
 
     fn on_spawn_failed(&mut self, gen: GenId, error: String) {
@@ -580,6 +626,7 @@ impl<P: Clone> Machine<P> {
             }
             _ => {}
         }
+        self.end_restore(gen);
     }
 
     fn on_exited(&mut self, pid: Pid, status: ExitStatus, group_empty: bool) {
@@ -631,6 +678,13 @@ impl<P: Clone> Machine<P> {
             // Report once its last stderr lines are in (a bounded wait);
             // the process is gone, so nothing can promote it meanwhile.
             Some(UpgradePhase::Starting) => self.fail_upgrade(Failure::Exited(status), Some(pid)),
+            // Without overlap: a start that failed brings the previous
+            // release back. One drained on request (its socket was
+            // replaced) is restarted, as the active generation it is.
+            Some(UpgradePhase::Replacing { .. }) if was_starting => {
+                self.fail_upgrade(Failure::Exited(status), Some(pid))
+            }
+            Some(UpgradePhase::Replacing { .. }) => self.restart_after(gen, uptime),
             // After it served: the traffic goes back where it was.
             Some(UpgradePhase::Canary { .. })
             | Some(UpgradePhase::Baking {
@@ -638,7 +692,9 @@ impl<P: Clone> Machine<P> {
             }) => self.fail_upgrade(Failure::Died(status), Some(pid)),
             // Active, with nothing parked to go back to: restarted.
             Some(UpgradePhase::Baking { parked: None, .. }) => self.restart_after(gen, uptime),
-            Some(UpgradePhase::Reporting { .. }) => self.end(gen, None),
+            Some(UpgradePhase::Reporting { .. } | UpgradePhase::Restoring { .. }) => {
+                self.end(gen, None)
+            }
             None if self.traffic.active == Some(gen) && !self.stopping => {
                 if probing {
                     self.out.push(Effect::StopProbe { gen });
@@ -817,7 +873,15 @@ impl<P: Clone> Machine<P> {
             .upgrade
             .as_ref()
             .is_some_and(|u| u.candidate == gen && u.phase == UpgradePhase::Starting);
-        if first_ready {
+        let replaced = self.upgrade.as_ref().is_some_and(|u| {
+            u.candidate == gen && matches!(u.phase, UpgradePhase::Replacing { .. })
+        });
+        if replaced {
+            // Without overlap the candidate has owned the traffic since the
+            // upgrade began, and nothing else runs: it has taken over.
+            self.emit(gen, EventKind::Active { pid });
+            self.succeed();
+        } else if first_ready {
             let options = self.upgrade.as_ref().map(|u| u.options).unwrap_or_default();
             match options.canary {
                 Some(share) if self.steered() => {
@@ -1009,6 +1073,10 @@ impl<P: Clone> Machine<P> {
             return;
         };
         let (gen, up_ref, phase) = (up.candidate, up.as_ref(), up.phase.clone());
+        if let UpgradePhase::Replacing { previous } = phase {
+            self.restore(previous, failure);
+            return;
+        }
         let served = match phase {
             UpgradePhase::Baking {
                 parked: Some(parked),
@@ -1040,7 +1108,10 @@ impl<P: Clone> Machine<P> {
                 }
                 false
             }
-            UpgradePhase::Baking { parked: None, .. } | UpgradePhase::Reporting { .. } => false,
+            UpgradePhase::Baking { parked: None, .. }
+            | UpgradePhase::Reporting { .. }
+            | UpgradePhase::Replacing { .. }
+            | UpgradePhase::Restoring { .. } => false,
         };
         // Drained first, so the outcome follows the drain it caused.
         if served {
@@ -1085,6 +1156,135 @@ impl<P: Clone> Machine<P> {
         if reporting {
             self.finish_report();
         }
+    }
+
+    /// Without overlap, the candidate failed before it was ready (or was
+    /// rolled back): the release that served before starts again as a new
+    /// generation, which owns the sockets and their queued connections at
+    /// once, and runs once nothing of the candidate does. The previous
+    /// processes are gone, so this is the only way back.
+    fn restore(&mut self, previous: GenId, failure: Failure) {
+        let Some(up) = &self.upgrade else {
+            return;
+        };
+        let (gen, up_ref) = (up.candidate, up.as_ref());
+        let Some(spec) = self.gens.get(&previous).map(|g| g.spec.clone()) else {
+            // Kept while the upgrade names it (see `prune`); if it were
+            // gone, the upgrade would just fail.
+            self.end(gen, Some(failure.clone()));
+            self.upgrade = None;
+            self.emit_in(gen, Some(up_ref), EventKind::UpgradeFailed { failure });
+            self.after_upgrade();
+            return;
+        };
+        let restore = self.new_generation(spec, Some(up_ref));
+        if let Some(g) = self.gens.get_mut(&restore) {
+            g.phase = Phase::Waiting;
+        }
+        self.emit(
+            restore,
+            EventKind::Requested {
+                trigger: Trigger::Rollback,
+            },
+        );
+        // The sockets move before the candidate ends, so that ending it
+        // never frees (and resets) what waits in them.
+        self.hand_over(gen, restore);
+        let to = restore;
+        let f = failure.clone();
+        self.emit_in(gen, Some(up_ref), EventKind::RolledBack { to, failure: f });
+        if let Some(up) = self.upgrade.as_mut() {
+            up.phase = UpgradePhase::Restoring {
+                failure: failure.clone(),
+                restore,
+            };
+        }
+        self.end(gen, Some(failure));
+    }
+
+    /// The restored generation's process was started (or could not be):
+    /// the failed upgrade is over; from now on that generation is the
+    /// active one like any other (restarted if it crashes).
+    fn end_restore(&mut self, gen: GenId) {
+        let restoring = matches!(
+            &self.upgrade,
+            Some(Upgrade { phase: UpgradePhase::Restoring { restore, .. }, .. }) if *restore == gen
+        );
+        if !restoring {
+            return;
+        }
+        let Some(up) = self.upgrade.take() else {
+            return;
+        };
+        let up_ref = up.as_ref();
+        if let UpgradePhase::Restoring { failure, .. } = up.phase {
+            self.emit_in(
+                up_ref.id,
+                Some(up_ref),
+                EventKind::UpgradeFailed { failure },
+            );
+        }
+        self.after_upgrade();
+    }
+
+    /// Without overlap: `to` takes `from`'s place before it runs: its
+    /// sockets, with whatever waits in them, and its traffic.
+    fn hand_over(&mut self, from: GenId, to: GenId) {
+        if self.steered() {
+            self.out.push(Effect::PassSockets { from, to });
+        }
+        if let Some(g) = self.gens.get_mut(&from) {
+            g.owns_sockets = false;
+        }
+        self.traffic.active = Some(to);
+        self.traffic.candidate = None;
+        self.traffic.parked = None;
+        self.publish_traffic();
+    }
+
+    /// Whether an upgrade with `settings` must not run beside the
+    /// generation serving now: either of them says the app cannot run
+    /// twice.
+    fn no_overlap(&self, settings: Option<&Settings>) -> bool {
+        let active = self.traffic.active.and_then(|a| self.gens.get(&a));
+        settings.is_some_and(|s| s.overlap == Overlap::None)
+            || active.is_some_and(|g| g.settings().overlap == Overlap::None)
+    }
+
+    /// Starts the generation waiting to replace another once no other
+    /// generation has a process left or a spawn outstanding: never two
+    /// generations at once.
+    fn start_waiting(&mut self) {
+        if self.stopping {
+            return;
+        }
+        let Some(gen) = self
+            .gens
+            .values()
+            .find(|g| g.phase == Phase::Waiting)
+            .map(|g| g.id)
+        else {
+            return;
+        };
+        let others_run = self.procs.values().any(|p| p.gen != gen)
+            || self.gens.values().any(|g| {
+                g.id != gen
+                    && matches!(
+                        g.phase,
+                        Phase::Spawning
+                            | Phase::Draining {
+                                spawn_pending: true,
+                                ..
+                            }
+                    )
+            });
+        if others_run {
+            return;
+        }
+        if let Some(g) = self.gens.get_mut(&gen) {
+            g.phase = Phase::Spawning;
+        }
+        self.out.push(Effect::Spawn { gen });
     }
 
     fn after_upgrade(&mut self) {
@@ -1180,7 +1380,7 @@ impl<P: Clone> Machine<P> {
                 self.signal_drain(gen, pid);
             }
             Phase::Spawning => self.set_draining(gen, None, true),
-            Phase::Restarting { .. } => {
+            Phase::Restarting { .. } | Phase::Waiting => {
                 self.set_draining(gen, None, false);
                 self.maybe_finish(gen);
             }
@@ -1205,8 +1405,14 @@ impl<P: Clone> Machine<P> {
             Phase::Finished { .. } => {}
             _ => {
                 self.drain(gen, None);
+                // A generation with nothing running (waiting, restarting)
+                // is finished by the drain already.
                 if let Some(Generation {
-                    phase: Phase::Draining { failure: f, .. },
+                    phase:
+                        Phase::Draining { failure: f, .. }
+                        | Phase::Finished {
+                            failure: f @ None, ..
+                        },
                     ..
                 }) = self.gens.get_mut(&gen)
                 {
@@ -1267,7 +1473,7 @@ impl<P: Clone> Machine<P> {
                     failure: failure.take(),
                     at: now,
                 };
-                if self.mode == TrafficMode::Steered {
+                if self.mode == TrafficMode::Steered && g.owns_sockets {
                     self.out.push(Effect::FreeSockets { gen });
                 }
             }
@@ -1382,9 +1588,18 @@ impl<P: Clone> Machine<P> {
 
     /// Forgets the oldest finished generations beyond [`FINISHED_KEPT`].
     fn prune(&mut self) {
+        // The release an upgrade without overlap would bring back is kept.
+        let needed = match &self.upgrade {
+            Some(Upgrade {
+                phase: UpgradePhase::Replacing { previous },
+                ..
+            }) => Some(*previous),
+            _ => None,
+        };
         let mut finished: Vec<(Time, GenId)> = self
             .gens
             .values()
+            .filter(|g| Some(g.id) != needed)
             .filter_map(|g| match g.phase {
                 Phase::Finished { at, .. } => Some((at, g.id)),
                 _ => None,

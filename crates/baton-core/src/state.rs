@@ -10,6 +10,10 @@ use crate::types::{ExitStatus, GenId, Pid, Settings, Spec, Time, Trigger, Upgrad
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Phase {
+    /// Not started yet (an upgrade without overlap): it starts once no
+    /// other generation has a process left or a spawn outstanding. It
+    /// already owns the sockets, so new connections queue for it.
+    Waiting,
     /// [`Effect::Spawn`](crate::Effect::Spawn) is out; its answer has not
     /// arrived.
     Spawning,
@@ -74,6 +78,10 @@ pub struct Generation<P> {
     pub(crate) backoff: Backoff,
     pub(crate) status_text: Option<String>,
     pub(crate) last_exit: Option<ExitStatus>,
+    /// False once its sockets went to the generation that replaced it
+    /// ([`Effect::PassSockets`](crate::Effect::PassSockets)): they are not
+    /// its to free.
+    pub(crate) owns_sockets: bool,
 }
 
 impl<P> Generation<P> {
@@ -164,6 +172,16 @@ pub enum UpgradePhase {
         until: Time,
         failures: u32,
     },
+    /// Without overlap: `previous` (the generation serving when the upgrade
+    /// began) is drained and the candidate, owning the sockets, starts once
+    /// nothing else runs. If it fails before it is ready, `previous`'s
+    /// release is started again.
+    Replacing { previous: GenId },
+    /// Without overlap, the candidate failed (`failure`, or a rollback):
+    /// it is drained, and `restore`, a new generation of the previous
+    /// release owning the sockets, starts once nothing of it runs. The
+    /// failure is reported once `restore`'s process has been started.
+    Restoring { failure: Failure, restore: GenId },
     /// The candidate died; the failure is reported once its stderr has
     /// ended or at `at`, so its last lines are in.
     Reporting {

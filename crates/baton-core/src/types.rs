@@ -95,6 +95,23 @@ pub struct Settings {
     pub bake: Duration,
     /// Health checks during a canary and a bake, if configured.
     pub health: Option<Health>,
+    /// Whether an upgrade may run the new generation beside the old one.
+    pub overlap: Overlap,
+}
+
+/// Whether two generations of the app may run at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum Overlap {
+    /// The new generation starts beside the old one and takes over once
+    /// ready.
+    #[default]
+    Full,
+    /// The app cannot run twice (an SQLite writer, a GPU-bound model, a
+    /// singleton job runner): an upgrade drains the old generation first
+    /// and starts the new one on the same sockets once nothing of the old
+    /// one runs; connections wait in the kernel's queue meanwhile.
+    None,
 }
 
 /// When health checks fail a generation.

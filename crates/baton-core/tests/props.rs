@@ -25,6 +25,8 @@ enum Op {
         /// 0: plain; 1: a bake; 2: a canary; 3: a canary promoting itself.
         style: u8,
         health: bool,
+        /// The new configuration says the app cannot run twice.
+        alone: bool,
     },
     Rollback,
     Promote,
@@ -78,7 +80,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let n = 0..8usize;
     prop_oneof![
-        2 => (any::<bool>(), 0..3u8, 0..4u8, any::<bool>()).prop_map(|(signal, readiness, style, health)| Op::Upgrade { signal, readiness, style, health }),
+        2 => (any::<bool>(), 0..3u8, 0..4u8, any::<bool>(), prop::bool::weighted(0.3)).prop_map(|(signal, readiness, style, health, alone)| Op::Upgrade { signal, readiness, style, health, alone }),
         1 => Just(Op::Rollback),
         1 => Just(Op::Promote),
         1 => Just(Op::Restart),
@@ -111,6 +113,22 @@ struct World {
     kill_at: BTreeMap<Pid, Time>,
     next_pid: i32,
     versions: u32,
+    /// Each generation asked for, and whether it cannot run twice.
+    alone: BTreeMap<GenId, bool>,
+    /// Generations whose sockets went to the one replacing them.
+    passed: BTreeSet<GenId>,
+}
+
+impl World {
+    /// Generations with a process not yet released, or a spawn outstanding.
+    fn alive(&self) -> BTreeSet<GenId> {
+        self.started
+            .iter()
+            .filter(|(p, _)| !self.gone.contains(p))
+            .map(|(_, g)| *g)
+            .chain(self.pending.iter().copied())
+            .collect()
+    }
 }
 
 struct Run {
@@ -120,7 +138,8 @@ struct Run {
 }
 
 impl Run {
-    fn new(mode: TrafficMode) -> Self {
+    /// The first generation's configuration says whether it can run twice.
+    fn starting(mode: TrafficMode, alone: bool) -> Self {
         let mut r = Self {
             d: Driver::with_mode(mode),
             w: World {
@@ -129,9 +148,11 @@ impl Run {
             },
             steps: 0,
         };
-        r.feed(Input::Start {
-            spec: spec("v0", Readiness::Notify),
-        });
+        let mut first = spec("v0", Readiness::Notify);
+        if alone {
+            first.settings.overlap = Overlap::None;
+        }
+        r.feed(Input::Start { spec: first });
         r
     }
 
@@ -146,6 +167,7 @@ impl Run {
                 readiness,
                 style,
                 health,
+                alone,
             } => {
                 self.w.versions += 1;
                 let readiness = match readiness {
@@ -166,6 +188,9 @@ impl Run {
                 } else {
                     let mut s = spec(&name, readiness);
                     s.settings.health = health.then_some(Health { failures: 2 });
+                    if alone {
+                        s.settings.overlap = Overlap::None;
+                    }
                     Ok(s)
                 };
                 let options = match style {
@@ -358,6 +383,8 @@ impl Run {
                         ctx()
                     );
                     self.w.pending.push(*gen);
+                    let alone = self.d.m.spec(*gen).unwrap().settings.overlap == Overlap::None;
+                    self.w.alone.insert(*gen, alone);
                 }
                 Effect::Signal { pid, .. } => {
                     assert!(
@@ -370,6 +397,23 @@ impl Run {
                         "signal to a group known empty: {pid}; {}",
                         ctx()
                     );
+                }
+                // What queues in handed-over sockets is the next
+                // generation's: never reset by freeing them.
+                Effect::FreeSockets { gen } => {
+                    assert!(
+                        !self.w.passed.contains(gen),
+                        "freeing sockets generation {gen} handed over; {}",
+                        ctx()
+                    );
+                }
+                Effect::PassSockets { from, to } => {
+                    assert!(
+                        !self.w.started.iter().any(|(_, g)| g == to),
+                        "sockets handed to a generation that already ran; {}",
+                        ctx()
+                    );
+                    self.w.passed.insert(*from);
                 }
                 Effect::Release { pid } => {
                     assert!(
@@ -400,6 +444,37 @@ impl Run {
 
     fn check(&mut self, before_active: Option<GenId>, ctx: &dyn Fn() -> String) {
         let m = &self.d.m;
+        // A generation that cannot run twice never has a process alive
+        // (or a spawn outstanding) while another generation has one.
+        let alive = self.w.alive();
+        if alive.len() > 1 {
+            for g in &alive {
+                assert!(
+                    !self.w.alone[g],
+                    "generation {g} cannot run twice, but {alive:?} are alive together; {}",
+                    ctx()
+                );
+            }
+        }
+        // Waiting to start only as the new generation of an upgrade
+        // without overlap (or the restore of one), which then owns the
+        // traffic.
+        for g in m.generations() {
+            if *g.phase() == Phase::Waiting {
+                let owner = match m.upgrade().map(|u| &u.phase) {
+                    Some(UpgradePhase::Replacing { .. }) => m.upgrade().map(|u| u.candidate),
+                    Some(UpgradePhase::Restoring { restore, .. }) => Some(*restore),
+                    _ => None,
+                };
+                assert_eq!(
+                    owner,
+                    Some(g.id()),
+                    "waiting outside its upgrade; {}",
+                    ctx()
+                );
+                assert_eq!(m.traffic().active, Some(g.id()), "{}", ctx());
+            }
+        }
         // At most one upgrade, and its candidate exists.
         if let Some(up) = m.upgrade() {
             assert!(m.generation(up.candidate).is_some(), "{}", ctx());
@@ -548,10 +623,11 @@ proptest! {
     #[test]
     fn invariants_hold_after_every_step(
         steered in any::<bool>(),
+        alone in prop::bool::weighted(0.3),
         ops in prop::collection::vec(op(), 1..80),
     ) {
         let mode = if steered { TrafficMode::Steered } else { TrafficMode::Shared };
-        let mut run = Run::new(mode);
+        let mut run = Run::starting(mode, alone);
         for op in &ops {
             run.apply(op);
         }
@@ -559,24 +635,56 @@ proptest! {
     }
 }
 
+impl Run {
+    /// Steered; the first generation started and ready, then an upgrade
+    /// requested; both configurations say whether the app can run twice.
+    fn upgrading(alone: bool) -> Run {
+        let mut run = Run::starting(TrafficMode::Steered, alone);
+        run.apply(&Op::Resolve { n: 0, ok: true });
+        run.apply(&Op::Ready {
+            n: 0,
+            member: false,
+        });
+        run.apply(&Op::Upgrade {
+            signal: false,
+            readiness: 0,
+            style: 0,
+            health: false,
+            alone,
+        });
+        run
+    }
+}
+
 /// Positive control for the harness: the sequence that promotes a
 /// candidate does produce a Ready event, so the promotion check is live.
 #[test]
 fn the_harness_sees_a_promotion() {
-    let mut run = Run::new(TrafficMode::Steered);
-    run.apply(&Op::Resolve { n: 0, ok: true });
-    run.apply(&Op::Ready {
-        n: 0,
-        member: false,
-    });
-    run.apply(&Op::Upgrade {
-        signal: false,
-        readiness: 0,
-        style: 0,
-        health: false,
-    });
+    let mut run = Run::upgrading(false);
     run.apply(&Op::Resolve { n: 0, ok: true });
     run.apply(&Op::Ready { n: 1, member: true });
     assert_eq!(run.d.m.traffic().active, Some(GenId(2)));
     run.settle();
+}
+
+/// Positive control for the no-overlap check: with overlap two
+/// generations are alive at once (so the check can see it), and without
+/// it the new one is only asked for once the old one is gone.
+#[test]
+fn the_harness_sees_generations_alive_together() {
+    for alone in [false, true] {
+        let mut run = Run::upgrading(alone);
+        assert_eq!(
+            run.w.alive().len(),
+            if alone { 1 } else { 2 },
+            "alone: {alone}"
+        );
+        run.apply(&Op::Exit {
+            n: 0,
+            group_empty: true,
+            code: 0,
+        });
+        assert_eq!(run.w.pending, [GenId(2)], "alone: {alone}");
+        run.settle();
+    }
 }

@@ -194,6 +194,9 @@ pub enum ErrorKind {
     /// The request needs steered traffic (a canary), which this baton
     /// does not have.
     NeedsSteering,
+    /// The request needs two generations at once (a canary, a bake), which
+    /// an upgrade without overlap never runs.
+    NeedsOverlap,
     /// The client's uid is not allowed.
     Forbidden,
     /// baton cannot upgrade itself now (the binary is missing, not
@@ -381,13 +384,22 @@ pub struct Binary {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SocketStatus {
     pub name: String,
+    /// `IP:PORT`, `udp:IP:PORT` or `unix:/path`.
     pub address: String,
     pub fd: u32,
+    /// A socket per generation, the kernel choosing (TCP with steered
+    /// traffic); false: one socket every generation shares (Unix, UDP,
+    /// `traffic = "shared"`).
+    #[serde(default)]
+    pub steered: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GenState {
+    /// Not started yet: it waits for the previous generation to exit (an
+    /// upgrade without overlap). Connections queue for it.
+    Waiting,
     /// Spawned (or restarting), not yet ready.
     Starting,
     /// Passed its readiness check; about to become active.
@@ -409,6 +421,7 @@ impl GenState {
     /// Its name, as in JSON.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Waiting => "waiting",
             Self::Starting => "starting",
             Self::Ready => "ready",
             Self::Active => "active",

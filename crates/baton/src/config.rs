@@ -33,7 +33,7 @@ pub const DEFAULT_PROBE_PORTS: PortRange = PortRange {
 };
 
 pub use crate::steer::program::PortRange;
-pub use baton_core::TrafficMode;
+pub use baton_core::{Overlap, TrafficMode};
 pub use baton_protocol::app::{PROBE_FD_NAME, PROTOCOL_ENV};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +59,9 @@ pub enum ListenAddr {
     /// No address: the socket of this name that baton was started with
     /// (socket activation, `LISTEN_FDS`), whatever it is bound to.
     Inherited,
+    /// A datagram socket (`udp:IP:PORT`): bound, not listening, and
+    /// always shared by every generation.
+    Udp(SocketAddr),
 }
 
 impl fmt::Display for ListenAddr {
@@ -67,6 +70,7 @@ impl fmt::Display for ListenAddr {
             Self::Tcp(a) => write!(f, "{a}"),
             Self::Unix(p) => write!(f, "unix:{}", p.display()),
             Self::Inherited => f.write_str("(inherited)"),
+            Self::Udp(a) => write!(f, "udp:{a}"),
         }
     }
 }
@@ -120,9 +124,14 @@ impl FromStr for ListenAddr {
             }
             return Ok(Self::Unix(PathBuf::from(path)));
         }
-        s.parse::<SocketAddr>()
-            .map(Self::Tcp)
-            .map_err(|_| format!("bad address {s:?}: expected IP:PORT, [IPv6]:PORT or unix:/path"))
+        if let Some(addr) = s.strip_prefix("udp:") {
+            return addr.parse::<SocketAddr>().map(Self::Udp).map_err(|_| {
+                format!("bad address {s:?}: expected udp:IP:PORT or udp:[IPv6]:PORT")
+            });
+        }
+        s.parse::<SocketAddr>().map(Self::Tcp).map_err(|_| {
+            format!("bad address {s:?}: expected IP:PORT, [IPv6]:PORT, udp:IP:PORT or unix:/path")
+        })
     }
 }
 
@@ -257,6 +266,15 @@ impl FromStr for HealthSpec {
                 "bad health check {s:?}: expected http:/PATH, tcp or exec:COMMAND"
             )),
         }
+    }
+}
+
+/// `overlap = "full" | "none"`.
+pub fn parse_overlap(s: &str) -> Result<Overlap, String> {
+    match s.trim() {
+        "full" => Ok(Overlap::Full),
+        "none" => Ok(Overlap::None),
+        _ => Err(format!("bad overlap {s:?}: expected full or none")),
     }
 }
 
@@ -408,6 +426,13 @@ fn opt_metrics_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>,
         .map_err(serde::de::Error::custom)
 }
 
+fn opt_overlap_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Overlap>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_overlap(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 fn opt_mode_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     let s = String::deserialize(d)?;
     parse_mode(&s).map(Some).map_err(serde::de::Error::custom)
@@ -485,6 +510,8 @@ pub struct FileConfig {
     probe_ports: Option<PortRange>,
     releases_dir: Option<PathBuf>,
     keep_releases: Option<u32>,
+    #[serde(default, deserialize_with = "opt_overlap_de")]
+    overlap: Option<Overlap>,
 }
 
 impl FileConfig {
@@ -555,6 +582,7 @@ pub struct Overrides {
     pub probe_ports: Option<PortRange>,
     pub releases_dir: Option<PathBuf>,
     pub keep_releases: Option<u32>,
+    pub overlap: Option<Overlap>,
 }
 
 /// The effective configuration.
@@ -592,6 +620,8 @@ pub struct Config {
     pub releases_dir: Option<PathBuf>,
     /// Releases `baton deploy` keeps (besides the active and previous).
     pub keep_releases: u32,
+    /// Whether an upgrade may run the new generation beside the old one.
+    pub overlap: Overlap,
 }
 
 impl Config {
@@ -612,6 +642,7 @@ impl Config {
             health: self.health.as_ref().map(|_| baton_core::Health {
                 failures: self.health_failures,
             }),
+            overlap: self.overlap,
         }
     }
 
@@ -748,6 +779,16 @@ impl Config {
         if backlog == 0 {
             return Err(ConfigError::Invalid("backlog must be at least 1".into()));
         }
+        let overlap = flags.overlap.or(file.overlap).unwrap_or_default();
+        let bake = flags.bake.or(file.bake).unwrap_or(Duration::ZERO);
+        if overlap == Overlap::None && !bake.is_zero() {
+            // A bake keeps the previous generation running beside the new one.
+            return Err(ConfigError::Invalid(
+                "bake needs two generations at once, which overlap = \"none\" never runs: \
+                 drop one of them"
+                    .into(),
+            ));
+        }
         Ok(Config {
             listen,
             metrics: flags.metrics.or(file.metrics),
@@ -785,7 +826,7 @@ impl Config {
                 .traffic
                 .or(file.traffic)
                 .unwrap_or(TrafficMode::Steered),
-            bake: flags.bake.or(file.bake).unwrap_or(Duration::ZERO),
+            bake,
             health: flags.health.clone().or(file.health),
             health_interval: {
                 let i = flags
@@ -817,6 +858,7 @@ impl Config {
                 .unwrap_or(DEFAULT_PROBE_PORTS),
             releases_dir,
             keep_releases,
+            overlap,
         })
     }
 }
@@ -886,6 +928,14 @@ mod tests {
         );
         let l: ListenSpec = "api=[::1]:9000".parse().unwrap();
         assert_eq!(l.address.to_string(), "[::1]:9000");
+        let l: ListenSpec = "dns=udp:127.0.0.1:5353".parse().unwrap();
+        assert_eq!(
+            l.address,
+            ListenAddr::Udp("127.0.0.1:5353".parse().unwrap())
+        );
+        assert_eq!(l.address.to_string(), "udp:127.0.0.1:5353");
+        let l: ListenSpec = "dns6=udp:[::1]:53".parse().unwrap();
+        assert_eq!(l.address.to_string(), "udp:[::1]:53");
         let l: ListenSpec = "admin=unix:/run/app/admin.sock,mode=0600".parse().unwrap();
         assert_eq!(l.address, ListenAddr::Unix("/run/app/admin.sock".into()));
         assert_eq!(l.mode, Some(0o600));
@@ -908,6 +958,10 @@ mod tests {
             "x=unix:/p,mode=999",
             "x=unix:/p,color=red",
             "baton-probe=127.0.0.1:1",
+            "dns=udp:",
+            "dns=udp:localhost:53",
+            "dns=udp:127.0.0.1",
+            "dns=udp:/run/x",
         ] {
             assert!(
                 bad.parse::<ListenSpec>().is_err(),
@@ -1089,6 +1143,28 @@ address = "127.0.0.1:1"
         let file = FileConfig::parse("keep_releases = 0\n").unwrap();
         let err = Config::merge(file, &flags, Path::new("/base")).unwrap_err();
         assert!(err.to_string().contains("keep_releases"), "{err}");
+    }
+
+    #[test]
+    fn overlap_is_full_or_none_and_none_refuses_a_bake() {
+        let c = Config::merge(FileConfig::default(), &flags_with_cmd(), Path::new("/")).unwrap();
+        assert_eq!(c.overlap, Overlap::Full);
+        assert_eq!(c.settings().overlap, Overlap::Full);
+        let file = FileConfig::parse("overlap = \"none\"\n").unwrap();
+        let c = Config::merge(file, &flags_with_cmd(), Path::new("/")).unwrap();
+        assert_eq!(c.settings().overlap, Overlap::None);
+        let err = FileConfig::parse("overlap = \"half\"\n").unwrap_err();
+        assert!(err.starts_with("line 1,") && err.contains("half"), "{err}");
+        let file = FileConfig::parse("overlap = \"none\"\nbake = \"1m\"\n").unwrap();
+        let err = Config::merge(file, &flags_with_cmd(), Path::new("/")).unwrap_err();
+        assert!(err.to_string().contains("bake"), "{err}");
+        // The flag wins over the file, either way.
+        let file = FileConfig::parse("overlap = \"none\"\nbake = \"1m\"\n").unwrap();
+        let flags = Overrides {
+            overlap: Some(Overlap::Full),
+            ..flags_with_cmd()
+        };
+        assert!(Config::merge(file, &flags, Path::new("/")).is_ok());
     }
 
     #[test]

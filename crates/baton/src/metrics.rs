@@ -612,6 +612,7 @@ fn refusal_label(r: Refusal) -> &'static str {
         Refusal::NoPrevious => "no_previous",
         Refusal::NothingToPromote => "nothing_to_promote",
         Refusal::NeedsSteering => "needs_steering",
+        Refusal::NeedsOverlap => "needs_overlap",
     }
 }
 
@@ -953,6 +954,7 @@ mod tests {
                 restart_backoff_max: Duration::from_secs(1),
                 bake: Duration::ZERO,
                 health: None,
+                overlap: baton_core::Overlap::Full,
             },
             payload: (),
         }

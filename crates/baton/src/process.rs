@@ -728,7 +728,7 @@ pub fn forward(
 pub fn probe_addr(probe: &Listener) -> Option<std::net::SocketAddr> {
     match probe.address {
         ListenAddr::Tcp(a) => Some(a),
-        ListenAddr::Unix(_) | ListenAddr::Inherited => None,
+        ListenAddr::Unix(_) | ListenAddr::Udp(_) | ListenAddr::Inherited => None,
     }
 }
 

@@ -881,6 +881,12 @@ impl Supervisor {
                 }
                 self.sockets.free(gen);
             }
+            Effect::PassSockets { from, to } => {
+                if let Some(task) = self.queue_watches.remove(&from) {
+                    task.abort();
+                }
+                self.sockets.pass(from, to);
+            }
             Effect::Traffic(plan) => {
                 // Applied first: the event says what the kernel does now.
                 self.sockets.apply(&plan);
@@ -1234,6 +1240,7 @@ impl Supervisor {
                 name: info.name,
                 address: info.address,
                 fd: baton_protocol::app::FIRST_FD + i as u32,
+                steered: info.steered,
             })
             .collect();
         let mut status = wire::status(&self.machine, &sockets, self.now(), self.epoch.elapsed());
@@ -1260,6 +1267,12 @@ fn refusal(r: Refusal) -> ErrorReply {
         Refusal::NothingToPromote => ErrorReply {
             kind: ErrorKind::NothingToPromote,
             message: "nothing to promote: no canary runs and no bake is under way".into(),
+        },
+        Refusal::NeedsOverlap => ErrorReply {
+            kind: ErrorKind::NeedsOverlap,
+            message: "a canary or a bake needs two generations at once, and with \
+                      overlap = \"none\" the app never runs twice"
+                .into(),
         },
         Refusal::NeedsSteering => ErrorReply {
             kind: ErrorKind::NeedsSteering,

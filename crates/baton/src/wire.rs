@@ -232,6 +232,7 @@ pub fn status(
 /// A generation's state as `baton status` (and the metrics) name it.
 pub fn gen_state<P>(g: &Generation<P>, active: Option<GenId>) -> GenState {
     match g.phase() {
+        Phase::Waiting => GenState::Waiting,
         Phase::Spawning
         | Phase::Starting { .. }
         | Phase::Recycling { .. }

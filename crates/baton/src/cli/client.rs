@@ -114,6 +114,8 @@ pub async fn stream(
     let human = !args.json && !args.events;
     let mut outcome = None;
     let mut refused = None;
+    // Where a failed upgrade sent the traffic back, if it did.
+    let mut back_to = None;
     let mut events = Vec::new();
     let mut spawned = Vec::new();
     control::request(path, &req, |reply| {
@@ -124,6 +126,9 @@ pub async fn stream(
         }
         match reply {
             Reply::Event(ev) => {
+                if let EventKind::RolledBack { to, .. } = ev.kind {
+                    back_to = Some(to);
+                }
                 if human {
                     println!(
                         "{:>9}  {}",
@@ -142,7 +147,7 @@ pub async fn stream(
             }
             Reply::Done(o) => {
                 if human {
-                    print_outcome(what, &o);
+                    print_outcome(what, &o, back_to);
                 }
                 outcome = Some(o);
             }
@@ -180,7 +185,7 @@ fn event_name(kind: &EventKind) -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-fn print_outcome(what: &str, o: &Outcome) {
+fn print_outcome(what: &str, o: &Outcome, back_to: Option<u64>) {
     let secs = o.elapsed_us as f64 / 1e6;
     if o.success && what == "canary" {
         println!(
@@ -194,11 +199,18 @@ fn print_outcome(what: &str, o: &Outcome) {
             o.active.unwrap_or(o.upgrade)
         );
     } else {
-        println!(
-            "{what} failed: {}; generation {} still serves",
-            o.reason.as_deref().unwrap_or("unknown reason"),
-            o.active.map_or("none".into(), |a| a.to_string())
-        );
+        let reason = o.reason.as_deref().unwrap_or("unknown reason");
+        match (back_to, o.active) {
+            // Without overlap the previous release was started again, as a
+            // newer generation.
+            (Some(to), Some(active)) if to == active && to > o.upgrade => println!(
+                "{what} failed: {reason}; the previous release serves again as generation {active}"
+            ),
+            _ => println!(
+                "{what} failed: {reason}; generation {} still serves",
+                o.active.map_or("none".into(), |a| a.to_string())
+            ),
+        }
         if !o.stderr_tail.is_empty() {
             println!("last lines of generation {}'s stderr:", o.upgrade);
             for l in &o.stderr_tail {
@@ -384,9 +396,14 @@ fn format_status(s: &Status) -> String {
     if let Some(r) = &s.releases {
         let _ = writeln!(out, "releases: {} (keep {})", r.dir, r.keep);
     }
-    let _ = writeln!(out, "\nSOCKET   FD  ADDRESS");
+    let _ = writeln!(out, "\nSOCKET   FD  TRAFFIC  ADDRESS");
     for sock in &s.sockets {
-        let _ = writeln!(out, "{:<8} {:<3} {}", sock.name, sock.fd, sock.address);
+        let traffic = if sock.steered { "steered" } else { "shared" };
+        let _ = writeln!(
+            out,
+            "{:<8} {:<3} {:<8} {}",
+            sock.name, sock.fd, traffic, sock.address
+        );
     }
     let _ = writeln!(
         out,

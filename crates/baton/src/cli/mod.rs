@@ -196,7 +196,8 @@ pub struct RunArgs {
     /// stderr lines included) [default: text]
     #[arg(long, value_name = "FORMAT", value_parser = config::parse_log_format)]
     pub log_format: Option<config::LogFormat>,
-    /// Listener NAME=ADDRESS (IP:PORT, [IPv6]:PORT, unix:/path[,mode=0660]), or
+    /// Listener NAME=ADDRESS (IP:PORT, [IPv6]:PORT, udp:IP:PORT,
+    /// unix:/path[,mode=0660]), or
     /// NAME alone for the socket of that name passed by systemd (LISTEN_FDS);
     /// repeatable, in fd order
     #[arg(long = "listen", value_name = "NAME=ADDRESS")]
@@ -261,6 +262,11 @@ pub struct RunArgs {
     /// [default: 5]
     #[arg(long, value_name = "N")]
     pub keep_releases: Option<u32>,
+    /// full (the new generation starts beside the old one) or none (the
+    /// app cannot run twice: the old one drains and exits first, then the
+    /// new one starts; connections wait meanwhile) [default: full]
+    #[arg(long, value_name = "MODE", value_parser = config::parse_overlap)]
+    pub overlap: Option<config::Overlap>,
     /// The app's command; `{fd:NAME}` becomes that listener's fd number
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -339,7 +345,8 @@ impl CliError {
                 | ErrorKind::NoPrevious
                 | ErrorKind::NothingToPromote
                 | ErrorKind::NeedsSteering
-                | ErrorKind::SelfUpgrade => EXIT_FAILED,
+                | ErrorKind::SelfUpgrade
+                | ErrorKind::NeedsOverlap => EXIT_FAILED,
                 ErrorKind::BadRequest | ErrorKind::Config | ErrorKind::Forbidden => EXIT_USAGE,
             },
             Self::StreamEnded(_)

@@ -55,6 +55,7 @@ pub async fn supervise(
             probe_ports: args.probe_ports,
             releases_dir: args.releases_dir,
             keep_releases: args.keep_releases,
+            overlap: args.overlap,
         },
         base_dir,
     };
@@ -93,6 +94,12 @@ pub async fn supervise(
     inherited.close_unclaimed();
     for s in sockets.info() {
         tracing::info!(name = %s.name, address = %s.address, steered = s.steered, "listening");
+        if s.datagram && sockets.mode() == TrafficMode::Steered {
+            tracing::info!(
+                name = %s.name,
+                "datagrams are never steered: every generation reads this one shared socket"
+            );
+        }
     }
     if sockets.mode() == TrafficMode::Steered {
         warn_if_probe_ports_are_ephemeral(config.probe_ports);
