@@ -392,6 +392,16 @@ fn format_status(s: &Status) -> String {
         fmt_ms(s.uptime_ms),
         if s.stopping { ", stopping" } else { "" }
     );
+    if s.handovers > 0 {
+        let _ = writeln!(
+            out,
+            "upgraded in place {} time(s); binary {} ({} bytes)",
+            s.handovers, s.binary.path, s.binary.size
+        );
+    }
+    if let Some(e) = &s.self_upgrade_error {
+        let _ = writeln!(out, "last self-upgrade failed: {e}");
+    }
     let _ = writeln!(out, "traffic: {}", s.traffic);
     if let Some(r) = &s.releases {
         let _ = writeln!(out, "releases: {} (keep {})", r.dir, r.keep);
