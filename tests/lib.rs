@@ -198,8 +198,10 @@ enum Launch<'a> {
     Direct,
     /// By a shell that opened a file as this descriptor and execs baton.
     HoldingFd(u32, &'a Path),
-    /// By this program (and arguments), which runs baton.
-    Under(&'a [String]),
+    /// By this program (and arguments), which runs this baton binary.
+    Under(&'a [String], &'a Path),
+    /// This baton binary instead of the workspace's.
+    Binary(&'a Path),
 }
 
 /// A running `baton run`, killed (with everything it started) on drop.
@@ -264,7 +266,23 @@ impl Baton {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
-        Self::spawn_inner(dir, args, env, Launch::Under(launcher))
+        Self::spawn_inner(dir, args, env, Launch::Under(launcher, &bin("baton")))
+    }
+
+    /// [`Baton::spawn_under`] with the baton binary at `exe`.
+    pub fn spawn_under_binary(
+        dir: tempfile::TempDir,
+        launcher: &[String],
+        exe: &Path,
+        args: &[&str],
+    ) -> Self {
+        Self::spawn_inner(dir, args, &[], Launch::Under(launcher, exe))
+    }
+
+    /// [`Baton::spawn`] running the baton binary at `exe` (a copy a test
+    /// can replace, for baton's own upgrade).
+    pub fn spawn_binary(dir: tempfile::TempDir, exe: &Path, args: &[&str]) -> Self {
+        Self::spawn_inner(dir, args, &[], Launch::Binary(exe))
     }
 
     fn spawn_inner(
@@ -290,9 +308,10 @@ impl Baton {
                     .arg(bin("baton"));
                 c
             }
-            Launch::Under(launcher) => {
+            Launch::Binary(exe) => Command::new(exe),
+            Launch::Under(launcher, exe) => {
                 let mut c = Command::new(&launcher[0]);
-                c.args(&launcher[1..]).arg(bin("baton"));
+                c.args(&launcher[1..]).arg(exe);
                 c
             }
         };
@@ -354,8 +373,8 @@ impl Baton {
             .unwrap_or_else(|e| panic!("status printed no JSON ({e}):\n{}", describe_output(&out)))
     }
 
-    /// The bound address of listener `name`.
-    pub fn addr(&self, name: &str) -> SocketAddr {
+    /// The address listener `name` shows in `status`.
+    fn address(&self, name: &str) -> String {
         let s = self.status();
         let sock = s["sockets"]
             .as_array()
@@ -363,7 +382,22 @@ impl Baton {
             .iter()
             .find(|x| x["name"] == name)
             .unwrap_or_else(|| panic!("no socket {name} in {s}"));
-        sock["address"].as_str().unwrap().parse().unwrap()
+        sock["address"].as_str().unwrap().to_owned()
+    }
+
+    /// The bound address of listener `name`.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.address(name).parse().unwrap()
+    }
+
+    /// The bound address of datagram listener `name` (`udp:IP:PORT`).
+    pub fn udp_addr(&self, name: &str) -> SocketAddr {
+        let address = self.address(name);
+        address
+            .strip_prefix("udp:")
+            .unwrap_or_else(|| panic!("{name} is no datagram socket: {address}"))
+            .parse()
+            .unwrap()
     }
 
     /// Status of generation `n`.
@@ -600,6 +634,82 @@ pub fn version_of(body: &str) -> String {
         .find_map(|f| f.strip_prefix("version="))
         .unwrap_or("")
         .to_owned()
+}
+
+/// `generation=N pid=P` of a fake app's `GET /` answer.
+pub fn who(body: &str) -> (u64, i64) {
+    let field = |name: &str| -> i64 {
+        body.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {body:?}"))
+    };
+    (field("generation=") as u64, field("pid="))
+}
+
+/// Which generation answers `n` requests, each on a new connection.
+pub fn census(addr: SocketAddr, n: usize) -> std::collections::BTreeMap<u64, usize> {
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let r = get(addr, "/").unwrap_or_else(|e| panic!("GET /: {e:?}"));
+        *seen.entry(who(&r.body).0).or_default() += 1;
+    }
+    seen
+}
+
+/// One line of the fake app's `FAKE_LIFE_LOG` (see test-socketfd).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Life {
+    /// `start`, `accepting` or `exit`.
+    pub event: String,
+    pub gen: u64,
+    pub pid: i64,
+    /// CLOCK_MONOTONIC, ns (compare with [`mono_ns`]).
+    pub ns: u64,
+    /// For `start`: earlier processes of the log still running then.
+    pub alive: Vec<i64>,
+}
+
+/// Reads a `FAKE_LIFE_LOG` file (missing: empty).
+pub fn life_log(path: &Path) -> Vec<Life> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            let mut f = l.split_whitespace();
+            let event = f.next().unwrap_or_default().to_owned();
+            let mut life = Life {
+                event,
+                gen: 0,
+                pid: 0,
+                ns: 0,
+                alive: Vec::new(),
+            };
+            for kv in f {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                match k {
+                    "gen" => life.gen = v.parse().unwrap(),
+                    "pid" => life.pid = v.parse().unwrap(),
+                    "ns" => life.ns = v.parse().unwrap(),
+                    "alive" => life.alive = v.split(',').filter_map(|p| p.parse().ok()).collect(),
+                    _ => panic!("unknown field in life log line {l:?}"),
+                }
+            }
+            life
+        })
+        .collect()
+}
+
+/// The `event` line of generation `gen` in `log`.
+pub fn life_of<'a>(log: &'a [Life], event: &str, gen: u64) -> &'a Life {
+    log.iter()
+        .find(|l| l.event == event && l.gen == gen)
+        .unwrap_or_else(|| panic!("no {event} of generation {gen} in the life log: {log:#?}"))
+}
+
+/// CLOCK_MONOTONIC now, ns: the clock the fake app's life log uses.
+pub fn mono_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
 // ----- load ------------------------------------------------------------------

@@ -3,11 +3,16 @@
 #![allow(clippy::unwrap_used)]
 
 mod cutover;
+mod deploy;
 mod failures;
 mod hardening;
 mod lifecycle;
+mod observability;
+mod overlap;
 mod protocol;
 mod regressions;
+mod self_upgrade;
 mod steering;
 mod systemd;
+mod udp;
 mod workers;

@@ -3,31 +3,9 @@
 //! scenario with `traffic = "shared"` shows the failure it prevents.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use baton_e2e::*;
-
-/// `generation=N pid=P` of a fake app's `GET /` answer.
-fn who(body: &str) -> (u64, i64) {
-    let field = |name: &str| -> i64 {
-        body.split_whitespace()
-            .find_map(|f| f.strip_prefix(name))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {body:?}"))
-    };
-    (field("generation=") as u64, field("pid="))
-}
-
-/// Which generation answers `n` requests, each on a new connection.
-fn census(addr: SocketAddr, n: usize) -> BTreeMap<u64, usize> {
-    let mut seen = BTreeMap::new();
-    for _ in 0..n {
-        let r = get(addr, "/").unwrap_or_else(|e| panic!("GET /: {e:?}"));
-        *seen.entry(who(&r.body).0).or_default() += 1;
-    }
-    seen
-}
 
 fn start(top: &str, env: &str, flags: &[&str]) -> Baton {
     let b = Baton::with_config(&fake_config(top, env), flags);

@@ -475,3 +475,49 @@ fn monotonic_us() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
     t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
 }
+
+/// `baton upgrade --self` under systemd: the main pid never changes, the
+/// manager hears RELOADING=1 then READY=1 from it, the fd store is left as
+/// it was (nothing stored twice), and the socket keeps serving.
+#[test]
+fn a_self_upgrade_keeps_the_main_pid_and_tells_systemd() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("baton");
+    std::fs::copy(bin("baton"), &exe).unwrap();
+    std::fs::write(dir.path().join("baton.toml"), fake_config("", "")).unwrap();
+    let launcher = launcher(dir.path(), &[]);
+    let b = Baton::spawn_under_binary(dir, &launcher, &exe, &["--config", "baton.toml"]);
+    let pid = service_pid(&b);
+    wait_message(&b, "READY=1", |m| m.starts_with("READY=1"));
+    let addr = b.addr("http");
+    let before = messages(&b).len();
+    let out = b.cli(&["upgrade", "--self"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        describe_output(&out),
+        b.logs()
+    );
+    wait_message(&b, "READY=1 after the hand-over", |m| m == "READY=1\n");
+    let notes = events_of(&b, "notify");
+    for n in &notes {
+        assert_eq!(n["pid"], pid, "MAINPID never changes: {n}");
+    }
+    let after: Vec<String> = messages(&b)[before..].to_vec();
+    assert!(
+        after[0].starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{after:?}"
+    );
+    assert!(
+        after[0].contains("STATUS=baton is upgrading itself"),
+        "{after:?}"
+    );
+    assert!(after.iter().any(|m| m == "READY=1\n"), "{after:?}");
+    assert!(
+        !after.iter().any(|m| m.starts_with("FDSTORE")),
+        "nothing stored twice: {after:?}"
+    );
+    assert_eq!(events_of(&b, "started").len(), 1, "systemd saw no restart");
+    assert_eq!(b.status()["handovers"], 1);
+    assert_eq!(version_of(&get(addr, "/").unwrap().body), "good");
+}

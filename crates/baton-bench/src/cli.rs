@@ -29,6 +29,53 @@ pub enum Cmd {
     Full(ScenarioArgs),
     /// Drive load at one target; with --control, upgrade that baton meanwhile
     Load(LoadArgs),
+    /// Upgrades without overlap (`baton run --overlap none`): the pause
+    /// clients see while no app process runs, and that no request fails
+    NoOverlap(NoOverlapArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NoOverlapArgs {
+    /// Print one JSON object on stdout (the readable summary goes to stderr)
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 1 if a request failed
+    #[arg(long)]
+    pub strict: bool,
+    /// Directory for logs, the apps' stamps, no-overlap.json and no-overlap.txt
+    #[arg(long, value_name = "DIR", default_value = "bench-out")]
+    pub out: PathBuf,
+    /// The baton binary [default: next to baton-bench]
+    #[arg(long, value_name = "PATH")]
+    pub baton: Option<PathBuf>,
+    /// The example app binary (`hello`) [default: next to baton-bench]
+    #[arg(long, value_name = "PATH")]
+    pub app: Option<PathBuf>,
+    /// Upgrades per connection mode
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub cutovers: u32,
+    /// Time between upgrades
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "1s")]
+    pub interval: Duration,
+    /// Open-loop rate, requests per second
+    #[arg(long, value_name = "N", default_value_t = 2000.0)]
+    pub rate: f64,
+    /// Connection modes to measure
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ConnMode::KeepAlive, ConnMode::Close])]
+    pub modes: Vec<ConnMode>,
+    /// Concurrent connections (workers) of the load generator
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub concurrency: usize,
+    /// Per-request timeout
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s")]
+    pub timeout: Duration,
+    /// The app sleeps this long before it serves and says READY=1 (a slow
+    /// start: the pause grows by it)
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub delay_ready: u64,
+    /// No live progress line
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {

@@ -216,7 +216,7 @@ pub fn from_replies(
                 }
             }
             Reply::Error(e) => c.fail(format!("refused: {:?}: {}", e.kind, e.message)),
-            Reply::Status(_) | Reply::Stopping => {}
+            Reply::Status(_) | Reply::Stopping | Reply::HandingOver(_) => {}
         }
     }
     if let Some(at) = exited {

@@ -15,6 +15,7 @@ pub mod client;
 pub mod cutover;
 pub mod load;
 pub mod measure;
+pub mod no_overlap;
 pub mod plot;
 pub mod procs;
 pub mod procstat;
@@ -28,7 +29,7 @@ pub mod summary;
 use std::io::Write;
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Cmd, LoadArgs, ScenarioArgs};
+use crate::cli::{Cli, Cmd, LoadArgs, NoOverlapArgs, ScenarioArgs};
 use crate::load::{LoadSpec, Model};
 use crate::measure::RunSpec;
 use crate::schedule::CutoverPlan;
@@ -67,6 +68,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::Quick(args) => scenario_cmd(scenario::Preset::quick(), &args),
         Cmd::Full(args) => scenario_cmd(scenario::Preset::full(), &args),
         Cmd::Load(args) => load_cmd(&args),
+        Cmd::NoOverlap(args) => no_overlap_cmd(&args),
     };
     match res {
         Ok(code) => ExitCode::from(code),
@@ -77,24 +79,52 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn scenario_cmd(preset: scenario::Preset, args: &ScenarioArgs) -> Result<u8, BenchError> {
-    let summary = scenario::run(preset, args)?;
-    let text = summary::text(&summary);
-    let json = serde_json::to_string(&summary).map_err(|e| BenchError::Env(e.to_string()))?;
-    let _ = std::fs::write(args.out.join("report.json"), &json);
-    let _ = std::fs::write(args.out.join("summary.txt"), &text);
-    if args.json {
+/// Writes a summary as JSON and text into `files`, and prints it: the
+/// text, or with `json` the JSON on stdout and the text on stderr.
+fn publish(
+    summary: &impl serde::Serialize,
+    text: &str,
+    files: (std::path::PathBuf, std::path::PathBuf),
+    json: bool,
+) -> Result<(), BenchError> {
+    let encoded = serde_json::to_string(summary).map_err(|e| BenchError::Env(e.to_string()))?;
+    let _ = std::fs::write(files.0, &encoded);
+    let _ = std::fs::write(files.1, text);
+    if json {
         eprint!("{text}");
-        println!("{json}");
+        println!("{encoded}");
     } else {
         print!("{text}");
     }
     let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+fn scenario_cmd(preset: scenario::Preset, args: &ScenarioArgs) -> Result<u8, BenchError> {
+    let summary = scenario::run(preset, args)?;
+    let text = summary::text(&summary);
+    let files = (args.out.join("report.json"), args.out.join("summary.txt"));
+    publish(&summary, &text, files, args.json)?;
     let missed = summary.failed > 0
         || summary.shared.failed > 0
         || summary.rollback.failed > 0
         || summary.targets.iter().any(|t| !t.ok);
     Ok(if args.strict && missed {
+        EXIT_MISSED
+    } else {
+        EXIT_OK
+    })
+}
+
+fn no_overlap_cmd(args: &NoOverlapArgs) -> Result<u8, BenchError> {
+    let summary = no_overlap::run(args)?;
+    let text = no_overlap::text(&summary);
+    let files = (
+        args.out.join("no-overlap.json"),
+        args.out.join("no-overlap.txt"),
+    );
+    publish(&summary, &text, files, args.json)?;
+    Ok(if args.strict && summary.failed > 0 {
         EXIT_MISSED
     } else {
         EXIT_OK

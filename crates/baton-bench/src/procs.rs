@@ -185,15 +185,31 @@ pub fn spawn_baton(
     flags: &[&str],
     log: &Path,
 ) -> Result<Proc, String> {
+    let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+    spawn_baton_with(bins, port, control, stamps, log, &flags, &[])
+}
+
+/// [`spawn_baton`] with more `baton run` flags (`--overlap none`) and
+/// arguments for the app (`--delay-ready 50`).
+pub fn spawn_baton_with(
+    bins: &Bins,
+    port: u16,
+    control: &Path,
+    stamps: Option<&Path>,
+    log: &Path,
+    run_flags: &[String],
+    app_args: &[String],
+) -> Result<Proc, String> {
     let mut cmd = Command::new(&bins.baton);
     cmd.arg("run")
         .arg("--listen")
         .arg(format!("http={}", loopback(port)))
         .arg("--control")
         .arg(control)
-        .args(flags)
+        .args(run_flags)
         .arg("--")
-        .arg(&bins.app);
+        .arg(&bins.app)
+        .args(app_args);
     cmd.env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
         .env_remove("NOTIFY_SOCKET")

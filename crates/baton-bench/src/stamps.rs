@@ -40,10 +40,14 @@ pub fn mono_now_ns() -> Option<u64> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Event {
+    /// First thing in `main`.
+    Start,
     /// About to send READY=1.
     Ready,
     /// The drain signal arrived.
     Drain,
+    /// Drained, about to exit.
+    Exit,
 }
 
 /// One line of the stamps file.
@@ -74,8 +78,10 @@ fn parse_line(line: &str) -> Result<Option<Stamp>, ()> {
         return Err(());
     };
     let event = match event {
+        "start" => Event::Start,
         "ready" => Event::Ready,
         "drain" => Event::Drain,
+        "exit" => Event::Exit,
         _ => return Ok(None),
     };
     Ok(Some(Stamp {
@@ -169,6 +175,7 @@ mod tests {
             "ready 2 100 5000000000\n\
              drain 1 99 5000041500\n\
              \n\
+             exit 1 99 5000042000\n\
              started 2 100 4000000000\n\
              ready 2 100\n\
              drain x 99 1\n",
@@ -187,6 +194,12 @@ mod tests {
                     generation: 1,
                     pid: 99,
                     ns: 5_000_041_500
+                },
+                Stamp {
+                    event: Event::Exit,
+                    generation: 1,
+                    pid: 99,
+                    ns: 5_000_042_000
                 },
             ]
         );

@@ -5,6 +5,7 @@ use std::time::Duration;
 /// Capped exponential backoff for crash restarts; it starts over after a
 /// process has stayed up for `stable`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Backoff {
     initial: Duration,
     max: Duration,

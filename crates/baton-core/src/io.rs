@@ -65,6 +65,9 @@ pub enum Refusal {
     NothingToPromote,
     /// A canary needs steered traffic.
     NeedsSteering,
+    /// A canary or a bake needs two generations running at once, which
+    /// an upgrade without overlap never has.
+    NeedsOverlap,
 }
 
 /// Everything the machine reacts to.
@@ -176,6 +179,13 @@ pub enum Effect {
     FreeSockets {
         gen: GenId,
     },
+    /// `to` takes `from`'s place (an upgrade without overlap): `from`'s
+    /// sockets, with the connections waiting in them, become `to`'s.
+    /// Nothing queued there may be lost or reset.
+    PassSockets {
+        from: GenId,
+        to: GenId,
+    },
     /// Send `signal` to the process group led by `pid`.
     Signal {
         pid: Pid,
@@ -212,6 +222,7 @@ pub struct Event {
 
 /// An upgrade, as events refer to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct UpgradeRef {
     /// The candidate's generation number.
     pub id: GenId,
@@ -320,6 +331,7 @@ pub enum Via {
 
 /// Why a generation was abandoned.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Failure {
     /// A process of it could not be started.
     Spawn(String),

@@ -21,6 +21,12 @@
 //! With one shared socket there is nothing to steer: the candidate serves
 //! from its first accept(), there is no canary or bake, and an old
 //! generation is drained at cutover.
+//!
+//! Without overlap (an app that cannot run twice), an upgrade drains the
+//! serving generation first; the candidate owns the sockets (and what
+//! queues in them) from the start, and starts once no other generation has
+//! a process left. If it fails before it is ready, the previous release is
+//! started again the same way, as a new generation.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -33,8 +39,8 @@ use crate::io::{
 use crate::state::{Check, Generation, Phase, Proc, Upgrade, UpgradePhase, Worker, WorkerRecord};
 use crate::traffic::{Candidate, TrafficPlan};
 use crate::types::{
-    ExitStatus, GenId, Pid, Readiness, Release, Report, Signal, Spec, Time, TrafficMode, Trigger,
-    UpgradeOptions,
+    ExitStatus, GenId, Overlap, Pid, Readiness, Release, Report, Settings, Signal, Spec, Time,
+    TrafficMode, Trigger, UpgradeOptions,
 };
 
 /// Finished generations kept for `status`; older ones are forgotten so
@@ -58,6 +64,7 @@ enum Unstartable {
 
 /// The supervisor's state. `P` is the shell's per-generation payload.
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Machine<P> {
     mode: TrafficMode,
     gens: BTreeMap<GenId, Generation<P>>,
@@ -73,6 +80,7 @@ pub struct Machine<P> {
     stopping: bool,
     // Scratch for the step in progress.
     now: Time,
+    #[cfg_attr(feature = "serde", serde(skip))]
     out: Vec<Effect>,
 }
 
@@ -118,6 +126,14 @@ impl<P: Clone> Machine<P> {
 
     pub fn traffic(&self) -> &TrafficPlan {
         &self.traffic
+    }
+
+    /// The release a cold `rollback` starts: the previous successful one.
+    pub fn rollback_release(&self) -> Option<&Release> {
+        self.releases
+            .len()
+            .checked_sub(2)
+            .and_then(|i| self.releases.get(i))
     }
 
     pub fn upgrade(&self) -> Option<&Upgrade> {
@@ -168,7 +184,9 @@ impl<P: Clone> Machine<P> {
             UpgradePhase::Reporting { at, .. } => Some(at),
             UpgradePhase::Canary { promote_at, .. } => promote_at,
             UpgradePhase::Baking { until, .. } => Some(until),
-            UpgradePhase::Starting => None,
+            UpgradePhase::Starting
+            | UpgradePhase::Replacing { .. }
+            | UpgradePhase::Restoring { .. } => None,
         });
         gens.chain(kills).chain(upgrade).min()
     }
@@ -204,6 +222,7 @@ impl<P: Clone> Machine<P> {
             }
             Input::Tick => self.on_tick(),
         }
+        self.start_waiting();
         self.prune();
         std::mem::take(&mut self.out)
     }
@@ -252,6 +271,7 @@ impl<P: Clone> Machine<P> {
                 records: vec![record; n],
                 status_text: None,
                 last_exit: None,
+                owns_sockets: true,
             },
         );
         id
@@ -292,7 +312,11 @@ impl<P: Clone> Machine<P> {
                 spec,
                 options,
             } => {
-                if options.canary.is_some() && !self.steered() {
+                let alone = self.no_overlap(spec.as_ref().ok().map(|s| &s.settings));
+                let bake = options.bake.is_some_and(|b| !b.is_zero());
+                if alone && (options.canary.is_some() || bake) {
+                    Reply::Refused(Refusal::NeedsOverlap)
+                } else if options.canary.is_some() && !self.steered() {
                     Reply::Refused(Refusal::NeedsSteering)
                 } else {
                     let spec = spec.map_err(Unstartable::Unresolved);
@@ -317,7 +341,14 @@ impl<P: Clone> Machine<P> {
         match self.upgrade.as_ref().map(|u| (u.candidate, &u.phase)) {
             // The upgrade in progress is abandoned: the traffic goes back
             // to where it was, at once.
-            Some((id, UpgradePhase::Starting | UpgradePhase::Canary { .. })) => {
+            // Without overlap, before the candidate is ready: it is
+            // abandoned and the previous release started again.
+            Some((
+                id,
+                UpgradePhase::Starting
+                | UpgradePhase::Canary { .. }
+                | UpgradePhase::Replacing { .. },
+            )) => {
                 self.fail_upgrade(Failure::RolledBack, None);
                 Reply::RolledBack(id)
             }
@@ -334,11 +365,7 @@ impl<P: Clone> Machine<P> {
             // A cold rollback: the previous successful release, started
             // and cut over to like any upgrade.
             None => {
-                let prev = self
-                    .releases
-                    .len()
-                    .checked_sub(2)
-                    .map(|i| self.releases[i].clone());
+                let prev = self.rollback_release().cloned();
                 // Settings and payload of the generation now serving.
                 let base = self
                     .traffic
@@ -451,7 +478,30 @@ impl<P: Clone> Machine<P> {
                 return Reply::Upgrading(gen);
             }
         };
+        let replacing = self
+            .no_overlap(Some(&spec.settings))
+            .then_some(self.traffic.active)
+            .flatten();
         let gen = self.new_generation(spec, Some(up_ref));
+        if let Some(previous) = replacing {
+            // The app cannot run twice: the generation serving now drains
+            // first; the candidate takes its sockets and its traffic at once
+            // (connections queue for it) and starts once nothing else runs.
+            if let Some(g) = self.gens.get_mut(&gen) {
+                g.phase = Phase::Waiting;
+            }
+            self.upgrade = Some(Upgrade {
+                candidate: gen,
+                started,
+                trigger,
+                options,
+                phase: UpgradePhase::Replacing { previous },
+            });
+            self.emit(gen, EventKind::Requested { trigger });
+            self.hand_over(previous, gen);
+            self.drain(previous, Some(up_ref));
+            return Reply::Upgrading(gen);
+        }
         self.upgrade = Some(Upgrade {
             candidate: gen,
             started,
@@ -483,6 +533,9 @@ impl<P: Clone> Machine<P> {
                 UpgradePhase::Reporting {
                     failure, worker, ..
                 } => (failure.clone(), Some(*worker)),
+                UpgradePhase::Restoring {
+                    failure, worker, ..
+                } => (failure.clone(), *worker),
                 _ => (Failure::Stopping, None),
             };
             if matches!(
@@ -586,6 +639,7 @@ impl<P: Clone> Machine<P> {
                 self.signal_drain(gen, pid);
             }
         }
+        self.end_restore(gen);
     }
 
     /// Starts the generation's readiness check once every worker runs:
@@ -635,9 +689,16 @@ impl<P: Clone> Machine<P> {
                     },
                 );
                 // The active generation restarts its workers, also a
-                // candidate baking with nothing parked to go back to.
+                // candidate baking with nothing parked to go back to; not
+                // one replacing another (without overlap), which has the
+                // traffic before it was ever ready: it fails.
                 let candidate = self.is_candidate(gen);
-                if self.traffic.active == Some(gen) && !self.stopping {
+                let replacing = candidate
+                    && matches!(
+                        self.upgrade.as_ref().map(|u| &u.phase),
+                        Some(UpgradePhase::Replacing { .. })
+                    );
+                if self.traffic.active == Some(gen) && !self.stopping && !replacing {
                     self.restart_worker(gen, worker, Duration::ZERO);
                 } else {
                     // Answered: nothing of this worker runs or will.
@@ -663,6 +724,7 @@ impl<P: Clone> Machine<P> {
             }
             _ => {}
         }
+        self.end_restore(gen);
     }
 
     fn on_exited(&mut self, pid: Pid, status: ExitStatus, group_empty: bool) {
@@ -715,6 +777,10 @@ impl<P: Clone> Machine<P> {
             return;
         }
         let was_starting = matches!(g.phase, Phase::Starting { .. });
+        let recycled = matches!(
+            g.workers().and_then(|w| w.get(worker as usize)),
+            Some(Worker::Recycling { .. })
+        );
         let upgrade_phase = self
             .upgrade
             .as_ref()
@@ -725,6 +791,14 @@ impl<P: Clone> Machine<P> {
             // Report once its last stderr lines are in (a bounded wait);
             // the process is gone, so nothing can promote it meanwhile.
             Some(UpgradePhase::Starting) => self.fail_upgrade(Failure::Exited(status), dead),
+            // Without overlap: a start that failed brings the previous
+            // release back. A worker drained on request (its socket was
+            // replaced) is restarted, the candidate being the active
+            // generation already.
+            Some(UpgradePhase::Replacing { .. }) if !recycled => {
+                self.fail_upgrade(Failure::Exited(status), dead)
+            }
+            Some(UpgradePhase::Replacing { .. }) => self.restart_worker(gen, worker, uptime),
             // After it served: the traffic goes back where it was.
             Some(UpgradePhase::Canary { .. })
             | Some(UpgradePhase::Baking {
@@ -734,7 +808,9 @@ impl<P: Clone> Machine<P> {
             Some(UpgradePhase::Baking { parked: None, .. }) => {
                 self.restart_worker(gen, worker, uptime)
             }
-            Some(UpgradePhase::Reporting { .. }) => self.end(gen, None),
+            Some(UpgradePhase::Reporting { .. } | UpgradePhase::Restoring { .. }) => {
+                self.end(gen, None)
+            }
             None if self.traffic.active == Some(gen) && !self.stopping => {
                 self.restart_worker(gen, worker, uptime);
             }
@@ -1026,7 +1102,15 @@ impl<P: Clone> Machine<P> {
             .upgrade
             .as_ref()
             .is_some_and(|u| u.candidate == gen && u.phase == UpgradePhase::Starting);
-        if first_ready {
+        let replaced = self.upgrade.as_ref().is_some_and(|u| {
+            u.candidate == gen && matches!(u.phase, UpgradePhase::Replacing { .. })
+        });
+        if replaced {
+            // Without overlap the candidate has owned the traffic since the
+            // upgrade began, and nothing else runs: it has taken over.
+            self.emit(gen, EventKind::Active { pid });
+            self.succeed();
+        } else if first_ready {
             let options = self.upgrade.as_ref().map(|u| u.options).unwrap_or_default();
             match options.canary {
                 Some(share) if self.steered() => {
@@ -1259,6 +1343,10 @@ impl<P: Clone> Machine<P> {
             return;
         };
         let (gen, up_ref, phase) = (up.candidate, up.as_ref(), up.phase.clone());
+        if let UpgradePhase::Replacing { previous } = phase {
+            self.restore(previous, failure, dead.map(|(_, worker)| worker));
+            return;
+        }
         let served = match phase {
             UpgradePhase::Baking {
                 parked: Some(parked),
@@ -1290,7 +1378,10 @@ impl<P: Clone> Machine<P> {
                 }
                 false
             }
-            UpgradePhase::Baking { parked: None, .. } | UpgradePhase::Reporting { .. } => false,
+            UpgradePhase::Baking { parked: None, .. }
+            | UpgradePhase::Reporting { .. }
+            | UpgradePhase::Replacing { .. }
+            | UpgradePhase::Restoring { .. } => false,
         };
         // Drained first, so the outcome follows the drain it caused.
         if served {
@@ -1347,6 +1438,144 @@ impl<P: Clone> Machine<P> {
         if reporting {
             self.finish_report();
         }
+    }
+
+    /// Without overlap, the candidate failed before it was ready (or was
+    /// rolled back): the release that served before starts again as a new
+    /// generation, which owns the sockets and their queued connections at
+    /// once, and runs once nothing of the candidate does. The previous
+    /// processes are gone, so this is the only way back.
+    fn restore(&mut self, previous: GenId, failure: Failure, worker: Option<u32>) {
+        let Some(up) = &self.upgrade else {
+            return;
+        };
+        let (gen, up_ref) = (up.candidate, up.as_ref());
+        let Some(spec) = self.gens.get(&previous).map(|g| g.spec.clone()) else {
+            // Kept while the upgrade names it (see `prune`); if it were
+            // gone, the upgrade would just fail.
+            self.end(gen, Some(failure.clone()));
+            self.upgrade = None;
+            self.emit_in(
+                gen,
+                Some(up_ref),
+                EventKind::UpgradeFailed { failure, worker },
+            );
+            self.after_upgrade();
+            return;
+        };
+        let restore = self.new_generation(spec, Some(up_ref));
+        if let Some(g) = self.gens.get_mut(&restore) {
+            g.phase = Phase::Waiting;
+        }
+        self.emit(
+            restore,
+            EventKind::Requested {
+                trigger: Trigger::Rollback,
+            },
+        );
+        // The sockets move before the candidate ends, so that ending it
+        // never frees (and resets) what waits in them.
+        self.hand_over(gen, restore);
+        let to = restore;
+        let f = failure.clone();
+        self.emit_in(gen, Some(up_ref), EventKind::RolledBack { to, failure: f });
+        if let Some(up) = self.upgrade.as_mut() {
+            up.phase = UpgradePhase::Restoring {
+                failure: failure.clone(),
+                worker,
+                restore,
+            };
+        }
+        self.end(gen, Some(failure));
+    }
+
+    /// Every worker of the restored generation was started (or could not
+    /// be): the failed upgrade is over; from now on that generation is the
+    /// active one like any other (a worker that crashes is restarted).
+    fn end_restore(&mut self, gen: GenId) {
+        let restoring = matches!(
+            &self.upgrade,
+            Some(Upgrade { phase: UpgradePhase::Restoring { restore, .. }, .. }) if *restore == gen
+        );
+        let started = self
+            .gens
+            .get(&gen)
+            .is_some_and(|g| g.phase != Phase::Waiting && g.spawning().is_empty());
+        if !restoring || !started {
+            return;
+        }
+        let Some(up) = self.upgrade.take() else {
+            return;
+        };
+        let up_ref = up.as_ref();
+        if let UpgradePhase::Restoring {
+            failure, worker, ..
+        } = up.phase
+        {
+            self.emit_in(
+                up_ref.id,
+                Some(up_ref),
+                EventKind::UpgradeFailed { failure, worker },
+            );
+        }
+        self.after_upgrade();
+    }
+
+    /// Without overlap: `to` takes `from`'s place before it runs: its
+    /// sockets, with whatever waits in them, and its traffic.
+    fn hand_over(&mut self, from: GenId, to: GenId) {
+        if self.steered() {
+            self.out.push(Effect::PassSockets { from, to });
+        }
+        if let Some(g) = self.gens.get_mut(&from) {
+            g.owns_sockets = false;
+        }
+        self.traffic.active = Some(to);
+        self.traffic.candidate = None;
+        self.traffic.parked = None;
+        self.publish_traffic();
+    }
+
+    /// Whether an upgrade with `settings` must not run beside the
+    /// generation serving now: either of them says the app cannot run
+    /// twice.
+    fn no_overlap(&self, settings: Option<&Settings>) -> bool {
+        let active = self.traffic.active.and_then(|a| self.gens.get(&a));
+        settings.is_some_and(|s| s.overlap == Overlap::None)
+            || active.is_some_and(|g| g.settings().overlap == Overlap::None)
+    }
+
+    /// Starts the generation waiting to replace another once no other
+    /// generation has a process left or a spawn outstanding: never two
+    /// generations at once.
+    fn start_waiting(&mut self) {
+        if self.stopping {
+            return;
+        }
+        let Some(gen) = self
+            .gens
+            .values()
+            .find(|g| g.phase == Phase::Waiting)
+            .map(|g| g.id)
+        else {
+            return;
+        };
+        let others_run = self.procs.values().any(|p| p.gen != gen)
+            || self
+                .gens
+                .values()
+                .any(|g| g.id != gen && !g.spawning().is_empty());
+        if others_run {
+            return;
+        }
+        if let Some(g) = self.gens.get_mut(&gen) {
+            g.phase = Phase::Starting {
+                workers: vec![Worker::Spawning; g.records.len()],
+                deadline: None,
+                probe: None,
+            };
+        }
+        self.spawn_all(gen);
     }
 
     fn after_upgrade(&mut self) {
@@ -1419,7 +1648,7 @@ impl<P: Clone> Machine<P> {
         let own = match &g.phase {
             Phase::Draining { .. } | Phase::Finished { .. } => return,
             Phase::Retiring { failure, .. } => failure.clone(),
-            Phase::Starting { .. } | Phase::Serving { .. } => None,
+            Phase::Waiting | Phase::Starting { .. } | Phase::Serving { .. } => None,
         };
         if upgrade.is_some() {
             g.upgrade = upgrade;
@@ -1447,6 +1676,8 @@ impl<P: Clone> Machine<P> {
                 }
             }
             Phase::Finished { .. } => {}
+            // A generation with nothing running (waiting, restarting
+            // every worker) is finished by the drain at once.
             _ => self.drain_with(gen, None, failure),
         }
         self.maybe_finish(gen);
@@ -1489,7 +1720,7 @@ impl<P: Clone> Machine<P> {
                     failure: failure.take(),
                     at: now,
                 };
-                if self.mode == TrafficMode::Steered {
+                if self.mode == TrafficMode::Steered && g.owns_sockets {
                     self.out.push(Effect::FreeSockets { gen });
                 }
             }
@@ -1633,9 +1864,18 @@ impl<P: Clone> Machine<P> {
 
     /// Forgets the oldest finished generations beyond [`FINISHED_KEPT`].
     fn prune(&mut self) {
+        // The release an upgrade without overlap would bring back is kept.
+        let needed = match &self.upgrade {
+            Some(Upgrade {
+                phase: UpgradePhase::Replacing { previous },
+                ..
+            }) => Some(*previous),
+            _ => None,
+        };
         let mut finished: Vec<(Time, GenId)> = self
             .gens
             .values()
+            .filter(|g| Some(g.id) != needed)
             .filter_map(|g| match g.phase {
                 Phase::Finished { at, .. } => Some((at, g.id)),
                 _ => None,

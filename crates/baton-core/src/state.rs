@@ -10,7 +10,12 @@ use crate::types::{ExitStatus, GenId, Pid, Settings, Spec, Time, Trigger, Upgrad
 /// processes (its workers), each its own process group, all on the
 /// generation's sockets.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Phase {
+    /// Not started yet (an upgrade without overlap): it starts once no
+    /// other generation has a process left or a spawn outstanding. It
+    /// already owns the sockets, so new connections queue for it.
+    Waiting,
     /// Not every worker is ready yet: at its start, or (the active
     /// generation) after it had no ready worker left. It becomes
     /// [`Phase::Serving`] once every worker is [`Worker::Up`]. `deadline`
@@ -52,6 +57,7 @@ pub enum Phase {
 
 /// One worker of a starting or serving generation, by index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Worker {
     /// [`Effect::Spawn`](crate::Effect::Spawn) is out; its answer has not
     /// arrived.
@@ -86,6 +92,7 @@ impl Worker {
 
 /// How a starting worker proves it is ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Check {
     /// `READY=1` from this worker's process (or its group).
     Notify,
@@ -100,6 +107,7 @@ pub enum Check {
 
 /// What a worker keeps across its restarts.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct WorkerRecord {
     pub restarts: u32,
     pub backoff: Backoff,
@@ -108,6 +116,7 @@ pub struct WorkerRecord {
 
 /// One generation: a release, started (and restarted) from one spec.
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Generation<P> {
     pub(crate) id: GenId,
     pub(crate) spec: Spec<P>,
@@ -118,6 +127,10 @@ pub struct Generation<P> {
     pub(crate) records: Vec<WorkerRecord>,
     pub(crate) status_text: Option<String>,
     pub(crate) last_exit: Option<ExitStatus>,
+    /// False once its sockets went to the generation that replaced it
+    /// ([`Effect::PassSockets`](crate::Effect::PassSockets)): they are not
+    /// its to free.
+    pub(crate) owns_sockets: bool,
 }
 
 impl<P> Generation<P> {
@@ -179,7 +192,7 @@ impl<P> Generation<P> {
                 .map(|(i, _)| i)
                 .collect(),
             Phase::Retiring { spawning, .. } | Phase::Draining { spawning, .. } => spawning.clone(),
-            Phase::Finished { .. } => Vec::new(),
+            Phase::Waiting | Phase::Finished { .. } => Vec::new(),
         }
     }
 
@@ -192,6 +205,7 @@ impl<P> Generation<P> {
 /// [`Input::Spawned`](crate::Input::Spawned) until
 /// [`Effect::Release`](crate::Effect::Release). Each worker leads its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Proc {
     pub gen: GenId,
     /// Which of the generation's workers it is.
@@ -210,6 +224,7 @@ pub struct Proc {
 /// An upgrade in progress (at most one, by construction). It lasts until
 /// its outcome: through the candidate's start, a canary and a bake.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Upgrade {
     pub candidate: GenId,
     pub started: Time,
@@ -219,6 +234,7 @@ pub struct Upgrade {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum UpgradePhase {
     /// The candidate is starting, dark.
     Starting,
@@ -236,6 +252,22 @@ pub enum UpgradePhase {
         parked: Option<GenId>,
         until: Time,
         failures: u32,
+    },
+    /// Without overlap: `previous` (the generation serving when the upgrade
+    /// began) is drained and the candidate, owning the sockets, starts once
+    /// nothing else runs. If it fails before it is ready, `previous`'s
+    /// release is started again.
+    Replacing { previous: GenId },
+    /// Without overlap, the candidate failed (`failure`, or a rollback):
+    /// it is drained, and `restore`, a new generation of the previous
+    /// release owning the sockets, starts once nothing of it runs. The
+    /// failure is reported once every worker of `restore` has been
+    /// started (or could not be). `worker`: the candidate's worker whose
+    /// death failed it, if one did.
+    Restoring {
+        failure: Failure,
+        worker: Option<u32>,
+        restore: GenId,
     },
     /// A worker of the candidate died; the failure is reported once that
     /// process's stderr has ended or at `at`, so its last lines are in.

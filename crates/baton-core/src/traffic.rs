@@ -11,6 +11,7 @@ use crate::types::GenId;
 /// shared by every generation there is nothing to steer and the shell only
 /// reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct TrafficPlan {
     /// The generation new connections belong to: restarted if it crashes,
     /// kept if an upgrade fails. `None` only before the first start.
@@ -24,6 +25,7 @@ pub struct TrafficPlan {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Candidate {
     pub gen: GenId,
     /// Percent of new connections, 0..=100.

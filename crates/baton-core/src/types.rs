@@ -10,6 +10,7 @@ use std::time::Duration;
 /// A generation's number: 1 for the first, then one more per upgrade or
 /// rollback. Also names the upgrade that started it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct GenId(pub u64);
 
 impl fmt::Display for GenId {
@@ -21,6 +22,7 @@ impl fmt::Display for GenId {
 /// A process id as the shell reported it. Every worker of a generation
 /// leads its own process group, so the same number names the group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Pid(pub i32);
 
 impl fmt::Display for Pid {
@@ -32,6 +34,7 @@ impl fmt::Display for Pid {
 /// A reading of the shell's monotonic clock, as time since an epoch the
 /// shell chose. The machine never reads a clock itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Time(Duration);
 
 impl Time {
@@ -60,6 +63,7 @@ impl Add<Duration> for Time {
 
 /// How a process ended: the real wait status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum ExitStatus {
     Code(i32),
     Signaled { signal: i32, core_dumped: bool },
@@ -67,6 +71,7 @@ pub enum ExitStatus {
 
 /// How a generation proves it is ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Readiness {
     /// `READY=1` from the generation's own processes.
     Notify,
@@ -78,6 +83,7 @@ pub enum Readiness {
 
 /// The settings of one generation that decisions depend on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Settings {
     /// Processes per generation (at least 1), each its own process group
     /// on the generation's sockets.
@@ -91,10 +97,28 @@ pub struct Settings {
     pub bake: Duration,
     /// Health checks during a canary and a bake, if configured.
     pub health: Option<Health>,
+    /// Whether an upgrade may run the new generation beside the old one.
+    pub overlap: Overlap,
+}
+
+/// Whether two generations of the app may run at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum Overlap {
+    /// The new generation starts beside the old one and takes over once
+    /// ready.
+    #[default]
+    Full,
+    /// The app cannot run twice (an SQLite writer, a GPU-bound model, a
+    /// singleton job runner): an upgrade drains the old generation first
+    /// and starts the new one on the same sockets once nothing of the old
+    /// one runs; connections wait in the kernel's queue meanwhile.
+    None,
 }
 
 /// When health checks fail a generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Health {
     /// Consecutive failed checks that count as unhealthy.
     pub failures: u32,
@@ -102,6 +126,7 @@ pub struct Health {
 
 /// How new connections reach generations, fixed for the supervisor's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum TrafficMode {
     /// One socket per listener, shared by every generation: whichever
     /// process calls accept() gets the connection.
@@ -115,6 +140,7 @@ pub enum TrafficMode {
 
 /// What one upgrade request asks for, beyond the new spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct UpgradeOptions {
     /// Once ready, the candidate takes this percentage of new connections
     /// and the upgrade waits for `promote` (or rollback).
@@ -129,6 +155,7 @@ pub struct UpgradeOptions {
 /// requested, then kept, so a crash restart runs the same release even if
 /// a `current` symlink has moved meanwhile.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Release {
     pub dir: PathBuf,
     pub program: PathBuf,
@@ -139,6 +166,7 @@ pub struct Release {
 /// (its full configuration); the machine only carries it, so a rollback
 /// can reuse the active generation's.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Spec<P> {
     pub release: Release,
     pub settings: Settings,
@@ -147,6 +175,7 @@ pub struct Spec<P> {
 
 /// What asked for a generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Trigger {
     Start,
     Control,

@@ -27,6 +27,8 @@ enum Op {
         health: bool,
         /// Workers per generation: 1 to 3.
         workers: u32,
+        /// The new configuration says the app cannot run twice.
+        alone: bool,
     },
     Rollback,
     Promote,
@@ -80,7 +82,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let n = 0..8usize;
     prop_oneof![
-        2 => (any::<bool>(), 0..3u8, 0..4u8, any::<bool>(), 1..=3u32).prop_map(|(signal, readiness, style, health, workers)| Op::Upgrade { signal, readiness, style, health, workers }),
+        2 => (any::<bool>(), 0..3u8, 0..4u8, any::<bool>(), 1..=3u32, prop::bool::weighted(0.3)).prop_map(|(signal, readiness, style, health, workers, alone)| Op::Upgrade { signal, readiness, style, health, workers, alone }),
         1 => Just(Op::Rollback),
         1 => Just(Op::Promote),
         1 => Just(Op::Restart),
@@ -114,6 +116,22 @@ struct World {
     kill_at: BTreeMap<Pid, Time>,
     next_pid: i32,
     versions: u32,
+    /// Each generation asked for, and whether it cannot run twice.
+    alone: BTreeMap<GenId, bool>,
+    /// Generations whose sockets went to the one replacing them.
+    passed: BTreeSet<GenId>,
+}
+
+impl World {
+    /// Generations with a process not yet released, or a spawn outstanding.
+    fn alive(&self) -> BTreeSet<GenId> {
+        self.started
+            .iter()
+            .filter(|(p, _)| !self.gone.contains(p))
+            .map(|(_, g)| *g)
+            .chain(self.pending.iter().map(|(g, _)| *g))
+            .collect()
+    }
 }
 
 struct Run {
@@ -123,7 +141,9 @@ struct Run {
 }
 
 impl Run {
-    fn new(mode: TrafficMode, workers: u32) -> Self {
+    /// The first generation's configuration says how many workers it runs
+    /// and whether it can run twice.
+    fn starting(mode: TrafficMode, workers: u32, alone: bool) -> Self {
         let mut r = Self {
             d: Driver::with_mode(mode),
             w: World {
@@ -134,6 +154,9 @@ impl Run {
         };
         let mut first = spec("v0", Readiness::Notify);
         first.settings.workers = workers;
+        if alone {
+            first.settings.overlap = Overlap::None;
+        }
         r.feed(Input::Start { spec: first });
         r
     }
@@ -150,6 +173,7 @@ impl Run {
                 style,
                 health,
                 workers,
+                alone,
             } => {
                 self.w.versions += 1;
                 let readiness = match readiness {
@@ -171,6 +195,9 @@ impl Run {
                     let mut s = spec(&name, readiness);
                     s.settings.health = health.then_some(Health { failures: 2 });
                     s.settings.workers = workers;
+                    if alone {
+                        s.settings.overlap = Overlap::None;
+                    }
                     Ok(s)
                 };
                 let options = match style {
@@ -389,6 +416,8 @@ impl Run {
                         ctx()
                     );
                     self.w.pending.push((*gen, *worker));
+                    let alone = self.d.m.spec(*gen).unwrap().settings.overlap == Overlap::None;
+                    self.w.alone.insert(*gen, alone);
                 }
                 Effect::Signal { pid, .. } => {
                     assert!(
@@ -401,6 +430,23 @@ impl Run {
                         "signal to a group known empty: {pid}; {}",
                         ctx()
                     );
+                }
+                // What queues in handed-over sockets is the next
+                // generation's: never reset by freeing them.
+                Effect::FreeSockets { gen } => {
+                    assert!(
+                        !self.w.passed.contains(gen),
+                        "freeing sockets generation {gen} handed over; {}",
+                        ctx()
+                    );
+                }
+                Effect::PassSockets { from, to } => {
+                    assert!(
+                        !self.w.started.iter().any(|(_, g)| g == to),
+                        "sockets handed to a generation that already ran; {}",
+                        ctx()
+                    );
+                    self.w.passed.insert(*from);
                 }
                 Effect::Release { pid } => {
                     assert!(
@@ -445,6 +491,37 @@ impl Run {
 
     fn check(&mut self, before_active: Option<GenId>, ctx: &dyn Fn() -> String) {
         let m = &self.d.m;
+        // A generation that cannot run twice never has a process alive
+        // (or a spawn outstanding) while another generation has one.
+        let alive = self.w.alive();
+        if alive.len() > 1 {
+            for g in &alive {
+                assert!(
+                    !self.w.alone[g],
+                    "generation {g} cannot run twice, but {alive:?} are alive together; {}",
+                    ctx()
+                );
+            }
+        }
+        // Waiting to start only as the new generation of an upgrade
+        // without overlap (or the restore of one), which then owns the
+        // traffic.
+        for g in m.generations() {
+            if *g.phase() == Phase::Waiting {
+                let owner = match m.upgrade().map(|u| &u.phase) {
+                    Some(UpgradePhase::Replacing { .. }) => m.upgrade().map(|u| u.candidate),
+                    Some(UpgradePhase::Restoring { restore, .. }) => Some(*restore),
+                    _ => None,
+                };
+                assert_eq!(
+                    owner,
+                    Some(g.id()),
+                    "waiting outside its upgrade; {}",
+                    ctx()
+                );
+                assert_eq!(m.traffic().active, Some(g.id()), "{}", ctx());
+            }
+        }
         // At most one upgrade, and its candidate exists.
         if let Some(up) = m.upgrade() {
             assert!(m.generation(up.candidate).is_some(), "{}", ctx());
@@ -650,10 +727,11 @@ proptest! {
     fn invariants_hold_after_every_step(
         steered in any::<bool>(),
         workers in 1..=3u32,
+        alone in prop::bool::weighted(0.3),
         ops in prop::collection::vec(op(), 1..80),
     ) {
         let mode = if steered { TrafficMode::Steered } else { TrafficMode::Shared };
-        let mut run = Run::new(mode, workers);
+        let mut run = Run::starting(mode, workers, alone);
         for op in &ops {
             run.apply(op);
         }
@@ -661,25 +739,64 @@ proptest! {
     }
 }
 
+impl Run {
+    /// Steered; the first generation started with `workers` workers and
+    /// ready, then an upgrade requested; both configurations say whether
+    /// the app can run twice.
+    fn upgrading(workers: u32, alone: bool) -> Run {
+        let mut run = Run::starting(TrafficMode::Steered, workers, alone);
+        for _ in 0..workers {
+            run.apply(&Op::Resolve { n: 0, ok: true });
+        }
+        for n in 0..workers as usize {
+            run.apply(&Op::Ready { n, member: false });
+        }
+        assert_eq!(run.d.m.traffic().active, Some(GenId(1)));
+        run.apply(&Op::Upgrade {
+            signal: false,
+            readiness: 0,
+            style: 0,
+            health: false,
+            workers,
+            alone,
+        });
+        run
+    }
+}
+
 /// Positive control for the harness: the sequence that promotes a
 /// candidate does produce a Ready event, so the promotion check is live.
 #[test]
 fn the_harness_sees_a_promotion() {
-    let mut run = Run::new(TrafficMode::Steered, 1);
-    run.apply(&Op::Resolve { n: 0, ok: true });
-    run.apply(&Op::Ready {
-        n: 0,
-        member: false,
-    });
-    run.apply(&Op::Upgrade {
-        signal: false,
-        readiness: 0,
-        style: 0,
-        health: false,
-        workers: 1,
-    });
+    let mut run = Run::upgrading(1, false);
     run.apply(&Op::Resolve { n: 0, ok: true });
     run.apply(&Op::Ready { n: 1, member: true });
     assert_eq!(run.d.m.traffic().active, Some(GenId(2)));
     run.settle();
+}
+
+/// Positive control for the no-overlap check: with overlap two
+/// generations are alive at once (so the check can see it), and without
+/// it the new one's workers are only asked for once every worker of the
+/// old one is gone.
+#[test]
+fn the_harness_sees_generations_alive_together() {
+    for workers in [1, 3] {
+        for alone in [false, true] {
+            let mut run = Run::upgrading(workers, alone);
+            let ctx = format!("workers: {workers}, alone: {alone}");
+            assert_eq!(run.w.alive().len(), if alone { 1 } else { 2 }, "{ctx}");
+            for n in 0..workers as usize {
+                assert!(run.w.pending.is_empty() || !alone, "{ctx}");
+                run.apply(&Op::Exit {
+                    n,
+                    group_empty: true,
+                    code: 0,
+                });
+            }
+            let new: Vec<(GenId, u32)> = (0..workers).map(|w| (GenId(2), w)).collect();
+            assert_eq!(run.w.pending, new, "{ctx}");
+            run.settle();
+        }
+    }
 }

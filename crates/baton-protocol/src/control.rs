@@ -53,6 +53,9 @@ pub enum Request {
     },
     /// Drain every generation and exit.
     Stop,
+    /// Re-execute baton's own binary in place (same pid), handing over
+    /// every socket, process and its state.
+    UpgradeSelf,
 }
 
 impl Request {
@@ -109,6 +112,7 @@ enum WireRequest {
         no_wait: bool,
     },
     Stop {},
+    UpgradeSelf {},
 }
 
 impl From<WireRequest> for Request {
@@ -137,6 +141,7 @@ impl From<WireRequest> for Request {
                 no_wait,
             },
             WireRequest::Stop {} => Self::Stop,
+            WireRequest::UpgradeSelf {} => Self::UpgradeSelf,
         }
     }
 }
@@ -150,7 +155,19 @@ pub enum Reply {
     Done(Outcome),
     /// Answer to `stop`: draining has begun.
     Stopping,
+    /// Answer to `upgrade_self`: the new binary passed its check and baton
+    /// is re-executing it now. The connection then closes; the new baton
+    /// reports `handovers` one higher in `status`.
+    HandingOver(HandingOver),
     Error(ErrorReply),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandingOver {
+    /// The binary being executed.
+    pub exe: String,
+    /// The hand-over number the new baton will report.
+    pub handover: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,8 +194,15 @@ pub enum ErrorKind {
     /// The request needs steered traffic (a canary), which this baton
     /// does not have.
     NeedsSteering,
+    /// The request needs two generations at once (a canary, a bake), which
+    /// an upgrade without overlap never runs.
+    NeedsOverlap,
     /// The client's uid is not allowed.
     Forbidden,
+    /// baton cannot upgrade itself now (the binary is missing, not
+    /// executable or incompatible, or an upgrade is under way); the old
+    /// baton keeps running.
+    SelfUpgrade,
 }
 
 /// How an upgrade ended.
@@ -323,6 +347,15 @@ pub enum Trigger {
 pub struct Status {
     pub pid: u32,
     pub version: String,
+    /// The binary this baton runs, as it was when started.
+    #[serde(default)]
+    pub binary: Binary,
+    /// How many times this baton upgraded itself in place (same pid).
+    #[serde(default)]
+    pub handovers: u64,
+    /// Why the last self-upgrade failed after it was accepted, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_upgrade_error: Option<String>,
     pub uptime_ms: u64,
     pub stopping: bool,
     pub sockets: Vec<SocketStatus>,
@@ -333,18 +366,55 @@ pub struct Status {
     /// The candidate of the upgrade in progress, if any.
     pub upgrading: Option<u64>,
     pub generations: Vec<GenerationStatus>,
+    /// The releases root, when baton runs with one (`releases_dir`): what
+    /// `baton deploy` unpacks into and prunes. Absent from older
+    /// supervisors, hence the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub releases: Option<ReleasesStatus>,
+    /// The release directory `baton rollback` would start (outside a
+    /// canary or a bake): the previous successful one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_to: Option<String>,
+}
+
+/// Where releases live, for the clients that manage them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasesStatus {
+    /// The releases root: `DIR/releases/NAME`, `DIR/current`.
+    pub dir: String,
+    /// How many releases `baton deploy` keeps (`keep_releases`).
+    pub keep: u32,
+}
+
+/// A binary's identity: its path and what its file looked like when it
+/// was started (a replaced build differs in size or time).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binary {
+    pub path: String,
+    pub size: u64,
+    /// Modification time, microseconds since the Unix epoch.
+    pub modified_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SocketStatus {
     pub name: String,
+    /// `IP:PORT`, `udp:IP:PORT` or `unix:/path`.
     pub address: String,
     pub fd: u32,
+    /// A socket per generation, the kernel choosing (TCP with steered
+    /// traffic); false: one socket every generation shares (Unix, UDP,
+    /// `traffic = "shared"`).
+    #[serde(default)]
+    pub steered: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GenState {
+    /// Not started yet: it waits for the previous generation to exit (an
+    /// upgrade without overlap). Connections queue for it.
+    Waiting,
     /// Spawned (or restarting), not yet ready.
     Starting,
     /// Passed its readiness check; about to become active.
@@ -360,6 +430,22 @@ pub enum GenState {
     Exited,
     /// A candidate that never became ready (its process is gone).
     Failed,
+}
+
+impl GenState {
+    /// Its name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Active => "active",
+            Self::Retiring => "retiring",
+            Self::Draining => "draining",
+            Self::Exited => "exited",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -407,6 +493,9 @@ pub struct WorkerStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkerState {
+    /// Its generation has not started yet: it waits for the previous one
+    /// to exit (an upgrade without overlap).
+    Waiting,
     /// Being started, or running and not yet ready.
     Starting,
     Ready,
@@ -418,6 +507,21 @@ pub enum WorkerState {
     Draining,
     /// Gone.
     Exited,
+}
+
+impl WorkerState {
+    /// Its name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Restarting => "restarting",
+            Self::Retiring => "retiring",
+            Self::Draining => "draining",
+            Self::Exited => "exited",
+        }
+    }
 }
 
 /// A generation's part in the traffic plan.
@@ -436,6 +540,28 @@ pub enum Role {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_names_are_their_json_names() {
+        use GenState::*;
+        for s in [
+            Waiting, Starting, Ready, Active, Retiring, Draining, Exited, Failed,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        use WorkerState as W;
+        for s in [
+            W::Waiting,
+            W::Starting,
+            W::Ready,
+            W::Restarting,
+            W::Retiring,
+            W::Draining,
+            W::Exited,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
 
     #[test]
     fn request_json() {
@@ -464,6 +590,21 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"upgrade","force":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{}"#).is_err());
+    }
+
+    /// A status from a supervisor that predates the releases fields still
+    /// parses, and the fields are left out when unset.
+    #[test]
+    fn status_releases_fields_are_optional() {
+        let old = r#"{"pid":1,"version":"0.1.0","uptime_ms":5,"stopping":false,"sockets":[],
+            "traffic":"steered","active":1,"upgrading":null,"generations":[]}"#;
+        let s: Status = serde_json::from_str(old).unwrap();
+        assert_eq!((&s.releases, &s.rollback_to), (&None, &None));
+        let v = serde_json::to_value(&s).unwrap();
+        assert!(
+            v.get("releases").is_none() && v.get("rollback_to").is_none(),
+            "{v}"
+        );
     }
 
     #[test]

@@ -479,6 +479,59 @@ pub fn block_all_signals() -> io::Result<()> {
         .map_err(Into::into)
 }
 
+/// Takes ownership of descriptor `fd`, which this process's previous image
+/// handed over across `execve` (baton's own upgrade), and makes it
+/// close-on-exec again. Each number can be taken once per process: a
+/// second take of the same number is refused rather than wrapped twice.
+pub fn take_handed_over_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+    static TAKEN: Mutex<BTreeSet<RawFd>> = Mutex::new(BTreeSet::new());
+    if fd < 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is stdio, not a handed-over one"),
+        ));
+    }
+    let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
+    if taken.contains(&fd) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("descriptor {fd} was already taken"),
+        ));
+    }
+    // SAFETY: F_SETFD only changes this descriptor's flags; an unopened
+    // number fails with EBADF, which is reported.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    taken.insert(fd);
+    // SAFETY: `fd` is open (F_SETFD succeeded); the previous image left it
+    // for this one to own and nothing in this image has wrapped it (the
+    // TAKEN set, checked and updated under its lock, makes this the only
+    // wrap of the number).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Lets `fd` survive `execve` (clears close-on-exec), or not.
+pub fn set_inheritable(fd: BorrowedFd<'_>, inheritable: bool) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let flags = if inheritable {
+        FdFlag::empty()
+    } else {
+        FdFlag::FD_CLOEXEC
+    };
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(flags))
+        .map(drop)
+        .map_err(Into::into)
+}
+
+/// Unblocks every signal in the calling thread.
+pub fn unblock_all_signals() -> io::Result<()> {
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(Into::into)
+}
+
 /// One classic BPF instruction, as the kernel takes it (`sock_filter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SockFilter {

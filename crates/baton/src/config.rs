@@ -36,7 +36,7 @@ pub const DEFAULT_PROBE_PORTS: PortRange = PortRange {
 };
 
 pub use crate::steer::program::PortRange;
-pub use baton_core::TrafficMode;
+pub use baton_core::{Overlap, TrafficMode};
 pub use baton_protocol::app::{PROBE_FD_NAME, PROTOCOL_ENV};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,14 +54,17 @@ pub enum ConfigError {
 }
 
 /// A listening socket's address.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum ListenAddr {
     Tcp(SocketAddr),
     Unix(PathBuf),
     /// No address: the socket of this name that baton was started with
     /// (socket activation, `LISTEN_FDS`), whatever it is bound to.
     Inherited,
+    /// A datagram socket (`udp:IP:PORT`): bound, not listening, and
+    /// always shared by every generation.
+    Udp(SocketAddr),
 }
 
 impl fmt::Display for ListenAddr {
@@ -70,6 +73,7 @@ impl fmt::Display for ListenAddr {
             Self::Tcp(a) => write!(f, "{a}"),
             Self::Unix(p) => write!(f, "unix:{}", p.display()),
             Self::Inherited => f.write_str("(inherited)"),
+            Self::Udp(a) => write!(f, "udp:{a}"),
         }
     }
 }
@@ -79,6 +83,29 @@ impl From<ListenAddr> for String {
         a.to_string()
     }
 }
+
+impl TryFrom<String> for ListenAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "(inherited)" => Ok(Self::Inherited),
+            _ => s.parse(),
+        }
+    }
+}
+
+/// The `try_from = "String"` half of the types written as strings.
+macro_rules! try_from_string {
+    ($($t:ty),*) => {$(
+        impl TryFrom<String> for $t {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                s.parse()
+            }
+        }
+    )*};
+}
+try_from_string!(ReadySpec, HealthSpec, SignalSpec);
 
 impl FromStr for ListenAddr {
     type Err = String;
@@ -100,15 +127,20 @@ impl FromStr for ListenAddr {
             }
             return Ok(Self::Unix(PathBuf::from(path)));
         }
-        s.parse::<SocketAddr>()
-            .map(Self::Tcp)
-            .map_err(|_| format!("bad address {s:?}: expected IP:PORT, [IPv6]:PORT or unix:/path"))
+        if let Some(addr) = s.strip_prefix("udp:") {
+            return addr.parse::<SocketAddr>().map(Self::Udp).map_err(|_| {
+                format!("bad address {s:?}: expected udp:IP:PORT or udp:[IPv6]:PORT")
+            });
+        }
+        s.parse::<SocketAddr>().map(Self::Tcp).map_err(|_| {
+            format!("bad address {s:?}: expected IP:PORT, [IPv6]:PORT, udp:IP:PORT or unix:/path")
+        })
     }
 }
 
 /// One declared listener: `NAME=ADDR[,mode=0660]`, or `NAME` alone for the
 /// inherited socket of that name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenSpec {
     pub name: String,
     pub address: ListenAddr,
@@ -176,8 +208,8 @@ fn validate_name(name: &str) -> Result<(), String> {
 }
 
 /// How a new generation proves it is ready.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum ReadySpec {
     /// `READY=1` over sd_notify.
     Notify,
@@ -218,8 +250,8 @@ impl From<ReadySpec> for String {
 
 /// A check run during a canary and a bake: `http:/PATH`, `tcp` or
 /// `exec:COMMAND` (the readiness syntax, without `notify` and `delay`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct HealthSpec(pub ReadySpec);
 
 impl From<HealthSpec> for String {
@@ -240,6 +272,15 @@ impl FromStr for HealthSpec {
     }
 }
 
+/// `overlap = "full" | "none"`.
+pub fn parse_overlap(s: &str) -> Result<Overlap, String> {
+    match s.trim() {
+        "full" => Ok(Overlap::Full),
+        "none" => Ok(Overlap::None),
+        _ => Err(format!("bad overlap {s:?}: expected full or none")),
+    }
+}
+
 /// `traffic = "steered" | "shared"`.
 pub fn parse_traffic(s: &str) -> Result<TrafficMode, String> {
     match s.trim() {
@@ -249,6 +290,34 @@ pub fn parse_traffic(s: &str) -> Result<TrafficMode, String> {
             "bad traffic mode {s:?}: expected steered or shared"
         )),
     }
+}
+
+/// How baton writes its logs on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines; the apps' stderr passes through unchanged.
+    #[default]
+    Text,
+    /// One JSON object per line, the apps' stderr lines included.
+    Json,
+}
+
+/// `log_format = "text" | "json"`.
+pub fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s.trim() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("bad log format {s:?}: expected text or json")),
+    }
+}
+
+/// `metrics = "IP:PORT"`: where `/metrics` is served (port 0: any free
+/// port, logged at start).
+pub fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!("bad metrics address {s:?}: expected IP:PORT or [IPv6]:PORT, e.g. 127.0.0.1:9100")
+    })
 }
 
 impl FromStr for ReadySpec {
@@ -282,8 +351,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A signal given by name (`SIGTERM`, `TERM`) or number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(into = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct SignalSpec(pub nix::sys::signal::Signal);
 
 impl From<SignalSpec> for String {
@@ -346,6 +415,27 @@ fn opt_traffic_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TrafficMode>
         .map_err(serde::de::Error::custom)
 }
 
+fn opt_log_format_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<LogFormat>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_log_format(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn opt_metrics_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_metrics_addr(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn opt_overlap_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Overlap>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_overlap(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 fn opt_mode_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     let s = String::deserialize(d)?;
     parse_mode(&s).map(Some).map_err(serde::de::Error::custom)
@@ -385,6 +475,10 @@ impl Default for EnvInherit {
 pub struct FileConfig {
     #[serde(default)]
     listen: Vec<FileListen>,
+    #[serde(default, deserialize_with = "opt_metrics_de")]
+    metrics: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "opt_log_format_de")]
+    log_format: Option<LogFormat>,
     command: Option<Vec<String>>,
     cwd: Option<PathBuf>,
     #[serde(default)]
@@ -418,6 +512,10 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "opt_from_str_de")]
     probe_ports: Option<PortRange>,
     workers: Option<u32>,
+    releases_dir: Option<PathBuf>,
+    keep_releases: Option<u32>,
+    #[serde(default, deserialize_with = "opt_overlap_de")]
+    overlap: Option<Overlap>,
 }
 
 impl FileConfig {
@@ -463,9 +561,11 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// Values given as `run` flags; each overrides the file's.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Overrides {
     pub listen: Vec<ListenSpec>,
+    pub metrics: Option<SocketAddr>,
+    pub log_format: Option<LogFormat>,
     pub command: Vec<String>,
     pub cwd: Option<PathBuf>,
     pub env: Vec<(String, String)>,
@@ -485,12 +585,18 @@ pub struct Overrides {
     pub health_failures: Option<u32>,
     pub probe_ports: Option<PortRange>,
     pub workers: Option<u32>,
+    pub releases_dir: Option<PathBuf>,
+    pub keep_releases: Option<u32>,
+    pub overlap: Option<Overlap>,
 }
 
 /// The effective configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
     pub listen: Vec<ListenSpec>,
+    /// Where Prometheus metrics are served, if anywhere.
+    pub metrics: Option<SocketAddr>,
+    pub log_format: LogFormat,
     pub command: Vec<String>,
     /// Working directory as configured (may be a symlink; resolved at spawn).
     pub cwd: PathBuf,
@@ -507,7 +613,6 @@ pub struct Config {
     pub group: Option<String>,
     pub control_allow_uids: Vec<u32>,
     /// Per-generation sockets steered by the kernel, or one shared socket.
-    #[serde(skip)]
     pub traffic: TrafficMode,
     /// How long the previous generation stays parked after a cutover.
     pub bake: Duration,
@@ -517,6 +622,13 @@ pub struct Config {
     pub probe_ports: PortRange,
     /// Processes per generation, each its own process group.
     pub workers: u32,
+    /// The releases root for `baton deploy` (`DIR/releases/NAME`,
+    /// `DIR/current`); the default working directory is `DIR/current`.
+    pub releases_dir: Option<PathBuf>,
+    /// Releases `baton deploy` keeps (besides the active and previous).
+    pub keep_releases: u32,
+    /// Whether an upgrade may run the new generation beside the old one.
+    pub overlap: Overlap,
 }
 
 impl Config {
@@ -538,11 +650,13 @@ impl Config {
             health: self.health.as_ref().map(|_| baton_core::Health {
                 failures: self.health_failures,
             }),
+            overlap: self.overlap,
         }
     }
 
     /// Which settings an upgrade changes that are fixed for baton's
-    /// lifetime (the sockets, the control socket and who may use it).
+    /// lifetime (the sockets, the control socket and who may use it, the
+    /// metrics address and the log format).
     pub fn fixed_change(&self, next: &Config) -> Option<&'static str> {
         [
             ("listeners", self.listen != next.listen),
@@ -554,6 +668,8 @@ impl Config {
             ),
             ("traffic mode", self.traffic != next.traffic),
             ("probe ports", self.probe_ports != next.probe_ports),
+            ("metrics address", self.metrics != next.metrics),
+            ("log format", self.log_format != next.log_format),
         ]
         .into_iter()
         .find_map(|(what, changed)| changed.then_some(what))
@@ -561,7 +677,7 @@ impl Config {
 }
 
 /// Where the configuration comes from; kept so upgrades can re-read it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConfigSource {
     pub file: Option<PathBuf>,
     pub overrides: Overrides,
@@ -641,7 +757,27 @@ impl Config {
         } else {
             file.env_inherit.unwrap_or_default()
         };
-        let cwd = flags.cwd.clone().or(file.cwd).unwrap_or_else(|| ".".into());
+        let releases_dir = flags
+            .releases_dir
+            .clone()
+            .or(file.releases_dir)
+            .map(|d| base_dir.join(d));
+        // With a releases root the app runs in whatever `current` points to.
+        let cwd = flags
+            .cwd
+            .clone()
+            .or(file.cwd)
+            .or_else(|| releases_dir.as_ref().map(|d| d.join("current")))
+            .unwrap_or_else(|| ".".into());
+        let keep_releases = flags
+            .keep_releases
+            .or(file.keep_releases)
+            .unwrap_or(crate::releases::DEFAULT_KEEP_RELEASES);
+        if keep_releases == 0 {
+            return Err(ConfigError::Invalid(
+                "keep_releases must be at least 1".into(),
+            ));
+        }
         let control = flags
             .control
             .clone()
@@ -651,8 +787,20 @@ impl Config {
         if backlog == 0 {
             return Err(ConfigError::Invalid("backlog must be at least 1".into()));
         }
+        let overlap = flags.overlap.or(file.overlap).unwrap_or_default();
+        let bake = flags.bake.or(file.bake).unwrap_or(Duration::ZERO);
+        if overlap == Overlap::None && !bake.is_zero() {
+            // A bake keeps the previous generation running beside the new one.
+            return Err(ConfigError::Invalid(
+                "bake needs two generations at once, which overlap = \"none\" never runs: \
+                 drop one of them"
+                    .into(),
+            ));
+        }
         Ok(Config {
             listen,
+            metrics: flags.metrics.or(file.metrics),
+            log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
             command,
             cwd: base_dir.join(cwd),
             env,
@@ -686,7 +834,7 @@ impl Config {
                 .traffic
                 .or(file.traffic)
                 .unwrap_or(TrafficMode::Steered),
-            bake: flags.bake.or(file.bake).unwrap_or(Duration::ZERO),
+            bake,
             health: flags.health.clone().or(file.health),
             health_interval: {
                 let i = flags
@@ -725,6 +873,9 @@ impl Config {
                 }
                 n
             },
+            releases_dir,
+            keep_releases,
+            overlap,
         })
     }
 }
@@ -794,6 +945,14 @@ mod tests {
         );
         let l: ListenSpec = "api=[::1]:9000".parse().unwrap();
         assert_eq!(l.address.to_string(), "[::1]:9000");
+        let l: ListenSpec = "dns=udp:127.0.0.1:5353".parse().unwrap();
+        assert_eq!(
+            l.address,
+            ListenAddr::Udp("127.0.0.1:5353".parse().unwrap())
+        );
+        assert_eq!(l.address.to_string(), "udp:127.0.0.1:5353");
+        let l: ListenSpec = "dns6=udp:[::1]:53".parse().unwrap();
+        assert_eq!(l.address.to_string(), "udp:[::1]:53");
         let l: ListenSpec = "admin=unix:/run/app/admin.sock,mode=0600".parse().unwrap();
         assert_eq!(l.address, ListenAddr::Unix("/run/app/admin.sock".into()));
         assert_eq!(l.mode, Some(0o600));
@@ -816,6 +975,10 @@ mod tests {
             "x=unix:/p,mode=999",
             "x=unix:/p,color=red",
             "baton-probe=127.0.0.1:1",
+            "dns=udp:",
+            "dns=udp:localhost:53",
+            "dns=udp:127.0.0.1",
+            "dns=udp:/run/x",
         ] {
             assert!(
                 bad.parse::<ListenSpec>().is_err(),
@@ -979,6 +1142,92 @@ address = "127.0.0.1:1"
         };
         let err = Config::merge(FileConfig::default(), &flags, Path::new("/")).unwrap_err();
         assert!(err.to_string().contains("BATON_WORKER"), "{err}");
+    }
+
+    #[test]
+    fn metrics_and_log_format_keys() {
+        let file = FileConfig::parse(
+            "command = [\"./server\"]\nmetrics = \"127.0.0.1:9100\"\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let c = Config::merge(file, &Overrides::default(), Path::new("/")).unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Json);
+        // Defaults: no metrics, text logs; flags win over the file.
+        let c = Config::merge(FileConfig::default(), &flags_with_cmd(), Path::new("/")).unwrap();
+        assert_eq!((c.metrics, c.log_format), (None, LogFormat::Text));
+        let flags = Overrides {
+            metrics: Some("[::1]:0".parse().unwrap()),
+            log_format: Some(LogFormat::Text),
+            ..flags_with_cmd()
+        };
+        let file = FileConfig::parse("metrics = \"127.0.0.1:1\"\nlog_format = \"json\"\n").unwrap();
+        let c = Config::merge(file, &flags, Path::new("/")).unwrap();
+        assert_eq!(c.metrics, Some("[::1]:0".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Text);
+        // Bad values name the key's line and the value, on one line.
+        let err = FileConfig::parse("command = [\"x\"]\nmetrics = \"localhost\"\n").unwrap_err();
+        assert!(
+            err.starts_with("line 2,") && err.contains("localhost"),
+            "{err}"
+        );
+        let err = FileConfig::parse("log_format = \"xml\"\n").unwrap_err();
+        assert!(err.starts_with("line 1,") && err.contains("xml"), "{err}");
+        // Both are fixed for baton's lifetime.
+        let a = Config::merge(FileConfig::default(), &flags_with_cmd(), Path::new("/")).unwrap();
+        let b = Config {
+            log_format: LogFormat::Json,
+            ..a.clone()
+        };
+        assert_eq!(a.fixed_change(&b), Some("log format"));
+        let b = Config {
+            metrics: Some("127.0.0.1:1".parse().unwrap()),
+            ..a.clone()
+        };
+        assert_eq!(a.fixed_change(&b), Some("metrics address"));
+        assert_eq!(a.fixed_change(&a.clone()), None, "positive control");
+    }
+
+    #[test]
+    fn releases_dir_sets_the_default_cwd() {
+        let flags = Overrides {
+            releases_dir: Some("srv/app".into()),
+            ..flags_with_cmd()
+        };
+        let c = Config::merge(FileConfig::default(), &flags, Path::new("/base")).unwrap();
+        assert_eq!(c.releases_dir.as_deref(), Some(Path::new("/base/srv/app")));
+        assert_eq!(c.cwd, Path::new("/base/srv/app/current"));
+        assert_eq!(c.keep_releases, crate::releases::DEFAULT_KEEP_RELEASES);
+        // An explicit cwd wins.
+        let file = FileConfig::parse("cwd = \"/elsewhere\"\nkeep_releases = 3\n").unwrap();
+        let c = Config::merge(file, &flags, Path::new("/base")).unwrap();
+        assert_eq!(c.cwd, Path::new("/elsewhere"));
+        assert_eq!(c.keep_releases, 3);
+        let file = FileConfig::parse("keep_releases = 0\n").unwrap();
+        let err = Config::merge(file, &flags, Path::new("/base")).unwrap_err();
+        assert!(err.to_string().contains("keep_releases"), "{err}");
+    }
+
+    #[test]
+    fn overlap_is_full_or_none_and_none_refuses_a_bake() {
+        let c = Config::merge(FileConfig::default(), &flags_with_cmd(), Path::new("/")).unwrap();
+        assert_eq!(c.overlap, Overlap::Full);
+        assert_eq!(c.settings().overlap, Overlap::Full);
+        let file = FileConfig::parse("overlap = \"none\"\n").unwrap();
+        let c = Config::merge(file, &flags_with_cmd(), Path::new("/")).unwrap();
+        assert_eq!(c.settings().overlap, Overlap::None);
+        let err = FileConfig::parse("overlap = \"half\"\n").unwrap_err();
+        assert!(err.starts_with("line 1,") && err.contains("half"), "{err}");
+        let file = FileConfig::parse("overlap = \"none\"\nbake = \"1m\"\n").unwrap();
+        let err = Config::merge(file, &flags_with_cmd(), Path::new("/")).unwrap_err();
+        assert!(err.to_string().contains("bake"), "{err}");
+        // The flag wins over the file, either way.
+        let file = FileConfig::parse("overlap = \"none\"\nbake = \"1m\"\n").unwrap();
+        let flags = Overrides {
+            overlap: Some(Overlap::Full),
+            ..flags_with_cmd()
+        };
+        assert!(Config::merge(file, &flags, Path::new("/")).is_ok());
     }
 
     #[test]

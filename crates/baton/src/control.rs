@@ -146,21 +146,36 @@ impl Connections {
     }
 }
 
-/// Serves control connections until the task is dropped.
+/// Serves control connections until the task is dropped. While `paused`
+/// is true nothing is accepted: connections wait in the socket's backlog
+/// (baton is handing itself over, and the next image accepts them).
 pub async fn serve(
     listener: UnixListener,
     handle: Handle,
     allowed_uids: Vec<u32>,
     connections: Connections,
+    mut paused: tokio::sync::watch::Receiver<bool>,
 ) {
     let limit = connections.0;
     let own_uid = nix::unistd::geteuid().as_raw();
     loop {
+        if *paused.borrow_and_update() {
+            if paused.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
         let permit = match limit.clone().acquire_owned().await {
             Ok(p) => p,
             Err(_) => return,
         };
-        let (stream, _) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            // Paused while waiting: the permit goes back, so in-flight
+            // connections can be waited for.
+            _ = paused.changed() => continue,
+        };
+        let (stream, _) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("control socket accept: {e}");
@@ -299,6 +314,10 @@ async fn respond(
             handle.stop().await;
             single(StatusCode::OK, &Reply::Stopping)
         }
+        Request::UpgradeSelf => match handle.upgrade_self().await {
+            Ok(h) => single(StatusCode::OK, &Reply::HandingOver(h)),
+            Err(e) => single(StatusCode::OK, &Reply::Error(e)),
+        },
         Request::Upgrade {
             wait_drain,
             no_wait,
@@ -586,6 +605,11 @@ mod tests {
             active: Some(6),
             upgrading: None,
             generations: vec![],
+            binary: Default::default(),
+            handovers: 0,
+            self_upgrade_error: None,
+            releases: None,
+            rollback_to: None,
         }
     }
 
@@ -615,6 +639,10 @@ mod tests {
                         })))
                     }
                     Command::Stop(r) => drop(r.send(())),
+                    Command::UpgradeSelf(r) => drop(r.send(Ok(crate::protocol::HandingOver {
+                        exe: "/usr/local/bin/baton".into(),
+                        handover: 1,
+                    }))),
                 }
             }
         });
@@ -645,6 +673,29 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(replies, vec![Reply::Status(status())]);
+    }
+
+    /// `{"cmd":"upgrade_self"}` is answered with the hand-over's binary
+    /// and number; fields are refused as for every command.
+    #[tokio::test]
+    async fn upgrade_self_round_trip() {
+        let (client, _events, _) = serve_fake(Ok(()));
+        let mut replies = Vec::new();
+        request_on(client, &Request::UpgradeSelf, |r| replies.push(r))
+            .await
+            .unwrap();
+        assert_eq!(
+            replies,
+            vec![Reply::HandingOver(crate::protocol::HandingOver {
+                exe: "/usr/local/bin/baton".into(),
+                handover: 1,
+            })]
+        );
+        let out = raw(&post(r#"{"cmd":"upgrade_self","force":true}"#), Ok(())).await;
+        assert!(
+            out.starts_with("HTTP/1.1 400") && out.contains("force"),
+            "{out}"
+        );
     }
 
     #[tokio::test]

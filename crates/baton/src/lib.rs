@@ -14,10 +14,13 @@
 
 pub mod config;
 pub mod control;
+pub mod handover;
 pub mod listener;
+pub mod metrics;
 pub mod notify;
 pub mod probe;
 pub mod process;
+pub mod releases;
 pub mod steer;
 pub mod supervisor;
 pub mod systemd;

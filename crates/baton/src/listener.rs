@@ -2,7 +2,9 @@
 //!
 //! Binding happens once, before any app starts; every generation receives
 //! the same sockets, so a connection that arrives while no app accepts
-//! (start, restart, cutover) waits in the kernel's accept queue.
+//! (start, restart, cutover) waits in the kernel's accept queue. A
+//! datagram socket (`udp:`) is bound, not listening: datagrams that arrive
+//! while no app reads wait in its receive buffer.
 
 use std::io;
 use std::net::SocketAddr;
@@ -50,21 +52,29 @@ impl Listener {
             address: spec.address.to_string(),
             reason,
         };
+        // The bound address: the OS-chosen port when 0 was asked for.
+        let inet = |socket: Socket, addr: SocketAddr, kind: fn(SocketAddr) -> ListenAddr| {
+            let local = socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .unwrap_or(addr);
+            Self {
+                name: spec.name.clone(),
+                address: kind(local),
+                socket,
+                unix_file: None,
+                inherited: false,
+            }
+        };
         match &spec.address {
             ListenAddr::Tcp(addr) => {
                 let socket = bind_tcp(*addr, backlog).map_err(|e| err(describe(&e)))?;
-                let local = socket
-                    .local_addr()
-                    .ok()
-                    .and_then(|a| a.as_socket())
-                    .unwrap_or(*addr);
-                Ok(Self {
-                    name: spec.name.clone(),
-                    address: ListenAddr::Tcp(local),
-                    socket,
-                    unix_file: None,
-                    inherited: false,
-                })
+                Ok(inet(socket, *addr, ListenAddr::Tcp))
+            }
+            ListenAddr::Udp(addr) => {
+                let socket = bind_udp(*addr).map_err(|e| err(describe(&e)))?;
+                Ok(inet(socket, *addr, ListenAddr::Udp))
             }
             ListenAddr::Unix(path) => {
                 let (socket, ino) = bind_unix(path, spec.mode, backlog).map_err(err)?;
@@ -95,9 +105,27 @@ impl Listener {
         }
     }
 
-    /// The socket, to hand to a service manager's fd store.
-    pub fn socket_fd(&self) -> BorrowedFd<'_> {
-        self.socket.as_fd()
+    /// The socket file this listener created (and removes on drop), with
+    /// its inode, for the hand-over to a new baton image.
+    pub(crate) fn unix_file(&self) -> Option<&(PathBuf, u64)> {
+        self.unix_file.as_ref()
+    }
+
+    /// A listener handed over by the previous baton image, as it was.
+    pub(crate) fn handed_over(
+        name: String,
+        address: ListenAddr,
+        socket: Socket,
+        unix_file: Option<(PathBuf, u64)>,
+        inherited: bool,
+    ) -> Self {
+        Self {
+            name,
+            address,
+            socket,
+            unix_file,
+            inherited,
+        }
     }
 
     /// A bound, listening TCP socket made elsewhere (a steering group's
@@ -155,6 +183,20 @@ fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
     socket.set_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket)
+}
+
+/// A bound datagram socket. No `SO_REUSEADDR`: for UDP it would let
+/// another socket bind the same address and take datagrams meant for the
+/// app.
+fn bind_udp(addr: SocketAddr) -> io::Result<Socket> {
+    // socket2 creates the socket close-on-exec.
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    if addr.is_ipv6() {
+        // As for TCP: [::]:53 means IPv6 only.
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
     Ok(socket)
 }
 
@@ -291,16 +333,29 @@ pub(crate) fn adopt(spec: &ListenSpec, socket: Socket, backlog: u32) -> Result<A
         reason,
     };
     let inherited = format!("the inherited socket named {}", spec.name);
-    match socket.r#type() {
-        Ok(t) if t == Type::STREAM => {}
-        Ok(_) => return Err(err(format!("{inherited} is not a stream socket"))),
+    let datagram = match socket.r#type() {
+        Ok(t) if t == Type::STREAM => false,
+        Ok(t) if t == Type::DGRAM => true,
+        Ok(_) => {
+            return Err(err(format!(
+                "{inherited} is neither a stream nor a datagram socket"
+            )))
+        }
         Err(e) => return Err(err(format!("{inherited}: {}", describe(&e)))),
-    }
+    };
     let local = socket
         .local_addr()
         .map_err(|e| err(format!("{inherited}: {}", describe(&e))))?;
     let address = if let Some(addr) = local.as_socket() {
-        ListenAddr::Tcp(addr)
+        if datagram {
+            ListenAddr::Udp(addr)
+        } else {
+            ListenAddr::Tcp(addr)
+        }
+    } else if datagram {
+        return Err(err(format!(
+            "{inherited} is a Unix datagram socket, which baton does not hand over"
+        )));
     } else if let Some(path) = local.as_pathname() {
         ListenAddr::Unix(path.to_owned())
     } else {
@@ -310,7 +365,8 @@ pub(crate) fn adopt(spec: &ListenSpec, socket: Socket, backlog: u32) -> Result<A
     };
     let matches = match (&spec.address, &address) {
         (ListenAddr::Inherited, _) => true,
-        (ListenAddr::Tcp(want), ListenAddr::Tcp(got)) => {
+        (ListenAddr::Tcp(want), ListenAddr::Tcp(got))
+        | (ListenAddr::Udp(want), ListenAddr::Udp(got)) => {
             want.ip() == got.ip() && (want.port() == got.port() || want.port() == 0)
         }
         (ListenAddr::Unix(want), ListenAddr::Unix(got)) => want == got,
@@ -319,8 +375,9 @@ pub(crate) fn adopt(spec: &ListenSpec, socket: Socket, backlog: u32) -> Result<A
     if !matches {
         return Err(err(format!("{inherited} is bound to {address}")));
     }
-    let listening = nix::sys::socket::getsockopt(&socket, nix::sys::socket::sockopt::AcceptConn)
-        .map_err(|e| err(format!("{inherited}: {e}")))?;
+    let listening = datagram
+        || nix::sys::socket::getsockopt(&socket, nix::sys::socket::sockopt::AcceptConn)
+            .map_err(|e| err(format!("{inherited}: {e}")))?;
     if !listening {
         socket
             .listen(backlog.min(i32::MAX as u32) as i32)
@@ -359,6 +416,43 @@ mod tests {
         let err = Listener::bind(&again, 16).unwrap_err().to_string();
         assert!(err.contains(&first.address.to_string()), "{err}");
         assert!(err.contains("in use"), "{err}");
+    }
+
+    #[test]
+    fn udp_binds_v4_and_v6_and_a_port_in_use_is_named() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let spec: ListenSpec = format!("dns=udp:{addr}").parse().unwrap();
+            let l = Listener::bind(&spec, 16).unwrap();
+            let ListenAddr::Udp(bound) = l.address else {
+                panic!("{:?}", l.address)
+            };
+            assert_ne!(bound.port(), 0);
+            let ty = socket2::SockRef::from(&l).r#type().unwrap();
+            assert_eq!(ty, Type::DGRAM);
+            // Datagrams wait in it while nobody reads.
+            let client = std::net::UdpSocket::bind(if bound.is_ipv6() {
+                "[::1]:0"
+            } else {
+                "127.0.0.1:0"
+            })
+            .unwrap();
+            client.send_to(b"hello", bound).unwrap();
+            let mut buf = [0u8; 16];
+            let s = socket2::SockRef::from(&l);
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let n = std::net::UdpSocket::from(s.try_clone().unwrap())
+                .recv(&mut buf)
+                .unwrap();
+            assert_eq!(&buf[..n], b"hello");
+            let again = ListenSpec {
+                address: l.address.clone(),
+                ..spec
+            };
+            let err = Listener::bind(&again, 16).unwrap_err().to_string();
+            assert!(err.contains(&l.address.to_string()), "{err}");
+            assert!(err.contains("in use"), "{err}");
+        }
     }
 
     #[test]

@@ -11,7 +11,6 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    let _logs = cli::init_tracing();
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {

@@ -49,6 +49,22 @@ impl NotifySocket {
         })
     }
 
+    /// The socket a previous baton image bound at `path` (a hand-over).
+    pub fn handed_over(fd: std::os::fd::OwnedFd, path: &Path) -> io::Result<Self> {
+        let socket = std::os::unix::net::UnixDatagram::from(fd);
+        socket.set_nonblocking(true)?;
+        Ok(Self {
+            socket: UnixDatagram::from_std(socket)?,
+            path: path.to_owned(),
+        })
+    }
+
+    /// A copy of the socket's descriptor, for a hand-over.
+    pub fn try_clone_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.socket.as_fd().try_clone_to_owned()
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -2,10 +2,13 @@
 //!
 //! - [`resolve`] turns the configured directory and command into a
 //!   [`Release`] (paths resolved now, kept for restarts and rollbacks);
-//! - [`Spawner`] forks from one long-lived thread: `PR_SET_PDEATHSIG` fires
-//!   when the *thread* that forked exits, so a pool thread retired after
-//!   idling would take the apps down with it. Credential lookups (NSS) and
-//!   the wait for `exec` happen there too, never in the decision loop;
+//! - [`Spawner`] forks from the process's main thread ([`Forks::run`]):
+//!   `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, so the
+//!   forking thread must live as long as baton, and must be the one that
+//!   re-executes baton for its own upgrade (an `execve` from any other
+//!   thread ends the main thread, and with it every app). Credential
+//!   lookups (NSS) and the wait for `exec` happen there too, never in the
+//!   decision loop;
 //! - [`watch`] waits on a pidfd for the exit and reads its status without
 //!   reaping, so the pid (and the process group id) stays reserved until
 //!   the supervisor releases it, then reports when the group is empty;
@@ -27,7 +30,7 @@ use nix::sys::wait::WaitStatus;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::config::{Config, EnvInherit, ListenAddr, PROBE_FD_NAME};
+use crate::config::{Config, EnvInherit, ListenAddr, LogFormat, PROBE_FD_NAME};
 use crate::listener::Listener;
 
 /// Lines of a process's stderr kept for failure reports.
@@ -201,44 +204,96 @@ pub struct Started {
     pub stderr: OwnedFd,
 }
 
-/// The thread every process is forked from.
+/// What the main thread is asked to do.
+enum Job {
+    Spawn {
+        job: SpawnJob,
+        events: UnboundedSender<ProcessEvent>,
+    },
+    Exec {
+        exec: ExecJob,
+        failed: std::sync::mpsc::Sender<std::io::Error>,
+    },
+}
+
+/// baton re-executing itself: the image replaces this one in the same
+/// process (same pid, same children), keeping the descriptors the caller
+/// made inheritable.
+pub struct ExecJob {
+    pub program: CString,
+    pub argv: Vec<CString>,
+    pub env: Vec<CString>,
+}
+
+/// A way to ask the main thread to fork (or re-execute baton). Cloneable;
+/// the main thread's [`Forks::run`] returns once every one is dropped.
+#[derive(Clone)]
 pub struct Spawner {
-    jobs: std::sync::mpsc::Sender<SpawnJob>,
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+/// The main thread's side of [`Spawner`].
+pub struct Forks {
+    jobs: std::sync::mpsc::Receiver<Job>,
 }
 
 impl Spawner {
-    /// Starts the spawner thread; results go to `events`.
-    pub fn start(events: UnboundedSender<ProcessEvent>) -> std::io::Result<Self> {
-        let (jobs, rx) = std::sync::mpsc::channel::<SpawnJob>();
-        std::thread::Builder::new()
-            .name("baton-spawner".into())
-            .spawn(move || {
-                // Forks happen with every signal blocked (see baton_sys::spawn);
-                // this thread never needs to run a handler at all.
-                if let Err(e) = baton_sys::block_all_signals() {
-                    tracing::warn!("spawner: blocking signals: {e}");
-                }
-                // Ends when the supervisor drops its sender.
-                for job in rx {
+    pub fn new() -> (Self, Forks) {
+        let (jobs, rx) = std::sync::mpsc::channel();
+        (Self { jobs }, Forks { jobs: rx })
+    }
+
+    /// Starts `job`; the result goes to `events`.
+    pub fn spawn(
+        &self,
+        job: SpawnJob,
+        events: UnboundedSender<ProcessEvent>,
+    ) -> Result<(), String> {
+        self.jobs
+            .send(Job::Spawn { job, events })
+            .map_err(|_| "the spawner thread has gone".to_owned())
+    }
+
+    /// Replaces this process's image with `exec`. Returns only if that
+    /// failed, with why (blocking: a failed `execve` returns at once).
+    pub fn exec(&self, exec: ExecJob) -> std::io::Error {
+        let (failed, rx) = std::sync::mpsc::channel();
+        if self.jobs.send(Job::Exec { exec, failed }).is_err() {
+            return std::io::Error::other("the main thread no longer takes jobs");
+        }
+        rx.recv()
+            .unwrap_or_else(|_| std::io::Error::other("the main thread dropped the exec"))
+    }
+}
+
+impl Forks {
+    /// Runs the jobs on the calling thread, which must be the main thread
+    /// and must outlive every child: returns once every [`Spawner`] is
+    /// dropped. Blocks every signal in this thread for good (forks happen
+    /// with every signal blocked, see `baton_sys::spawn`; the tokio
+    /// threads and the signal thread handle them).
+    pub fn run(self) {
+        if let Err(e) = baton_sys::block_all_signals() {
+            tracing::warn!("spawner: blocking signals: {e}");
+        }
+        for job in self.jobs {
+            match job {
+                Job::Spawn { job, events } => {
                     let (gen, worker) = (job.gen, job.worker);
                     let result = spawn_now(job);
-                    let spawned = ProcessEvent::Spawned {
+                    let _ = events.send(ProcessEvent::Spawned {
                         gen,
                         worker,
                         result,
-                    };
-                    if events.send(spawned).is_err() {
-                        break;
-                    }
+                    });
                 }
-            })?;
-        Ok(Self { jobs })
-    }
-
-    pub fn spawn(&self, job: SpawnJob) -> Result<(), String> {
-        self.jobs
-            .send(job)
-            .map_err(|_| "the spawner thread has gone".to_owned())
+                Job::Exec { exec, failed } => {
+                    let err = nix::unistd::execve(&exec.program, &exec.argv, &exec.env)
+                        .map_or_else(std::io::Error::from, |never| match never {});
+                    let _ = failed.send(err);
+                }
+            }
+        }
     }
 }
 
@@ -474,6 +529,10 @@ impl PidFd {
         Self(Arc::new(fd))
     }
 
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+
     /// Whether the process has exited (reaped or not), without waiting.
     pub fn has_exited(&self) -> bool {
         baton_sys::has_exited(self.0.as_fd())
@@ -535,6 +594,20 @@ pub async fn watch(pid: Pid, pidfd: PidFd, events: UnboundedSender<ProcessEvent>
     }
 }
 
+/// Watches the group of `pid`, whose exit was already reported (by a
+/// previous baton image): reports when it is empty.
+pub async fn watch_group(pid: Pid, events: UnboundedSender<ProcessEvent>) {
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if group_empty_now(pid).await {
+            let _ = events.send(ProcessEvent::GroupEmpty { pid });
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
 async fn group_empty_now(pgid: Pid) -> bool {
     tokio::task::spawn_blocking(move || group_members(pgid).is_empty())
         .await
@@ -552,25 +625,44 @@ pub fn group_members(pgid: Pid) -> Vec<i32> {
         .collect()
 }
 
-struct ProcEntry {
-    pid: i32,
-    state: char,
-    pgrp: i32,
+/// One process as /proc/PID/stat shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    pub pid: i32,
+    pub state: char,
+    pub pgrp: i32,
+    /// utime + stime, in clock ticks.
+    pub cpu_ticks: u64,
+    /// Resident set size, in pages.
+    pub rss_pages: u64,
 }
 
-/// Every process we can see in /proc, with its state and group.
-fn proc_table() -> Vec<ProcEntry> {
+impl ProcStat {
+    /// Parses a `/proc/PID/stat` line. The command (field 2) is in
+    /// parentheses and may hold spaces, so fields count from the last `)`.
+    pub fn parse(pid: i32, stat: &str) -> Option<Self> {
+        let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+        // After ')': state(3) ppid(4) pgrp(5) ... utime(14) stime(15) ... rss(24).
+        let num = |i: usize| f.get(i)?.parse::<u64>().ok();
+        Some(Self {
+            pid,
+            state: f.first()?.chars().next()?,
+            pgrp: f.get(2)?.parse().ok()?,
+            cpu_ticks: num(11)? + num(12)?,
+            rss_pages: num(21)?,
+        })
+    }
+}
+
+/// Every process we can see in /proc, with its state, group, CPU and RSS.
+pub fn proc_table() -> Vec<ProcStat> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|e| {
         let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the parenthesised command: state ppid pgrp ...
-        let mut f = stat[stat.rfind(')')? + 2..].split(' ');
-        let state = f.next()?.chars().next()?;
-        let pgrp = f.nth(1)?.parse().ok()?;
-        Some(ProcEntry { pid, state, pgrp })
+        ProcStat::parse(pid, &stat)
     })
     .collect()
 }
@@ -578,8 +670,46 @@ fn proc_table() -> Vec<ProcEntry> {
 /// Where the apps' stderr lines go: baton's own stderr, through a writer
 /// that never blocks (lines are dropped if baton's stderr stays stuck long
 /// enough to fill its buffer), so a stuck log reader cannot freeze an app
-/// writing to stderr.
-pub type StderrSink = tracing_appender::non_blocking::NonBlocking;
+/// writing to stderr. With JSON logs each line becomes a JSON object, so
+/// baton's stderr stays one object per line.
+#[derive(Clone)]
+pub struct StderrSink {
+    writer: tracing_appender::non_blocking::NonBlocking,
+    format: LogFormat,
+}
+
+impl StderrSink {
+    pub fn new(writer: tracing_appender::non_blocking::NonBlocking, format: LogFormat) -> Self {
+        Self { writer, format }
+    }
+
+    /// Writes one line of `pid`'s stderr (with its newline, if it had one).
+    fn write_line(&mut self, pid: Pid, line: &[u8]) {
+        use std::io::Write;
+        let _ = match self.format {
+            LogFormat::Text => self.writer.write_all(line),
+            LogFormat::Json => {
+                let mut obj = app_line_json(pid, line, std::time::SystemTime::now());
+                obj.push('\n');
+                self.writer.write_all(obj.as_bytes())
+            }
+        };
+    }
+}
+
+/// An app's stderr line as a JSON log object: the fields of baton's own
+/// JSON lines (`timestamp`, `level`, `message`) plus `source` and `pid`.
+fn app_line_json(pid: Pid, line: &[u8], now: std::time::SystemTime) -> String {
+    let text = String::from_utf8_lossy(line);
+    let json = |s: &str| serde_json::Value::from(s).to_string();
+    // In the order of baton's own lines (serde_json's maps sort keys).
+    format!(
+        "{{\"timestamp\":{},\"level\":\"INFO\",\"message\":{},\"source\":\"app\",\"pid\":{}}}",
+        json(&humantime::format_rfc3339_micros(now).to_string()),
+        json(text.trim_end_matches(['\n', '\r'])),
+        pid.0
+    )
+}
 
 /// Starts passing `stderr` through to `sink`; the tail fills as lines
 /// arrive, and `StderrClosed` is reported at its end.
@@ -592,7 +722,7 @@ pub fn forward(
     let (tail, closer) = StderrTail::new();
     let t = tail.clone();
     tokio::spawn(async move {
-        forward_stderr(stderr, sink, t, closer).await;
+        forward_stderr(stderr, sink, pid, t, closer).await;
         let _ = events.send(ProcessEvent::StderrClosed { pid });
     });
     tail
@@ -602,17 +732,17 @@ pub fn forward(
 pub fn probe_addr(probe: &Listener) -> Option<std::net::SocketAddr> {
     match probe.address {
         ListenAddr::Tcp(a) => Some(a),
-        ListenAddr::Unix(_) | ListenAddr::Inherited => None,
+        ListenAddr::Unix(_) | ListenAddr::Udp(_) | ListenAddr::Inherited => None,
     }
 }
 
 async fn forward_stderr(
     fd: OwnedFd,
     mut sink: StderrSink,
+    pid: Pid,
     tail: StderrTail,
     closer: tokio::sync::watch::Sender<bool>,
 ) {
-    use std::io::Write;
     let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
         return;
     };
@@ -627,8 +757,9 @@ async fn forward_stderr(
         {
             Ok(0) | Err(_) => break,
             Ok(_) => {
-                // Passed through unchanged; the sink never blocks.
-                let _ = sink.write_all(&line);
+                // Passed through (unchanged, or as JSON); the sink never
+                // blocks.
+                sink.write_line(pid, &line);
                 let text = String::from_utf8_lossy(&line);
                 tail.push(text.trim_end_matches(['\n', '\r']).to_owned());
             }
@@ -681,5 +812,35 @@ mod tests {
         assert!(err.contains("nope"), "{err}");
         let sh = resolve(root.path(), &["sh".into()], None).unwrap();
         assert!(sh.program.is_absolute());
+    }
+
+    #[test]
+    fn parses_proc_stat_whatever_the_command_name() {
+        // A command name with spaces and parentheses; fields from the kernel docs.
+        let line = "4242 (my (odd) app) S 1 4242 4242 0 -1 4194560 100 0 0 0 \
+                    250 50 0 0 20 0 3 0 12345 104857600 2560 18446744073709551615";
+        let p = ProcStat::parse(4242, line).unwrap();
+        assert_eq!((p.pid, p.state, p.pgrp), (4242, 'S', 4242));
+        assert_eq!(p.cpu_ticks, 300, "utime 250 + stime 50");
+        assert_eq!(p.rss_pages, 2560);
+        assert!(ProcStat::parse(1, "1 (truncated) S 0").is_none());
+        // Positive control on the real thing: this process uses memory.
+        let me = std::process::id() as i32;
+        let own = proc_table().into_iter().find(|p| p.pid == me).unwrap();
+        assert!(own.rss_pages > 0 && own.state != 'Z');
+    }
+
+    #[test]
+    fn app_lines_become_one_json_object_each() {
+        let at = std::time::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        let line = app_line_json(Pid(7), b"caf\xc3\xa9 \"quoted\"\r\n", at);
+        assert!(!line.contains('\n'));
+        assert!(line.starts_with("{\"timestamp\":"), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["message"], "caf\u{e9} \"quoted\"");
+        assert_eq!(v["source"], "app");
+        assert_eq!(v["pid"], 7);
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["timestamp"], "2023-11-14T22:13:20.123456Z");
     }
 }

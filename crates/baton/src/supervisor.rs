@@ -2,7 +2,7 @@
 //! (commands, process exits, readiness results, notify messages, the
 //! passing of time) and performs the effects it returns (spawn, signal,
 //! probe, reply, publish). Every decision is the machine's; this file only
-//! does I/O, and nothing here blocks: forks happen on the spawner thread,
+//! does I/O, and nothing here blocks: forks happen on the main thread,
 //! configuration is loaded and /proc scanned on blocking tasks, logs go
 //! through a non-blocking writer.
 //!
@@ -28,13 +28,19 @@ use tokio::time::Instant;
 
 use crate::config::{Config, ConfigSource, ReadySpec};
 use crate::listener::Listener;
+use crate::metrics::{Asked, Metrics};
 use crate::notify::{NotifyMessage, NotifySocket, Received};
 use crate::probe::{self, Source};
 use crate::process::{self, PidFd, ProcessEvent, SpawnJob, Spawner, StderrSink, StderrTail};
-use crate::protocol::{ErrorKind, ErrorReply, Event, EventKind, SocketStatus, Status, Trigger};
+use crate::protocol::{
+    Binary, ErrorKind, ErrorReply, Event, EventKind, HandingOver, SocketStatus, Status, Trigger,
+};
 use crate::steer::Sockets;
 use crate::systemd::{Observed, Reporter, ServiceManager, Upgrading};
 use crate::wire;
+
+#[path = "supervisor_handover.rs"]
+mod handover_impl;
 
 /// How long a retired generation's sockets are watched before the first
 /// look at their queues: handshakes that were in flight when it lost its
@@ -57,6 +63,8 @@ pub enum Command {
         reply: oneshot::Sender<Result<Started, ErrorReply>>,
     },
     Stop(oneshot::Sender<()>),
+    /// Re-execute baton's binary in place (`baton upgrade --self`).
+    UpgradeSelf(oneshot::Sender<Result<HandingOver, ErrorReply>>),
 }
 
 /// What an upgrade request asks for.
@@ -166,6 +174,14 @@ impl Handle {
     pub async fn stop(&self) {
         let _ = self.ask(Command::Stop).await;
     }
+
+    /// Checks baton's binary and, if it passes, re-executes it in place;
+    /// the reply comes just before the exec.
+    pub async fn upgrade_self(&self) -> Result<HandingOver, ErrorReply> {
+        self.ask(Command::UpgradeSelf)
+            .await
+            .unwrap_or_else(|| Err(stopping_error()))
+    }
 }
 
 fn stopping_error() -> ErrorReply {
@@ -199,6 +215,16 @@ enum Internal {
     QueueEmpty {
         gen: GenId,
     },
+    /// The new binary's check of the hand-over document is done.
+    SelfChecked {
+        exe: PathBuf,
+        result: Result<(), String>,
+        reply: oneshot::Sender<Result<HandingOver, ErrorReply>>,
+    },
+    /// The control server is quiet: hand over to `exe` now.
+    ExecSelf {
+        exe: PathBuf,
+    },
 }
 
 /// How the reply to a request gets back to its asker.
@@ -210,11 +236,16 @@ enum ReplyTo {
 /// A process the machine answers for, as the shell holds it.
 struct ProcHandle {
     gen: GenId,
+    /// Which of its generation's workers it is.
+    worker: u32,
     /// Keeps the exited leader unreaped until released, so `killpg` on its
     /// id can never reach a stranger.
     pidfd: PidFd,
     exit_reported: bool,
     watcher: AbortHandle,
+    /// A copy of the read end of its stderr pipe while it is open, for a
+    /// hand-over to a new baton image.
+    stderr: Option<OwnedFd>,
 }
 
 /// What upgrades need to load a configuration, off the decision loop.
@@ -295,10 +326,39 @@ pub struct Supervisor {
     events: broadcast::Sender<Event>,
     handle: Handle,
     notify_task: AbortHandle,
+    metrics: Metrics,
     /// Upgrade requests whose configuration is being loaded.
     preparing: usize,
     /// baton's own service manager (systemd), when it has one.
     systemd: Option<SystemdLink>,
+    /// How baton was started, to find (and re-execute) its binary.
+    argv0: PathBuf,
+    /// The binary this image runs.
+    binary: Binary,
+    /// Self-upgrades so far.
+    handovers: u64,
+    /// Why the last accepted self-upgrade failed, if it did.
+    self_upgrade_error: Option<String>,
+    /// A new binary is checking the hand-over document.
+    self_checking: bool,
+    /// What only a hand-over needs: copies of the descriptors other tasks
+    /// own (the control, notify and metrics sockets).
+    handover_fds: Option<HandoverFds>,
+    /// Taken over from a previous image: the generations already run.
+    resumed: bool,
+    /// Pauses the control server, and tells when its connections are done.
+    control_pause: Option<(
+        tokio::sync::watch::Sender<bool>,
+        crate::control::Connections,
+    )>,
+}
+
+/// Copies of descriptors owned by tasks, for a hand-over.
+pub struct HandoverFds {
+    pub control: OwnedFd,
+    pub notify: OwnedFd,
+    pub notify_dir: PathBuf,
+    pub metrics: Option<OwnedFd>,
 }
 
 /// What baton tells its own service manager, and what it told it.
@@ -321,6 +381,7 @@ impl Supervisor {
         notify: NotifySocket,
         stderr_sink: StderrSink,
         manager: Option<ServiceManager>,
+        spawner: Spawner,
     ) -> std::io::Result<Self> {
         let (cmd_tx, commands) = mpsc::channel(64);
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
@@ -330,7 +391,6 @@ impl Supervisor {
             commands: cmd_tx,
             events: events.clone(),
         };
-        let spawner = Spawner::start(process_tx.clone())?;
         let notify_path = notify.path().to_owned();
         let tx = internal_tx.clone();
         let notify_task = tokio::spawn(async move {
@@ -386,17 +446,48 @@ impl Supervisor {
             events,
             handle,
             notify_task,
+            metrics: Metrics::new(),
             preparing: 0,
             systemd: manager.map(|manager| SystemdLink {
                 manager,
                 reporter: Reporter::default(),
                 last_outcome: None,
             }),
+            argv0: std::env::args_os()
+                .next()
+                .map(PathBuf::from)
+                .unwrap_or_default(),
+            binary: handover_impl::own_binary(),
+            handovers: 0,
+            self_upgrade_error: None,
+            self_checking: false,
+            handover_fds: None,
+            resumed: false,
+            control_pause: None,
         })
+    }
+
+    /// Gives the supervisor copies of the descriptors its tasks own, so it
+    /// can hand them to a new image of itself, and the means to quiesce the
+    /// control server first: `pause` stops it accepting, `connections`
+    /// says when those in flight are done.
+    pub fn set_handover_fds(
+        &mut self,
+        fds: HandoverFds,
+        pause: tokio::sync::watch::Sender<bool>,
+        connections: crate::control::Connections,
+    ) {
+        self.handover_fds = Some(fds);
+        self.control_pause = Some((pause, connections));
     }
 
     pub fn handle(&self) -> Handle {
         self.handle.clone()
+    }
+
+    /// What `/metrics` serves.
+    pub fn metrics(&self) -> Arc<prometheus_client::registry::Registry> {
+        self.metrics.registry()
     }
 
     fn now(&self) -> Time {
@@ -419,6 +510,8 @@ impl Supervisor {
             })
         };
         match first {
+            // A resumed machine runs its generations already.
+            _ if self.resumed => {}
             Ok(spec) => self.feed(Input::Start { spec }),
             // Checked before binding, so only a race (the program removed
             // meanwhile) gets here.
@@ -428,7 +521,10 @@ impl Supervisor {
         let mut shutdown_done = false;
         let mut recover = tokio::time::interval(RECOVER_INTERVAL);
         recover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        self.store_sockets();
+        if !self.resumed {
+            // A resumed baton's sockets are in the store already.
+            self.store_sockets();
+        }
         // Pinged from this loop, so a wedged loop stops the pings and the
         // manager acts.
         let watchdog_every = self
@@ -487,7 +583,12 @@ impl Supervisor {
 
     /// Steps the machine and performs what it says, in order.
     fn feed(&mut self, input: Input<Arc<Config>>) {
-        let effects = self.machine.step(input, self.now());
+        let now = self.now();
+        let asked = Asked::of(&input);
+        let effects = self.machine.step(input, now);
+        // Before any effect is performed: no reply, event or log line is
+        // ever ahead of the metrics.
+        self.metrics.observe(asked, &effects, &self.machine, now);
         for effect in effects {
             self.perform(effect);
         }
@@ -583,6 +684,7 @@ impl Supervisor {
                 Ask::Upgrade(options) => self.prepare(trigger, options, Some(reply)),
             },
             Command::Stop(reply) => self.request(CoreCommand::Stop, Some(ReplyTo::Stop(reply))),
+            Command::UpgradeSelf(reply) => self.check_self_upgrade(reply),
         }
     }
 
@@ -632,6 +734,7 @@ impl Supervisor {
                 Some(ReplyTo::Upgrade(reply)),
             ),
             Err(e) => {
+                self.metrics.config_refused();
                 tracing::warn!("upgrade refused: {}", e.message);
                 if let Some(s) = &mut self.systemd {
                     s.last_outcome = Some(format!("refused: {}", e.message));
@@ -660,6 +763,13 @@ impl Supervisor {
             }
             Internal::Health { gen, pid, result } => {
                 self.feed_report(Input::Health { gen, pid, result })
+            }
+            Internal::SelfChecked { exe, result, reply } => {
+                self.on_self_checked(exe, result, reply);
+            }
+            Internal::ExecSelf { exe } => {
+                self.self_checking = false;
+                self.exec_self(&exe);
             }
             Internal::QueueEmpty { gen } => {
                 self.queue_watches.remove(&gen);
@@ -713,7 +823,12 @@ impl Supervisor {
                 self.retry_deferred();
             }
             ProcessEvent::GroupEmpty { pid } => self.feed(Input::GroupEmpty { pid }),
-            ProcessEvent::StderrClosed { pid } => self.feed(Input::StderrClosed { pid }),
+            ProcessEvent::StderrClosed { pid } => {
+                if let Some(h) = self.procs.get_mut(&pid) {
+                    h.stderr = None;
+                }
+                self.feed(Input::StderrClosed { pid })
+            }
         }
     }
 
@@ -722,6 +837,7 @@ impl Supervisor {
             Ok(started) => {
                 let pid = started.pid;
                 let pidfd = PidFd::new(started.pidfd);
+                let stderr = started.stderr.try_clone().ok();
                 let tail = process::forward(
                     pid,
                     started.stderr,
@@ -736,9 +852,11 @@ impl Supervisor {
                     pid,
                     ProcHandle {
                         gen,
+                        worker,
                         pidfd,
                         exit_reported: false,
                         watcher,
+                        stderr,
                     },
                 );
                 self.feed(Input::Spawned { gen, worker, pid });
@@ -780,6 +898,12 @@ impl Supervisor {
                     task.abort();
                 }
                 self.sockets.free(gen);
+            }
+            Effect::PassSockets { from, to } => {
+                if let Some(task) = self.queue_watches.remove(&from) {
+                    task.abort();
+                }
+                self.sockets.pass(from, to);
             }
             Effect::Traffic(plan) => {
                 // Applied first: the event says what the kernel does now.
@@ -840,7 +964,7 @@ impl Supervisor {
             notify_path: self.notify_path.clone(),
             base_env: self.prep.base_env.clone(),
         };
-        match self.spawner.spawn(job) {
+        match self.spawner.spawn(job, self.process_tx.clone()) {
             Ok(()) => self.spawning += 1,
             Err(error) => self.feed(fail(error)),
         }
@@ -1158,9 +1282,14 @@ impl Supervisor {
                 name: info.name,
                 address: info.address,
                 fd: baton_protocol::app::FIRST_FD + i as u32,
+                steered: info.steered,
             })
             .collect();
-        wire::status(&self.machine, &sockets, self.now(), self.epoch.elapsed())
+        let mut status = wire::status(&self.machine, &sockets, self.now(), self.epoch.elapsed());
+        status.binary = self.binary.clone();
+        status.handovers = self.handovers;
+        status.self_upgrade_error = self.self_upgrade_error.clone();
+        status
     }
 }
 
@@ -1180,6 +1309,12 @@ fn refusal(r: Refusal) -> ErrorReply {
         Refusal::NothingToPromote => ErrorReply {
             kind: ErrorKind::NothingToPromote,
             message: "nothing to promote: no canary runs and no bake is under way".into(),
+        },
+        Refusal::NeedsOverlap => ErrorReply {
+            kind: ErrorKind::NeedsOverlap,
+            message: "a canary or a bake needs two generations at once, and with \
+                      overlap = \"none\" the app never runs twice"
+                .into(),
         },
         Refusal::NeedsSteering => ErrorReply {
             kind: ErrorKind::NeedsSteering,

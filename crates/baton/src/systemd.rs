@@ -188,6 +188,23 @@ pub struct Reporter {
 }
 
 impl Reporter {
+    /// Taking over from a previous baton image that had told the manager
+    /// `READY=1` (or not); the status words are said again.
+    pub fn resumed(ready: bool) -> Self {
+        Self {
+            ready,
+            ..Self::default()
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// The words are said again at the next observation.
+    pub fn forget_status(&mut self) {
+        self.status.clear();
+    }
     /// The message to send for `now` (none if nothing changed).
     /// `monotonic_us` is CLOCK_MONOTONIC, for `MONOTONIC_USEC=`.
     pub fn observe(&mut self, now: &Observed, pid: u32, monotonic_us: u64) -> Option<String> {

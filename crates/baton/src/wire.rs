@@ -8,14 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_core::{
-    EventKind as Core, ExitStatus, Failure, GenId, Machine, Phase, Time, TrafficMode, Via, Worker,
+    EventKind as Core, ExitStatus, Failure, GenId, Generation, Machine, Phase, Time, TrafficMode,
+    TrafficPlan, Via, Worker,
 };
 
 use crate::config::Config;
 use crate::process::StderrTail;
 use crate::protocol::{
-    Event, EventKind, GenState, GenerationStatus, Role, SocketStatus, Status, Trigger, WorkerState,
-    WorkerStatus,
+    Event, EventKind, GenState, GenerationStatus, ReleasesStatus, Role, SocketStatus, Status,
+    Trigger, WorkerState, WorkerStatus,
 };
 
 pub fn core_trigger(t: Trigger) -> baton_core::Trigger {
@@ -177,8 +178,24 @@ pub fn event(
     }
 }
 
+/// The releases root as the serving generation's configuration has it
+/// (the file is re-read at every upgrade), else the newest one's.
+fn releases_status(machine: &Machine<Arc<Config>>) -> Option<ReleasesStatus> {
+    let spec = machine
+        .traffic()
+        .active
+        .and_then(|a| machine.spec(a))
+        .or_else(|| machine.generations().last().map(|g| g.spec()))?;
+    let config = &spec.payload;
+    config.releases_dir.as_ref().map(|dir| ReleasesStatus {
+        dir: dir.display().to_string(),
+        keep: config.keep_releases,
+    })
+}
+
 /// The supervisor's state as `baton status` shows it. `pids` (the live
-/// members of each group) are filled in by the caller, off the loop.
+/// members of each worker's group) are filled in by the caller, off the
+/// loop.
 pub fn status(
     machine: &Machine<Arc<Config>>,
     sockets: &[SocketStatus],
@@ -190,6 +207,9 @@ pub fn status(
     Status {
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        binary: Default::default(),
+        handovers: 0,
+        self_upgrade_error: None,
         uptime_ms: uptime.as_millis() as u64,
         stopping: machine.stopping(),
         sockets: sockets.to_vec(),
@@ -200,6 +220,10 @@ pub fn status(
         .to_owned(),
         active: active.map(|g| g.0),
         upgrading: machine.upgrade().map(|u| u.candidate.0),
+        releases: releases_status(machine),
+        rollback_to: machine
+            .rollback_release()
+            .map(|r| r.dir.display().to_string()),
         generations: machine
             .generations()
             .map(|g| {
@@ -207,30 +231,9 @@ pub fn status(
                 // The first running worker, whatever the phase (a draining
                 // generation's too).
                 let running = workers.iter().find(|w| w.pid.is_some());
-                let state = match g.phase() {
-                    Phase::Starting { .. } => GenState::Starting,
-                    Phase::Retiring { .. } => GenState::Retiring,
-                    Phase::Serving { .. } if active == Some(g.id()) => GenState::Active,
-                    Phase::Serving { .. } => GenState::Ready,
-                    Phase::Draining { .. } => GenState::Draining,
-                    Phase::Finished { failure: None, .. } => GenState::Exited,
-                    Phase::Finished {
-                        failure: Some(_), ..
-                    } => GenState::Failed,
-                };
+                let state = gen_state(g, active);
                 let spec = g.spec();
-                let id = g.id();
-                let canary = plan.candidate.filter(|c| c.gen == id);
-                let (role, share) = if active == Some(id) {
-                    let taken = plan.candidate.map_or(0, |c| c.share);
-                    (Some(Role::Active), Some(100 - taken.min(100)))
-                } else if let Some(c) = canary {
-                    (Some(Role::Candidate), Some(c.share))
-                } else if plan.parked == Some(id) {
-                    (Some(Role::Parked), Some(0))
-                } else {
-                    (None, None)
-                };
+                let (role, share) = role_share(plan, g.id());
                 GenerationStatus {
                     number: g.id().0,
                     state,
@@ -252,12 +255,9 @@ pub fn status(
 }
 
 /// Each worker of `g`: its state and running process (from the machine's
-/// process groups once the generation no longer restarts workers).
-fn workers(
-    machine: &Machine<Arc<Config>>,
-    g: &baton_core::Generation<Arc<Config>>,
-    now: Time,
-) -> Vec<WorkerStatus> {
+/// process groups once the generation no longer restarts workers), as
+/// `baton status` (and the metrics) show them.
+pub fn workers<P: Clone>(machine: &Machine<P>, g: &Generation<P>, now: Time) -> Vec<WorkerStatus> {
     let running = |i: u32| {
         machine
             .procs()
@@ -273,6 +273,7 @@ fn workers(
                 (_, Some(Worker::Up { .. })) => WorkerState::Ready,
                 (_, Some(Worker::Recycling { .. })) => WorkerState::Draining,
                 (_, Some(Worker::Restarting { .. })) => WorkerState::Restarting,
+                (Phase::Waiting, _) => WorkerState::Waiting,
                 (Phase::Retiring { .. }, _) if proc.is_some_and(|(_, p)| p.kill_at.is_none()) => {
                     WorkerState::Retiring
                 }
@@ -289,6 +290,37 @@ fn workers(
             }
         })
         .collect()
+}
+
+/// A generation's state as `baton status` (and the metrics) name it.
+pub fn gen_state<P>(g: &Generation<P>, active: Option<GenId>) -> GenState {
+    match g.phase() {
+        Phase::Waiting => GenState::Waiting,
+        Phase::Starting { .. } => GenState::Starting,
+        Phase::Retiring { .. } => GenState::Retiring,
+        Phase::Serving { .. } if active == Some(g.id()) => GenState::Active,
+        Phase::Serving { .. } => GenState::Ready,
+        Phase::Draining { .. } => GenState::Draining,
+        Phase::Finished { failure: None, .. } => GenState::Exited,
+        Phase::Finished {
+            failure: Some(_), ..
+        } => GenState::Failed,
+    }
+}
+
+/// Generation `id`'s part in the traffic plan, and its percent of new
+/// connections.
+pub fn role_share(plan: &TrafficPlan, id: GenId) -> (Option<Role>, Option<u8>) {
+    if plan.active == Some(id) {
+        let taken = plan.candidate.map_or(0, |c| c.share);
+        (Some(Role::Active), Some(100 - taken.min(100)))
+    } else if let Some(c) = plan.candidate.filter(|c| c.gen == id) {
+        (Some(Role::Candidate), Some(c.share))
+    } else if plan.parked == Some(id) {
+        (Some(Role::Parked), Some(0))
+    } else {
+        (None, None)
+    }
 }
 
 /// One log line per event, with the generation as a field.
@@ -324,10 +356,11 @@ pub fn log_event(ev: &Event) {
             parked,
         } => info!(
             generation = gen,
-            active = ?active,
-            candidate = ?candidate,
+            // Recorded only when there is one: plain numbers in JSON logs.
+            active = *active,
+            candidate = *candidate,
             share,
-            parked = ?parked,
+            parked = *parked,
             "traffic"
         ),
         EventKind::Retiring { pid } => info!(generation = gen, pid, "generation retiring"),

@@ -413,9 +413,10 @@ fn listen_name() -> impl Strategy<Value = String> {
 
 /// The documented `NAME=ADDRESS[,mode=OCTAL]` grammar: NAME is 1-255
 /// printable ASCII characters without `:`, `=` or `,`, and not
-/// `baton-probe` (NAME alone names an inherited socket); ADDRESS is `IP:PORT`, `[IPv6]:PORT` or `unix:/absolute`
-/// (at most 107 bytes, the size of sun_path less its NUL); options are
-/// `mode=` with an octal file mode up to 0777.
+/// `baton-probe` (NAME alone names an inherited socket); ADDRESS is
+/// `IP:PORT`, `[IPv6]:PORT`, `udp:` followed by either of those, or
+/// `unix:/absolute` (at most 107 bytes, the size of sun_path less its
+/// NUL); options are `mode=` with an octal file mode up to 0777.
 fn reference_listen(s: &str) -> Option<(String, ListenAddr, Option<u32>)> {
     let name_ok = |name: &str| {
         (1..=255).contains(&name.len())
@@ -434,7 +435,10 @@ fn reference_listen(s: &str) -> Option<(String, ListenAddr, Option<u32>)> {
     let address = match addr.strip_prefix("unix:") {
         Some(p) if p.starts_with('/') && p.len() <= 107 => ListenAddr::Unix(PathBuf::from(p)),
         Some(_) => return None,
-        None => ListenAddr::Tcp(addr.parse().ok()?),
+        None => match addr.strip_prefix("udp:") {
+            Some(a) => ListenAddr::Udp(a.parse().ok()?),
+            None => ListenAddr::Tcp(addr.parse().ok()?),
+        },
     };
     let mut mode = None;
     for opt in parts {
@@ -460,9 +464,11 @@ fn valid_listen_spec() -> impl Strategy<Value = ListenSpec> {
     let unix = "(/[^\u{0},/]{1,20}){1,4}"
         .prop_filter("sun_path", |p| p.len() <= 107)
         .prop_map(|p| ListenAddr::Unix(PathBuf::from(p)));
+    let udp = (any::<std::net::IpAddr>(), any::<u16>())
+        .prop_map(|(ip, port)| ListenAddr::Udp(SocketAddr::new(ip, port)));
     (
         listen_name(),
-        prop_oneof![tcp, unix],
+        prop_oneof![tcp, unix, udp],
         prop::option::of(0..=0o777u32),
     )
         .prop_map(|(name, address, mode)| ListenSpec {
@@ -490,6 +496,11 @@ fn listen_like() -> impl Strategy<Value = String> {
         Just("[::1]:99999".to_owned()),
         Just("unix:".to_owned()),
         Just("unix:rel".to_owned()),
+        any::<SocketAddr>().prop_map(|a| format!("udp:{a}")),
+        Just("udp:".to_owned()),
+        Just("udp:[::1]:99999".to_owned()),
+        Just("udp:unix:/x".to_owned()),
+        Just("udp:udp:127.0.0.1:1".to_owned()),
         "unix:/[a-z]{1,8}",
         Just(format!("unix:/{}", "p".repeat(106))),
         Just(format!("unix:/{}", "p".repeat(107))),
@@ -846,6 +857,8 @@ fn references_follow_the_documented_examples() {
     assert_eq!(documented_request(br#"["status"]"#), None);
     assert!(reference_listen("admin=unix:/run/app/admin.sock,mode=0660").is_some());
     assert!(reference_listen("api=[::1]:9000").is_some());
+    assert!(reference_listen("dns=udp:[::1]:53").is_some());
+    assert!(reference_listen("dns=udp:localhost:53").is_none());
     assert!(reference_listen("baton-probe=127.0.0.1:1").is_none());
     assert_eq!(
         reference_ready("http:/healthz"),

@@ -51,6 +51,21 @@
 //!   reports its datagram sent does this process go on with its own
 //!   readiness (so the forged datagram is queued first), as set by the
 //!   other variables (`FAKE_NEVER_READY=1` for none).
+//! - `FAKE_START_DELAY_MS=<ms>`: accept nothing (and send no READY=1) for
+//!   that long after starting: a slow start, during which connections can
+//!   only wait in the kernel's queue.
+//! - `FAKE_LIFE_LOG=<path>`: append one line per lifecycle moment, each a
+//!   single `O_APPEND` write: `start gen=G pid=P ns=N alive=PIDS` first
+//!   thing in `main` (`alive`: the comma-separated pids of processes that
+//!   logged `start` before and still run, as this process sees them; empty
+//!   when none), `accepting gen=G pid=P ns=N` right before the first
+//!   accept, and `exit gen=G pid=P ns=N` right before exiting (after a
+//!   drain, or at start with `FAKE_EXIT_AT_START`). `ns` is CLOCK_MONOTONIC, which every process shares.
+//! - `FAKE_UDP_ECHO=1`: answer every datagram received on a datagram
+//!   socket (`SOCK_DGRAM` in LISTEN_FDS) with `<payload> generation=G
+//!   pid=P`. Without it such sockets are held and never read, so datagrams
+//!   queue in them. On the drain signal the echo stops reading (a datagram
+//!   already read is always answered) and leaves the rest queued.
 //!
 //! On SIGTERM (unless ignored): print `fake: draining`, stop accepting, let
 //! in-flight requests finish (cap 30 s), exit 0.
@@ -121,44 +136,49 @@ fn notify(msg: &str) {
     }
 }
 
-/// Socket facts from /proc/self/net: inode -> (is tcp, listening). nix's
-/// getsockopt(SO_ACCEPTCONN) needs an `AsFd`, which an arbitrary inherited fd
-/// number cannot give without unsafe code; the kernel tables say the same.
-fn sock_tables() -> HashMap<u64, (bool, bool)> {
+/// Socket facts from /proc/self/net: inode -> (table: tcp, udp or unix,
+/// listening). nix's getsockopt(SO_ACCEPTCONN) needs an `AsFd`, which an
+/// arbitrary inherited fd number cannot give without unsafe code; the
+/// kernel tables say the same.
+fn sock_tables() -> HashMap<u64, (&'static str, bool)> {
     let mut out = HashMap::new();
-    for file in ["tcp", "tcp6", "unix"] {
-        let tcp = file != "unix";
+    for (file, table) in [
+        ("tcp", "tcp"),
+        ("tcp6", "tcp"),
+        ("udp", "udp"),
+        ("udp6", "udp"),
+        ("unix", "unix"),
+    ] {
+        let inet = table != "unix";
         let text = std::fs::read_to_string(format!("/proc/self/net/{file}")).unwrap_or_default();
         for row in text.lines().skip(1) {
             let r: Vec<&str> = row.split_whitespace().collect();
             // Column 3 is `st` for tcp (0A = LISTEN) and `Flags` for unix
             // (0x10000 = __SO_ACCEPTCON); the inode is column 9 resp. 6.
-            let listening = r.get(3).is_some_and(|v| {
-                if tcp {
-                    *v == "0A"
-                } else {
-                    u32::from_str_radix(v, 16).is_ok_and(|f| f & 0x10000 != 0)
-                }
+            let listening = r.get(3).is_some_and(|v| match table {
+                "tcp" => *v == "0A",
+                "udp" => false,
+                _ => u32::from_str_radix(v, 16).is_ok_and(|f| f & 0x10000 != 0),
             });
-            if let Some(Ok(inode)) = r.get(if tcp { 9 } else { 6 }).map(|i| i.parse()) {
-                out.insert(inode, (tcp, listening));
+            if let Some(Ok(inode)) = r.get(if inet { 9 } else { 6 }).map(|i| i.parse()) {
+                out.insert(inode, (table, listening));
             }
         }
     }
     out
 }
 
-fn socket_info(fd: i32, target: &str, tables: &HashMap<u64, (bool, bool)>) -> Value {
+fn socket_info(fd: i32, target: &str, tables: &HashMap<u64, (&'static str, bool)>) -> Value {
     let inode = target
         .strip_prefix("socket:[")
         .and_then(|s| s.strip_suffix(']'));
-    let (is_tcp, listening) = inode
+    let (table, listening) = inode
         .and_then(|i| tables.get(&i.parse().ok()?).copied())
-        .unwrap_or((false, false));
+        .unwrap_or(("", false));
     let addr = getsockname::<SockaddrStorage>(fd).ok();
-    let kind = match addr.as_ref().and_then(|a| a.family()) {
-        Some(AddressFamily::Inet | AddressFamily::Inet6) if is_tcp => "tcp",
-        Some(AddressFamily::Unix) => "unix",
+    let kind = match (addr.as_ref().and_then(|a| a.family()), table) {
+        (Some(AddressFamily::Inet | AddressFamily::Inet6), "tcp" | "udp") => table,
+        (Some(AddressFamily::Unix), _) => "unix",
         _ => "other",
     };
     let local_addr = addr.map(|a| a.to_string());
@@ -228,11 +248,75 @@ enum Listener {
     Unix(tokio::net::UnixListener),
 }
 
+/// What the app received: stream listeners, and datagram sockets.
+#[derive(Default)]
+struct Received {
+    listeners: Vec<Listener>,
+    datagrams: Vec<tokio::net::UdpSocket>,
+}
+
+/// CLOCK_MONOTONIC now, in ns: one clock for every process here.
+fn mono_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
+}
+
+/// `FAKE_LIFE_LOG`: one line per lifecycle moment (see the crate docs).
+fn life(event: &str, extra: &str) {
+    let Ok(path) = env::var("FAKE_LIFE_LOG") else {
+        return;
+    };
+    let gen = env::var("BATON_GENERATION").unwrap_or_else(|_| "0".into());
+    let line = format!(
+        "{event} gen={gen} pid={} ns={}{extra}\n",
+        std::process::id(),
+        mono_ns()
+    );
+    use std::io::Write;
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("fake: cannot write the life log {path}: {e}");
+    }
+}
+
+/// Pids that logged `start` in the life log before and still run (the same
+/// program, not a zombie): what this process sees of other generations.
+fn still_running_predecessors() -> Vec<u32> {
+    let Ok(path) = env::var("FAKE_LIFE_LOG") else {
+        return Vec::new();
+    };
+    let me = std::fs::read_link("/proc/self/exe").ok();
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("start "))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("pid="))?
+                .parse::<u32>()
+                .ok()
+        })
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].trim().chars().next());
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+            state.is_some_and(|s| s != 'Z') && exe.is_some() && exe == me
+        })
+        .collect()
+}
+
 /// Takes the LISTEN_FDS sockets, but only when LISTEN_PID names this process
 /// (listenfd alone would also accept a missing LISTEN_PID). Needs a runtime
 /// context; inherited sockets are blocking, tokio needs non-blocking ones.
-fn take_listeners() -> std::io::Result<Vec<Listener>> {
-    let mut out = Vec::new();
+fn take_listeners() -> std::io::Result<Received> {
+    let mut out = Received::default();
     if env_num::<u32>("LISTEN_PID") != Some(std::process::id()) {
         return Ok(out);
     }
@@ -250,12 +334,17 @@ fn take_listeners() -> std::io::Result<Vec<Listener>> {
         }
         if let Ok(Some(l)) = fds.take_tcp_listener(i) {
             l.set_nonblocking(true)?;
-            out.push(Listener::Tcp(tokio::net::TcpListener::from_std(l)?));
+            out.listeners
+                .push(Listener::Tcp(tokio::net::TcpListener::from_std(l)?));
         } else if let Ok(Some(l)) = fds.take_unix_listener(i) {
             l.set_nonblocking(true)?;
-            out.push(Listener::Unix(tokio::net::UnixListener::from_std(l)?));
+            out.listeners
+                .push(Listener::Unix(tokio::net::UnixListener::from_std(l)?));
+        } else if let Ok(Some(s)) = fds.take_udp_socket(i) {
+            s.set_nonblocking(true)?;
+            out.datagrams.push(tokio::net::UdpSocket::from_std(s)?);
         } else {
-            eprintln!("fake: fd {} is not a stream listener, skipping", 3 + i);
+            eprintln!("fake: fd {} is not a socket it knows, skipping", 3 + i);
         }
     }
     Ok(out)
@@ -482,12 +571,56 @@ async fn readiness(
     }
 }
 
+/// Answers every datagram with its payload and who answered, until the
+/// drain: then it stops reading, leaving what is queued in the socket for
+/// the next reader. A datagram it has read is always answered.
+async fn udp_echo(sock: tokio::net::UdpSocket, drain: Drain, tag: String) {
+    let mut draining = drain.draining.clone();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        tokio::select! {
+            biased;
+            // A block, so the watch guard never lives across the reply's await.
+            () = async { let _ = draining.wait_for(|d| *d).await; } => return,
+            // Cancel-safe: if the drain wins, no datagram was taken.
+            r = sock.recv_from(&mut buf) => match r {
+                Ok((n, from)) => {
+                    let mut reply = buf[..n].to_vec();
+                    reply.extend_from_slice(tag.as_bytes());
+                    if let Err(e) = sock.send_to(&reply, from).await {
+                        eprintln!("fake: udp reply to {from}: {e}");
+                    }
+                }
+                Err(e) => {
+                    eprintln!("fake: udp receive: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
 async fn run(
-    listeners: Vec<Listener>,
+    received: Received,
     st: Arc<State>,
     term_seen: watch::Sender<bool>,
 ) -> std::io::Result<()> {
+    let Received {
+        listeners,
+        datagrams,
+    } = received;
     let mut term = signal(SignalKind::terminate())?;
+    if let Some(ms) = env_num::<u64>("FAKE_START_DELAY_MS") {
+        eprintln!("fake: starting slowly: accepting nothing for {ms} ms");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+            _ = term.recv() => {
+                eprintln!("fake: drain signal while starting, exiting");
+                life("exit", "");
+                return Ok(());
+            }
+        }
+    }
     let (start_drain, draining) = watch::channel(false);
     let (live, mut all_done) = mpsc::channel::<()>(1);
     let drain = Drain {
@@ -514,10 +647,30 @@ async fn run(
             held.push(l);
             continue;
         }
+        if tasks.is_empty() {
+            life("accepting", "");
+        }
         tasks.push(tokio::spawn(accept_loop(l, drain.clone(), st.clone())));
     }
     if !held.is_empty() {
         eprintln!("fake: holding {} listeners, accepting nothing", held.len());
+    }
+    let mut held_datagrams = Vec::new();
+    for sock in datagrams {
+        if env_flag("FAKE_UDP_ECHO") {
+            let tag = format!(
+                " generation={} pid={pid}",
+                env::var("BATON_GENERATION").unwrap_or_else(|_| "0".into())
+            );
+            eprintln!(
+                "fake: pid={pid} echoing datagrams on {:?}",
+                sock.local_addr()
+            );
+            tokio::spawn(udp_echo(sock, drain.clone(), tag));
+        } else {
+            eprintln!("fake: pid={pid} holding a datagram socket, reading nothing");
+            held_datagrams.push(sock);
+        }
     }
     drop(drain);
     let sent_ready = Arc::new(AtomicBool::new(false));
@@ -565,12 +718,21 @@ async fn run(
         eprintln!("fake: drain cap reached");
     }
     eprintln!("fake: drained, exiting");
+    drop(held_datagrams);
+    life("exit", "");
     Ok(())
 }
 
 fn main() -> ExitCode {
     if env::var("FAKE_ROLE").is_ok_and(|r| r == "forger") {
         return forger_main();
+    }
+    if env::var_os("FAKE_LIFE_LOG").is_some() {
+        let alive: Vec<String> = still_running_predecessors()
+            .iter()
+            .map(u32::to_string)
+            .collect();
+        life("start", &format!(" alive={}", alive.join(",")));
     }
 
     // Before anything opens fds or touches the environment. Only when a
@@ -593,6 +755,7 @@ fn main() -> ExitCode {
     }
     if let Some(code) = env_num::<i32>("FAKE_EXIT_AT_START").filter(|_| misbehaves()) {
         eprintln!("fake: exiting at start with {code}");
+        life("exit", "");
         std::process::exit(code);
     }
 

@@ -15,10 +15,12 @@
 //! `HELLO_STAMPS=<path>` (opt-in, for baton-bench): append one line per
 //! lifecycle moment to `<path>`, `<event> <generation> <pid> <ns>` where `ns`
 //! is CLOCK_MONOTONIC in nanoseconds (comparable across processes):
+//! - `start`: read first thing in `main`.
 //! - `ready`: read right before READY=1 is sent; the line is written just
 //!   after the send, so the write does not delay READY.
 //! - `drain`: read as soon as the app's signal listener wakes for its drain
 //!   signal (SIGTERM/SIGINT), before anything else of the drain.
+//! - `exit`: read once the drain is done, right before the process exits.
 //!
 //! Each line is one `write` on an `O_APPEND` file, so lines from several
 //! processes never interleave. Nothing else is written: no per-request cost.
@@ -98,8 +100,7 @@ impl Stamps {
     /// CLOCK_MONOTONIC now, in ns; only read when stamps were asked for.
     fn now(&self) -> Option<u64> {
         self.file.as_ref()?;
-        let t = clock_gettime(ClockId::CLOCK_MONOTONIC).ok()?;
-        Some(u64::try_from(t.tv_sec()).ok()? * 1_000_000_000 + u64::try_from(t.tv_nsec()).ok()?)
+        mono_ns()
     }
 
     /// Appends `<event> <generation> <pid> <ns>` in one write.
@@ -112,6 +113,11 @@ impl Stamps {
             eprintln!("hello: writing HELLO_STAMPS: {e}");
         }
     }
+}
+
+fn mono_ns() -> Option<u64> {
+    let t = clock_gettime(ClockId::CLOCK_MONOTONIC).ok()?;
+    Some(u64::try_from(t.tv_sec()).ok()? * 1_000_000_000 + u64::try_from(t.tv_nsec()).ok()?)
 }
 
 fn stamp_line(event: &str, generation: &str, pid: u32, ns: u64) -> String {
@@ -351,10 +357,13 @@ async fn run(
         eprintln!("hello: drain cap reached, exiting with connections open");
     }
     eprintln!("hello: drained, exiting");
+    stamps.write("exit", stamps.now());
     Ok(())
 }
 
 fn main() -> ExitCode {
+    // Cheap, and only written if stamps were asked for.
+    let started = mono_ns();
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -383,6 +392,7 @@ fn main() -> ExitCode {
     ));
     let banner = format!("hello: version={version} generation={generation} pid={pid}");
     let stamps = Stamps::from_env(&generation, pid);
+    stamps.write("start", started);
 
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

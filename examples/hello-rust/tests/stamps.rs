@@ -1,6 +1,7 @@
-//! `HELLO_STAMPS`: the app stamps READY=1 and its drain signal on
-//! CLOCK_MONOTONIC, which baton-bench compares across processes. Checked
-//! against this process's own reading of the same clock around each event.
+//! `HELLO_STAMPS`: the app stamps its start, READY=1, its drain signal and
+//! its exit on CLOCK_MONOTONIC, which baton-bench compares across
+//! processes. Checked against this process's own reading of the same clock
+//! around each event.
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
@@ -85,8 +86,28 @@ fn ready_and_drain_are_stamped_on_the_monotonic_clock() {
     assert!(status.success(), "{status}");
 
     let lines = parse(&std::fs::read_to_string(&stamps).expect("stamps file"));
-    assert_eq!(lines.len(), 2, "{lines:?}");
-    let (ready, drain) = (&lines[0], &lines[1]);
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let (start, ready, drain, exit) = (&lines[0], &lines[1], &lines[2], &lines[3]);
+    for (line, event) in [(start, "start"), (exit, "exit")] {
+        assert_eq!(
+            (line.0.as_str(), line.1.as_str(), line.2),
+            (event, "5", pid)
+        );
+    }
+    // Stamped first thing, before it was ready; and once drained, before
+    // the exit.
+    assert!(
+        (before_start..=ready.3).contains(&start.3),
+        "start {} not in [{before_start}, {}]",
+        start.3,
+        ready.3
+    );
+    assert!(
+        (drain.3..=exited).contains(&exit.3),
+        "exit {} not in [{}, {exited}]",
+        exit.3,
+        drain.3
+    );
     assert_eq!(
         (ready.0.as_str(), ready.1.as_str(), ready.2),
         ("ready", "5", pid)

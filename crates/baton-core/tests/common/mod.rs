@@ -32,7 +32,15 @@ pub fn settings(readiness: Readiness) -> Settings {
         restart_backoff_max: Duration::from_secs(1),
         bake: Duration::ZERO,
         health: None,
+        overlap: Overlap::Full,
     }
+}
+
+/// [`spec`] for an app that cannot run twice.
+pub fn alone(name: &str, readiness: Readiness) -> Spec<()> {
+    let mut s = spec(name, readiness);
+    s.settings.overlap = Overlap::None;
+    s
 }
 
 pub fn spec(name: &str, readiness: Readiness) -> Spec<()> {
@@ -168,13 +176,34 @@ impl Driver {
     }
 
     pub fn serving_in(mode: TrafficMode) -> Self {
+        Self::serving_spec(mode, spec("v1", Readiness::Notify))
+    }
+
+    /// The first generation, from `first`, started as pid 100 and ready.
+    pub fn serving_spec(mode: TrafficMode, first: Spec<()>) -> Self {
         let mut d = Self::with_mode(mode);
-        d.step(Input::Start {
-            spec: spec("v1", Readiness::Notify),
-        });
+        d.step(Input::Start { spec: first });
         d.spawned(1, 100);
         d.ready(100);
         d
+    }
+
+    /// An upgrade to `spec` requested over the control socket.
+    pub fn upgrade_spec(&mut self, spec: Spec<()>, options: UpgradeOptions) -> Vec<String> {
+        self.command(Command::Upgrade {
+            trigger: Trigger::Control,
+            spec: Ok(spec),
+            options,
+        })
+    }
+
+    /// The main process `pid` exits with others of its group still alive.
+    pub fn exited_leaving_group(&mut self, pid: i32, code: i32) -> Vec<String> {
+        self.step(Input::Exited {
+            pid: p(pid),
+            status: ExitStatus::Code(code),
+            group_empty: false,
+        })
     }
 
     pub fn phase(&self, gen: u64) -> Phase {
@@ -218,6 +247,7 @@ pub fn show(e: &Effect) -> String {
         Effect::StopHealth { gen } => format!("stop-health {gen}"),
         Effect::WatchQueue { gen } => format!("watch-queue {gen}"),
         Effect::FreeSockets { gen } => format!("free-sockets {gen}"),
+        Effect::PassSockets { from, to } => format!("pass-sockets {from} {to}"),
         Effect::Signal { pid, signal } => match signal {
             Signal::Drain => format!("signal-drain {pid}"),
             Signal::Kill => format!("signal-kill {pid}"),
@@ -245,6 +275,7 @@ pub fn show(e: &Effect) -> String {
             Reply::Refused(Refusal::NoPrevious) => "reply no-previous".into(),
             Reply::Refused(Refusal::NothingToPromote) => "reply nothing-to-promote".into(),
             Reply::Refused(Refusal::NeedsSteering) => "reply needs-steering".into(),
+            Reply::Refused(Refusal::NeedsOverlap) => "reply needs-overlap".into(),
             Reply::RolledBack(gen) => format!("reply rolled-back {gen}"),
             Reply::Promoting(gen) => format!("reply promoting {gen}"),
             Reply::Restarting(gen) => format!("reply restarting {gen}"),

@@ -1,5 +1,7 @@
 //! The command line: `baton run` starts a supervisor; `upgrade`,
-//! `rollback`, `status` and `stop` talk to one over its control socket.
+//! `rollback`, `status` and `stop` talk to one over its control socket;
+//! `deploy` and `releases` manage releases side by side and then talk to
+//! it the same way.
 //!
 //! Exit codes (stable, for scripts): 0 success; 1 the operation failed
 //! (the upgrade failed and the old generation still serves, another
@@ -8,6 +10,9 @@
 //! unreachable). [`CliError::exit_code`] is the one place errors map to them.
 
 mod client;
+mod deploy;
+mod docs;
+mod report;
 mod run;
 
 use std::path::PathBuf;
@@ -45,7 +50,7 @@ pub enum Cmd {
     /// Bind the sockets, start the app and supervise it
     Run(RunArgs),
     /// Start a new generation from the current configuration and cut over
-    Upgrade(UpgradeArgs),
+    Upgrade(UpgradeCmd),
     /// During a canary or bake: give the traffic back to the previous
     /// generation at once. Otherwise: start the previous successful release
     /// and cut over to it
@@ -60,6 +65,64 @@ pub enum Cmd {
     },
     /// Drain every generation, then exit the supervisor
     Stop,
+    /// Print a shell completion script to stdout
+    Completions {
+        /// The shell to complete for
+        #[arg(value_enum)]
+        shell: clap_complete::aot::Shell,
+    },
+    /// Print baton's man page (roff) to stdout
+    Man,
+    /// (internal) Continue a baton that is upgrading itself: the previous
+    /// image re-executes the binary with this
+    #[command(name = "__handover", hide = true)]
+    Handover {
+        #[arg(long)]
+        state_fd: i32,
+    },
+    /// (internal) Check a hand-over document on stdin: exit 0 if this
+    /// binary can take it over
+    #[command(name = "__handover-check", hide = true)]
+    HandoverCheck,
+    /// Unpack an artifact into a new release beside the others, point
+    /// `current` at it and upgrade to it (`current` goes back if the
+    /// upgrade fails)
+    Deploy(DeployArgs),
+    /// List the releases: which is active, parked, previous or failed, and
+    /// when each was deployed
+    Releases(ReleasesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// A .tar.gz, .tar.zst or .tar archive, or a directory
+    #[arg(value_name = "ARTIFACT")]
+    pub artifact: PathBuf,
+    /// Name of the release [default: the artifact's file name without
+    /// .tar.gz/.tar.zst, else a timestamp]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Releases root, if the supervisor does not report one (it does when
+    /// started with --releases-dir)
+    #[arg(long, value_name = "DIR")]
+    pub releases_dir: Option<PathBuf>,
+    /// Unpack and point `current` at the release without upgrading: a
+    /// first install before `baton run`, or staging for the next upgrade
+    #[arg(long, conflicts_with_all = ["canary", "canary_for", "bake", "no_wait"])]
+    pub no_upgrade: bool,
+    #[command(flatten)]
+    pub upgrade: UpgradeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReleasesArgs {
+    /// Releases root, if the supervisor does not report one (or is not
+    /// running)
+    #[arg(long, value_name = "DIR")]
+    pub releases_dir: Option<PathBuf>,
+    /// Print JSON for scripts
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -68,9 +131,25 @@ pub struct StreamArgs {
     /// generation to finish draining
     #[arg(long)]
     pub no_wait_drain: bool,
-    /// Print the raw event stream (NDJSON)
-    #[arg(long)]
+    /// Print one JSON object with the outcome at the end (outcome,
+    /// generation, release, phases, reason; see docs/fleet.md), and
+    /// nothing else on stdout
+    #[arg(long, conflicts_with = "events")]
     pub json: bool,
+    /// Print the raw event stream (NDJSON), as the control socket sends it
+    #[arg(long)]
+    pub events: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeCmd {
+    #[command(flatten)]
+    pub args: UpgradeArgs,
+    /// Upgrade baton itself: re-execute its binary (the path it was
+    /// started from, looked up again) in place, same pid, handing over
+    /// every socket and process; the apps are untouched
+    #[arg(long = "self", conflicts_with_all = ["no_wait", "canary", "canary_for", "bake", "json", "events"])]
+    pub self_: bool,
 }
 
 #[derive(Debug, Args)]
@@ -109,7 +188,16 @@ pub struct RunArgs {
     /// Configuration file (TOML); flags override its values
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Listener NAME=ADDRESS (IP:PORT, [IPv6]:PORT, unix:/path[,mode=0660]), or
+    /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT; port 0
+    /// takes a free port, logged at start)
+    #[arg(long, value_name = "ADDR", value_parser = config::parse_metrics_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Log format on stderr: text or json (one object per line, the apps'
+    /// stderr lines included) [default: text]
+    #[arg(long, value_name = "FORMAT", value_parser = config::parse_log_format)]
+    pub log_format: Option<config::LogFormat>,
+    /// Listener NAME=ADDRESS (IP:PORT, [IPv6]:PORT, udp:IP:PORT,
+    /// unix:/path[,mode=0660]), or
     /// NAME alone for the socket of that name passed by systemd (LISTEN_FDS);
     /// repeatable, in fd order
     #[arg(long = "listen", value_name = "NAME=ADDRESS")]
@@ -170,6 +258,19 @@ pub struct RunArgs {
     /// restarted alone if it crashes [default: 1]
     #[arg(long, value_name = "N")]
     pub workers: Option<u32>,
+    /// Releases root for `baton deploy`: releases in DIR/releases/NAME,
+    /// and the app runs in DIR/current unless --cwd is given
+    #[arg(long, value_name = "DIR")]
+    pub releases_dir: Option<PathBuf>,
+    /// Releases `baton deploy` keeps, besides the active and previous ones
+    /// [default: 5]
+    #[arg(long, value_name = "N")]
+    pub keep_releases: Option<u32>,
+    /// full (the new generation starts beside the old one) or none (the
+    /// app cannot run twice: the old one drains and exits first, then the
+    /// new one starts; connections wait meanwhile) [default: full]
+    #[arg(long, value_name = "MODE", value_parser = config::parse_overlap)]
+    pub overlap: Option<config::Overlap>,
     /// The app's command; `{fd:NAME}` becomes that listener's fd number
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -194,6 +295,10 @@ pub enum CliError {
     #[error(transparent)]
     Bind(#[from] baton::listener::BindError),
     #[error(transparent)]
+    Metrics(#[from] baton::metrics::BindError),
+    #[error("writing to stdout")]
+    Stdout(#[source] std::io::Error),
+    #[error(transparent)]
     Control(#[from] baton::control::ControlError),
     #[error("{what}")]
     Setup {
@@ -205,6 +310,10 @@ pub enum CliError {
     ListenFds(#[from] baton_sys::ListenFdsError),
     #[error("reaching the service manager")]
     Systemd(#[from] baton::systemd::NotifySetupError),
+    #[error("taking over from the previous baton")]
+    Handover(#[from] baton::handover::HandoverError),
+    #[error("baton did not come back from its self-upgrade within {0:?}")]
+    SelfUpgradeLost(Duration),
     #[error("--user/--group need baton to run as root")]
     NeedsRoot,
     #[error("cannot start the app: {0}")]
@@ -222,6 +331,12 @@ pub enum CliError {
     StillDraining,
     #[error("printing JSON")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Release(#[from] baton::releases::ReleaseError),
+    #[error("no releases directory: the supervisor was not started with --releases-dir (or `releases_dir`); pass --releases-dir")]
+    NoReleasesDir,
+    #[error("no release deployed yet: {} does not exist; deploy one first with `baton deploy --no-upgrade --releases-dir {} ARTIFACT`", .current.display(), .root.display())]
+    NoRelease { current: PathBuf, root: PathBuf },
 }
 
 impl CliError {
@@ -233,15 +348,25 @@ impl CliError {
                 | ErrorKind::Stopping
                 | ErrorKind::NoPrevious
                 | ErrorKind::NothingToPromote
-                | ErrorKind::NeedsSteering => EXIT_FAILED,
+                | ErrorKind::NeedsSteering
+                | ErrorKind::SelfUpgrade
+                | ErrorKind::NeedsOverlap => EXIT_FAILED,
                 ErrorKind::BadRequest | ErrorKind::Config | ErrorKind::Forbidden => EXIT_USAGE,
             },
-            Self::StreamEnded(_) | Self::NoStatus | Self::StillDraining | Self::Json(_) => {
-                EXIT_FAILED
-            }
+            Self::StreamEnded(_)
+            | Self::NoStatus
+            | Self::StillDraining
+            | Self::Json(_)
+            | Self::Stdout(_)
+            | Self::Handover(_)
+            | Self::SelfUpgradeLost(_) => EXIT_FAILED,
+            Self::Release(e) if e.is_usage() => EXIT_USAGE,
+            Self::Release(_) => EXIT_FAILED,
+            Self::NoReleasesDir | Self::NoRelease { .. } => EXIT_USAGE,
             Self::Config(_)
             | Self::Resolve(_)
             | Self::Bind(_)
+            | Self::Metrics(_)
             | Self::Control(_)
             | Self::Setup { .. }
             | Self::ListenFds(_)
@@ -255,17 +380,28 @@ impl CliError {
 /// Logs go to stderr through a non-blocking writer: a slow or stuck log
 /// reader must never delay a cutover or a kill timer. Lines that do not
 /// fit its buffer are dropped. The guard flushes (boundedly) when dropped.
-pub fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
+/// JSON lines carry `timestamp`, `level`, `message` and the event's fields
+/// at the top level (docs/operations.md lists them).
+pub fn init_tracing(format: config::LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (writer, guard) = stderr_writer("baton-log");
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_target(false)
-        .with_ansi(ansi)
-        .init();
+        .with_target(false);
+    match format {
+        config::LogFormat::Text => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            logs.with_ansi(ansi).init();
+        }
+        config::LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
     guard
 }
 
@@ -290,12 +426,26 @@ pub fn stderr_writer(
 /// Runs a parsed command line; `Ok` carries the exit code of a command
 /// that reported its own outcome (an upgrade that failed exits 1).
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command {
+        Cmd::Completions { shell } => return docs::completions(shell).map(ExitCode::from),
+        Cmd::Man => return docs::man().map(ExitCode::from),
+        Cmd::HandoverCheck => {
+            return baton::handover::State::read(std::io::stdin().lock())
+                .map(|_| ExitCode::from(EXIT_OK))
+                .map_err(CliError::Handover)
+        }
+        _ => {}
+    }
     // Sockets from a service manager are taken first, before anything else
     // opens descriptors: they are known by number until then.
     let inherited = match &cli.command {
         Cmd::Run(_) => InheritedSockets::new(baton_sys::take_listen_fds()?),
         _ => InheritedSockets::default(),
     };
+    // `run` sets its logs up once its configuration (which names the
+    // format) is loaded.
+    let _logs = (!matches!(cli.command, Cmd::Run(_) | Cmd::Handover { .. }))
+        .then(|| init_tracing(config::LogFormat::Text));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -304,16 +454,46 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             what: "starting the runtime",
             source,
         })?;
-    let result = runtime.block_on(async move {
-        match cli.command {
-            Cmd::Run(args) => run::supervise(args, cli.control, inherited).await,
-            Cmd::Upgrade(args) => client::upgrade(control_path(cli.control), args).await,
-            Cmd::Rollback(args) => client::rollback(control_path(cli.control), args).await,
-            Cmd::Promote(args) => client::promote(control_path(cli.control), args).await,
-            Cmd::Status { json } => client::status(control_path(cli.control), json).await,
-            Cmd::Stop => client::stop(control_path(cli.control)).await,
+    let result = match cli.command {
+        Cmd::Run(args) => {
+            // The supervisor runs on the runtime's threads; this (main)
+            // thread forks every app, until the supervisor is done.
+            let (spawner, forks) = baton::process::Spawner::new();
+            let task = runtime.spawn(run::supervise(args, cli.control, inherited, spawner));
+            forks.run();
+            runtime.block_on(task).unwrap_or_else(|e| {
+                Err(CliError::StartApp(format!(
+                    "the supervisor task failed: {e}"
+                )))
+            })
         }
-    });
+        Cmd::Handover { state_fd } => {
+            let (spawner, forks) = baton::process::Spawner::new();
+            let task = runtime.spawn(run::resume(state_fd, spawner));
+            forks.run();
+            runtime.block_on(task).unwrap_or_else(|e| {
+                Err(CliError::StartApp(format!(
+                    "the supervisor task failed: {e}"
+                )))
+            })
+        }
+        command => runtime.block_on(async move {
+            match command {
+                Cmd::Run(_) | Cmd::Handover { .. } => unreachable!("handled above"),
+                Cmd::Upgrade(cmd) if cmd.self_ => {
+                    client::upgrade_self(control_path(cli.control)).await
+                }
+                Cmd::Upgrade(cmd) => client::upgrade(control_path(cli.control), cmd.args).await,
+                Cmd::Rollback(args) => client::rollback(control_path(cli.control), args).await,
+                Cmd::Promote(args) => client::promote(control_path(cli.control), args).await,
+                Cmd::Status { json } => client::status(control_path(cli.control), json).await,
+                Cmd::Stop => client::stop(control_path(cli.control)).await,
+                Cmd::Deploy(args) => deploy::deploy(control_path(cli.control), args).await,
+                Cmd::Releases(args) => deploy::releases(control_path(cli.control), args).await,
+                Cmd::Completions { .. } | Cmd::Man | Cmd::HandoverCheck => Ok(EXIT_OK),
+            }
+        }),
+    };
     // Don't wait for lingering blocking tasks (none should remain).
     runtime.shutdown_timeout(Duration::from_millis(100));
     result.map(ExitCode::from)

@@ -19,10 +19,10 @@
 //! once its sockets' queues are empty; anything that still lands there
 //! after it has gone is reset when its slot is freed.
 //!
-//! Unix listeners (and every listener with `traffic = "shared"`, or where
-//! the kernel refuses the program) are one socket shared by every
-//! generation, as in the systemd model: whichever process accepts gets the
-//! connection.
+//! Unix listeners, datagram (UDP) sockets (and every listener with
+//! `traffic = "shared"`, or where the kernel refuses the program) are one
+//! socket shared by every generation, as in the systemd model: whichever
+//! process accepts (or reads) gets the connection (or the datagram).
 
 pub mod program;
 
@@ -34,6 +34,7 @@ use baton_core::{GenId, TrafficMode, TrafficPlan};
 use socket2::{Domain, Socket, Type};
 
 use crate::config::{ListenAddr, ListenSpec};
+use crate::handover::FdNum;
 use crate::listener::{adopt, describe, BindError, InheritedSockets, Listener};
 use program::{Family, PortRange, Routes};
 
@@ -71,6 +72,50 @@ pub struct Sockets {
     backlog: u32,
 }
 
+/// The sockets as handed to a new baton image: descriptors by number,
+/// with the layout that gives them meaning (the slots, the mirror of each
+/// group's kernel array, the traffic plan in force).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct SocketsState {
+    mode: TrafficMode,
+    endpoints: Vec<EndpointState>,
+    slots: Vec<Option<GenId>>,
+    plan: TrafficPlan,
+    probes: PortRange,
+    backlog: u32,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum EndpointState {
+    Shared {
+        name: String,
+        address: ListenAddr,
+        fd: FdNum,
+        unix_file: Option<(std::path::PathBuf, u64)>,
+        inherited: bool,
+    },
+    Steered {
+        name: String,
+        address: SocketAddr,
+        v6only: bool,
+        first_inherited: bool,
+        fds: Vec<FdNum>,
+        members: Vec<usize>,
+    },
+}
+
+impl SocketsState {
+    pub fn fds(&self) -> Vec<FdNum> {
+        self.endpoints
+            .iter()
+            .flat_map(|e| match e {
+                EndpointState::Shared { fd, .. } => vec![*fd],
+                EndpointState::Steered { fds, .. } => fds.clone(),
+            })
+            .collect()
+    }
+}
+
 /// What [`Sockets::recover_detached`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Recovered {
@@ -85,6 +130,8 @@ pub struct SocketInfo {
     pub name: String,
     pub address: String,
     pub steered: bool,
+    /// A datagram socket: shared by every generation, never steered.
+    pub datagram: bool,
 }
 
 impl Sockets {
@@ -181,6 +228,101 @@ impl Sockets {
         Ok(sockets)
     }
 
+    /// The state for a new baton image, and the descriptors it names.
+    pub fn hand_over(&self) -> (SocketsState, Vec<BorrowedFd<'_>>) {
+        let mut fds = Vec::new();
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|e| match e {
+                Endpoint::Shared(l) => {
+                    fds.push(l.as_fd());
+                    EndpointState::Shared {
+                        name: l.name.clone(),
+                        address: l.address.clone(),
+                        fd: FdNum::of(l.as_fd()),
+                        unix_file: l.unix_file().cloned(),
+                        inherited: l.inherited,
+                    }
+                }
+                Endpoint::Steered(g) => {
+                    fds.extend(g.sockets.iter().map(|s| s.as_fd()));
+                    EndpointState::Steered {
+                        name: g.name.clone(),
+                        address: g.address,
+                        v6only: g.v6only,
+                        first_inherited: g.first_inherited,
+                        fds: g.sockets.iter().map(|s| FdNum::of(s.as_fd())).collect(),
+                        members: g.members.clone(),
+                    }
+                }
+            })
+            .collect();
+        let state = SocketsState {
+            mode: self.mode,
+            endpoints,
+            slots: self.slots.clone(),
+            plan: self.plan.clone(),
+            probes: self.probes,
+            backlog: self.backlog,
+        };
+        (state, fds)
+    }
+
+    /// The sockets a previous baton image handed over, exactly as they
+    /// were: the kernel still has the same groups and program.
+    pub fn take_over(state: SocketsState) -> io::Result<Self> {
+        let endpoints = state
+            .endpoints
+            .into_iter()
+            .map(|e| match e {
+                EndpointState::Shared {
+                    name,
+                    address,
+                    fd,
+                    unix_file,
+                    inherited,
+                } => Ok(Endpoint::Shared(Listener::handed_over(
+                    name,
+                    address,
+                    Socket::from(fd.take()?),
+                    unix_file,
+                    inherited,
+                ))),
+                EndpointState::Steered {
+                    name,
+                    address,
+                    v6only,
+                    first_inherited,
+                    fds,
+                    members,
+                } => {
+                    let sockets = fds
+                        .into_iter()
+                        .map(|fd| fd.take().map(Socket::from))
+                        .collect::<io::Result<Vec<_>>>()?;
+                    let mut rest = sockets.into_iter();
+                    let first = rest
+                        .next()
+                        .ok_or_else(|| io::Error::other("a steered listener without sockets"))?;
+                    let mut g = Group::new(name, address, v6only, first);
+                    g.sockets.extend(rest);
+                    g.first_inherited = first_inherited;
+                    g.members = members;
+                    Ok(Endpoint::Steered(g))
+                }
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Self {
+            mode: state.mode,
+            endpoints,
+            slots: state.slots,
+            plan: state.plan,
+            probes: state.probes,
+            backlog: state.backlog,
+        })
+    }
+
     /// The traffic mode in force (steered only if the kernel took it).
     pub fn mode(&self) -> TrafficMode {
         self.mode
@@ -230,11 +372,13 @@ impl Sockets {
                     name: l.name.clone(),
                     address: l.address.to_string(),
                     steered: false,
+                    datagram: matches!(l.address, ListenAddr::Udp(_)),
                 },
                 Endpoint::Steered(g) => SocketInfo {
                     name: g.name.clone(),
                     address: g.address.to_string(),
                     steered: true,
+                    datagram: false,
                 },
             })
             .collect()
@@ -345,6 +489,24 @@ impl Sockets {
                 );
             }
         }
+    }
+
+    /// `to` takes `from`'s place (an upgrade without overlap): `from`'s
+    /// slot becomes `to`'s, with every connection waiting in its sockets,
+    /// which `to` accepts once it runs (it has not run yet, so it holds no
+    /// slot of its own). Nothing is reset. A generation without a slot
+    /// passes nothing; `to` then takes one when it spawns.
+    pub fn pass(&mut self, from: GenId, to: GenId) {
+        let Some(slot) = self.slot_of(from) else {
+            return;
+        };
+        self.slots[slot] = Some(to);
+        tracing::debug!(
+            slot,
+            from = from.0,
+            to = to.0,
+            "socket slot handed over with its queue"
+        );
     }
 
     /// Copies of `gen`'s steered sockets, to watch their queues.
@@ -673,6 +835,58 @@ mod tests {
             }),
             parked: None,
         }
+    }
+
+    /// Without overlap the new generation takes the old one's slot: the
+    /// connections queued there are not reset when the old one ends, the
+    /// new one gets that very socket, and new connections keep landing in
+    /// it.
+    #[test]
+    fn a_handed_over_slot_keeps_its_queue() {
+        let mut s = Sockets::bind(
+            &[spec()],
+            64,
+            TrafficMode::Steered,
+            ports(),
+            &mut InheritedSockets::default(),
+        )
+        .unwrap();
+        let addr = s.probe_addr().unwrap();
+        let old = s.for_spawn(GenId(1)).unwrap().remove(0).1;
+        s.apply(&plan(1, None));
+        let queued: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let waiting = |fd: &OwnedFd| baton_sys::tcp_accept_queue_len(fd.as_fd()).unwrap();
+        wait_for(|| waiting(&old) == 3);
+        s.pass(GenId(1), GenId(2));
+        s.apply(&plan(2, None));
+        // The old generation no longer holds the slot: freeing it (the
+        // machine does not even ask) resets nothing.
+        s.free(GenId(1));
+        assert_eq!(waiting(&old), 3, "handed over: nothing reset");
+        let new = s.for_spawn(GenId(2)).unwrap().remove(0).1;
+        let inode = |fd: &OwnedFd| {
+            use std::os::fd::AsRawFd;
+            std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap()
+        };
+        assert_eq!(inode(&new), inode(&old), "the very same socket");
+        let _more = TcpStream::connect(addr).unwrap();
+        wait_for(|| waiting(&new) == 4);
+        assert_eq!(s.slot_count(), 1, "no new slot was needed");
+        s.free(GenId(2));
+        assert_eq!(waiting(&new), 0, "positive control: a freed slot is reset");
+        drop(queued);
+    }
+
+    /// Polls `cond` for up to 2 s (the kernel completes handshakes
+    /// asynchronously).
+    fn wait_for(mut cond: impl FnMut() -> bool) {
+        for _ in 0..2000 {
+            if cond() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("condition not met within 2 s");
     }
 
     /// The kernel's array of a group, mirrored: connections land on the

@@ -1,0 +1,237 @@
+//! baton upgrading itself (`baton upgrade --self`, SIGUSR2): the binary at
+//! the path baton was started from is replaced, and baton re-executes it
+//! in place. The tests run baton from a copy in a temp dir, and "build" a
+//! new version by appending bytes to a copy (still the same program, but a
+//! different file: its size tells them apart in `status`).
+
+use std::path::{Path, PathBuf};
+
+use baton_e2e::*;
+use serde_json::Value;
+
+/// A copy of the baton binary at `path`, with `marker` appended (a new
+/// "build"), put in place by rename as a deploy would.
+fn install_baton(path: &Path, marker: &str) {
+    let mut bytes = std::fs::read(bin("baton")).unwrap();
+    bytes.extend_from_slice(marker.as_bytes());
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// baton run from a copy of its binary in its temp dir, with the fake app.
+fn start_from_copy(flags: &[&str]) -> (Baton, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("baton");
+    install_baton(&exe, "");
+    std::fs::write(dir.path().join("baton.toml"), fake_config("", "")).unwrap();
+    let mut args = vec!["--config", "baton.toml"];
+    args.extend_from_slice(flags);
+    let b = Baton::spawn_binary(dir, &exe, &args);
+    b.wait_active(1);
+    (b, exe)
+}
+
+/// The active generation's main pid (none while it restarts).
+fn active_pid(status: &Value) -> Option<i64> {
+    let active = status["active"].as_u64()?;
+    status["generations"]
+        .as_array()?
+        .iter()
+        .find(|g| g["number"] == active)?["pid"]
+        .as_i64()
+}
+
+/// Under continuous load (new connections and keep-alive): the new
+/// binary takes over in the same process (same pid), the running
+/// generation is untouched (same pid, still active), `status` shows the
+/// new binary and one hand-over, and no request fails. The new image then
+/// does everything the old one did: restarts a crashed app, upgrades the
+/// app, upgrades itself again by SIGUSR2, and stops cleanly.
+#[test]
+fn baton_upgrades_itself_under_load_and_carries_on() {
+    let (mut b, exe) = start_from_copy(&[]);
+    let addr = b.addr("http");
+    let before = b.status();
+    assert_eq!(before["handovers"], 0);
+    let app = active_pid(&before).unwrap();
+    let load = Load::start(addr, &[Mode::NewConnection, Mode::KeepAlive], 2, WAIT);
+
+    install_baton(&exe, "build-2");
+    let out = b.cli(&["upgrade", "--self"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        describe_output(&out),
+        b.logs()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("pid {} (unchanged)", b.pid())),
+        "{text}"
+    );
+    load.wait_requests(200);
+    let after = b.status();
+    assert_eq!(after["pid"], before["pid"], "same process");
+    assert_eq!(after["handovers"], 1);
+    assert_eq!(
+        after["binary"]["size"].as_u64().unwrap(),
+        before["binary"]["size"].as_u64().unwrap() + "build-2".len() as u64,
+        "status shows the new binary: {after}"
+    );
+    assert_eq!(active_pid(&after), Some(app), "the app was not touched");
+    assert_eq!(after["active"], 1);
+    assert_eq!(
+        b.stderr.count(&["took over from the previous baton image"]),
+        1
+    );
+    let report = load.finish();
+    report.assert_no_failures();
+    assert!(report.ok > 200, "traffic flowed: {}", report.ok);
+
+    // The new image watches the old image's processes: a crash is seen
+    // and the generation restarted.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(app as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    b.wait_until("the crashed app's restart", WAIT, || {
+        let s = b.status();
+        s["generations"][0]["restarts"] == 1 && active_pid(&s).is_some_and(|p| p != app)
+    });
+    assert_eq!(version_of(&get(addr, "/").unwrap().body), "good");
+
+    // It upgrades the app, whose old generation drains and is reaped.
+    b.upgrade_expect(&[], 0);
+    b.wait_until("generation 1 to exit", WAIT, || {
+        b.stderr.count(&["generation exited", "generation=1 "]) >= 2
+    });
+    wait_until("no zombie", WAIT, || zombies_of(b.pid() as i32).is_empty());
+
+    // SIGUSR2 is the same as `baton upgrade --self`.
+    install_baton(&exe, "build-3");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.pid() as i32),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .unwrap();
+    b.wait_until("the second hand-over", WAIT, || {
+        b.status()["handovers"] == 2
+    });
+    assert_eq!(b.status()["active"], 2);
+    assert_eq!(version_of(&get(addr, "/").unwrap().body), "good");
+
+    let out = b.cli(&["stop"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(b.wait_exit(WAIT), 0, "{}", b.logs());
+    assert!(!b.control.exists(), "the control socket is removed at exit");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the listener is closed once baton is gone"
+    );
+}
+
+/// A new binary that is missing, not executable, or fails its check of
+/// the hand-over document is refused with exit 1 and why; the old baton
+/// goes on serving, unchanged. Positive control: a good binary then passes.
+#[test]
+fn a_bad_new_binary_is_refused_and_the_old_baton_goes_on() {
+    let (b, exe) = start_from_copy(&[]);
+    let addr = b.addr("http");
+    let pid = b.pid();
+    type Break = Box<dyn Fn(&Path)>;
+    let cases: [(&str, Break); 3] = [
+        (
+            "not executable",
+            Box::new(|p: &Path| {
+                let tmp = p.with_extension("tmp");
+                std::fs::write(&tmp, b"not a program").unwrap();
+                std::fs::rename(&tmp, p).unwrap();
+            }),
+        ),
+        (
+            "its check failed",
+            Box::new(|p: &Path| {
+                let tmp = p.with_extension("tmp");
+                write_script(&tmp, "echo 'cannot read this format' >&2; exit 1");
+                std::fs::rename(&tmp, p).unwrap();
+            }),
+        ),
+        (
+            "not found",
+            Box::new(|p: &Path| {
+                std::fs::remove_file(p).unwrap();
+            }),
+        ),
+    ];
+    for (why, break_it) in &cases {
+        break_it(&exe);
+        let out = b.cli(&["upgrade", "--self"]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{why}: {}",
+            describe_output(&out)
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{why}: {err}");
+        if *why == "its check failed" {
+            assert!(
+                err.contains("cannot read this format"),
+                "the check's words: {err}"
+            );
+        }
+        let s = b.status();
+        assert_eq!(s["pid"], pid, "{why}");
+        assert_eq!(s["handovers"], 0, "{why}");
+        assert_eq!(version_of(&get(addr, "/").unwrap().body), "good", "{why}");
+    }
+    install_baton(&exe, "good");
+    let out = b.cli(&["upgrade", "--self"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(b.status()["handovers"], 1);
+}
+
+/// While an app upgrade is in progress baton does not hand over: exit 1,
+/// saying so; once it is over, the self-upgrade goes through.
+#[test]
+fn no_self_upgrade_during_an_app_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    let exe = dir.path().join("baton");
+    install_baton(&exe, "");
+    std::fs::write(
+        dir.path().join("baton.toml"),
+        gated_fake_config("v1", &gate),
+    )
+    .unwrap();
+    std::fs::write(&gate, b"").unwrap();
+    let b = Baton::spawn_binary(dir, &exe, &["--config", "baton.toml"]);
+    b.wait_active(1);
+    std::fs::remove_file(&gate).unwrap();
+    let mut upgrade = std::process::Command::new(bin("baton"))
+        .arg("--control")
+        .arg(&b.control)
+        .arg("upgrade")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    b.wait_until("the candidate to start", WAIT, || {
+        b.stderr.count(&["generation started", "generation=2 "]) == 1
+    });
+    let out = b.cli(&["upgrade", "--self"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe_output(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in progress") || err.contains("is starting"),
+        "{err}"
+    );
+    std::fs::write(&gate, b"").unwrap();
+    assert!(upgrade.wait().unwrap().success());
+    let out = b.cli(&["upgrade", "--self"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(b.status()["handovers"], 1);
+}
