@@ -593,3 +593,154 @@ fn a_failed_restart_during_a_bake_with_nothing_parked_is_retried() {
     assert!(matches!(d.phase(2), Phase::Serving { .. }));
     assert!(d.m.upgrade().is_some(), "the bake goes on");
 }
+
+// ----- without overlap ---------------------------------------------------
+
+/// Generation 1 of an app that cannot run twice, serving with `workers`
+/// workers (pids 100, 101, …); then an upgrade to `workers` workers of v2.
+fn replacing_n(mode: TrafficMode, workers: u32) -> (Driver, Vec<String>) {
+    let mut d = Driver::with_mode(mode);
+    let mut first = spec_n("v1", Readiness::Notify, workers);
+    first.settings.overlap = Overlap::None;
+    d.step(Input::Start { spec: first });
+    for i in 0..workers {
+        d.spawned_worker(1, i, 100 + i as i32);
+        d.ready(100 + i as i32);
+    }
+    let mut next = spec_n("v2", Readiness::Notify, workers);
+    next.settings.overlap = Overlap::None;
+    let fx = d.upgrade_spec(next, UpgradeOptions::default());
+    (d, fx)
+}
+
+/// Without overlap, every worker of the old generation is drained and gone
+/// (its whole group) before any worker of the new one is asked for; then
+/// all N start, and the new generation has taken over once all are ready.
+#[test]
+fn without_overlap_every_old_worker_is_gone_before_the_new_workers_start() {
+    let (mut d, fx) = replacing_n(TrafficMode::Steered, 3);
+    assert_eq!(
+        fx,
+        [
+            "2 requested Control",
+            "pass-sockets 1 2",
+            "traffic 2",
+            "signal-drain 100",
+            "1 draining 100",
+            "signal-drain 101",
+            "1 draining 101",
+            "signal-drain 102",
+            "1 draining 102",
+            "reply upgrading 2"
+        ]
+    );
+    assert_eq!(d.phase(2), Phase::Waiting);
+    assert_eq!(d.exited(100, 0), ["1 exited 100", "release 100"]);
+    assert_eq!(d.exited_leaving_group(102, 0), ["1 exited 102 w2"]);
+    assert_eq!(d.exited(101, 0), ["1 exited 101 w1", "release 101"]);
+    assert_eq!(d.phase(2), Phase::Waiting, "a member of 102's group runs");
+    assert_eq!(
+        d.step(Input::GroupEmpty { pid: p(102) }),
+        ["release 102", "spawn 2", "spawn 2 w1", "spawn 2 w2"]
+    );
+    for i in 0..3 {
+        d.spawned_worker(2, i, 200 + i as i32);
+    }
+    assert_eq!(d.ready(200), Vec::<String>::new());
+    assert_eq!(d.ready(202), Vec::<String>::new());
+    assert_eq!(d.ready(201), ["2 ready 201", "2 active 201", "2 succeeded"]);
+    assert_eq!(
+        d.phase(2),
+        Phase::Serving {
+            workers: up(&[200, 201, 202])
+        }
+    );
+}
+
+/// Without overlap, a worker of the new generation dying while it starts
+/// brings the previous release back with all its workers, once nothing of
+/// the new one runs; the failure, naming the worker, is reported once
+/// every restored worker has been started (or could not be).
+#[test]
+fn without_overlap_a_dying_worker_restores_the_previous_release_whole() {
+    let (mut d, _) = replacing_n(TrafficMode::Steered, 3);
+    for pid in [100, 101, 102] {
+        d.exited(pid, 0);
+    }
+    for i in 0..3 {
+        d.spawned_worker(2, i, 200 + i as i32);
+    }
+    d.ready(200);
+    assert_eq!(
+        d.exited(201, 3),
+        [
+            "2 exited 201 w1",
+            "release 201",
+            "3 requested Rollback",
+            "pass-sockets 2 3",
+            "traffic 3",
+            "2 rolled-back to 3 Exited(Code(3))",
+            "signal-drain 200",
+            "2 draining 200",
+            "signal-drain 202",
+            "2 draining 202"
+        ]
+    );
+    assert_eq!(d.m.spec(g(3)).unwrap().release, release("v1"));
+    assert_eq!(d.m.spec(g(3)).unwrap().settings.workers, 3);
+    assert_eq!(d.exited(200, 0), ["2 exited 200", "release 200"]);
+    assert_eq!(
+        d.exited(202, 0),
+        [
+            "2 exited 202 w2",
+            "release 202",
+            "spawn 3",
+            "spawn 3 w1",
+            "spawn 3 w2"
+        ]
+    );
+    assert_eq!(d.spawned_worker(3, 0, 300), ["3 spawned 300"]);
+    // The restored generation is the active one: a worker that cannot
+    // start is restarted, not given up.
+    assert_eq!(
+        d.spawn_failed(3, 1, "no such file"),
+        ["3 spawn-failed no such file", "3 restarting 100ms #1 w1"]
+    );
+    assert!(d.m.upgrade().is_some(), "not reported before every worker");
+    assert_eq!(
+        d.spawned_worker(3, 2, 302),
+        ["3 spawned 302 w2", "2 failed Exited(Code(3)) w1"]
+    );
+    assert!(d.m.upgrade().is_none());
+    assert_eq!(d.tick_at(100), ["spawn 3 w1"]);
+    d.spawned_worker(3, 1, 301);
+    d.ready(300);
+    d.ready(302);
+    assert_eq!(d.ready(301), ["3 ready 301", "3 active 301"]);
+}
+
+/// Without overlap, a new worker that cannot be started fails the upgrade
+/// like an exit would (the new generation owns the traffic before it is
+/// ever ready, yet it is not restarted as an active one would be).
+#[test]
+fn without_overlap_a_new_worker_that_cannot_start_restores_the_previous_release() {
+    let (mut d, _) = replacing_n(TrafficMode::Shared, 2);
+    d.exited(100, 0);
+    d.exited(101, 0);
+    d.spawned_worker(2, 0, 200);
+    assert_eq!(
+        d.spawn_failed(2, 1, "no such file"),
+        [
+            "2 spawn-failed no such file",
+            "signal-drain 200",
+            "2 draining 200",
+            "3 requested Rollback",
+            "traffic 3",
+            "2 rolled-back to 3 Spawn(\"no such file\")"
+        ]
+    );
+    assert_eq!(
+        d.exited(200, 0),
+        ["2 exited 200", "release 200", "spawn 3", "spawn 3 w1"]
+    );
+}
