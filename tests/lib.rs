@@ -663,10 +663,13 @@ pub struct Life {
     /// `start`, `accepting` or `exit`.
     pub event: String,
     pub gen: u64,
+    /// Its `BATON_WORKER`.
+    pub worker: u32,
     pub pid: i64,
     /// CLOCK_MONOTONIC, ns (compare with [`mono_ns`]).
     pub ns: u64,
-    /// For `start`: earlier processes of the log still running then.
+    /// For `start`: earlier processes of other generations in the log
+    /// still running then.
     pub alive: Vec<i64>,
 }
 
@@ -680,6 +683,7 @@ pub fn life_log(path: &Path) -> Vec<Life> {
             let mut life = Life {
                 event,
                 gen: 0,
+                worker: 0,
                 pid: 0,
                 ns: 0,
                 alive: Vec::new(),
@@ -688,6 +692,7 @@ pub fn life_log(path: &Path) -> Vec<Life> {
                 let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
                 match k {
                     "gen" => life.gen = v.parse().unwrap(),
+                    "worker" => life.worker = v.parse().unwrap(),
                     "pid" => life.pid = v.parse().unwrap(),
                     "ns" => life.ns = v.parse().unwrap(),
                     "alive" => life.alive = v.split(',').filter_map(|p| p.parse().ok()).collect(),

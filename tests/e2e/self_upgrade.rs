@@ -235,3 +235,143 @@ fn no_self_upgrade_during_an_app_upgrade() {
     assert!(out.status.success(), "{}", describe_output(&out));
     assert_eq!(b.status()["handovers"], 1);
 }
+
+/// The pids of generation `n`'s workers, by index, with their states.
+fn worker_states(b: &Baton, n: u64) -> Vec<(i64, String)> {
+    b.generation(n)["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["pid"].as_i64().unwrap_or(0),
+                w["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// With `--workers 3`: no hand-over while a worker restarted alone is not
+/// ready yet (exit 1, naming it); once it is, `baton upgrade --self` under
+/// continuous load fails no request, every worker keeps its process (the
+/// same three pids, each still its own group and still ready), `status`
+/// shows one hand-over and the restarted worker's restart count; the
+/// workers' stderr (handed over as open pipes) still reaches baton's log;
+/// the new image restarts a crashed worker alone and stops them all.
+#[test]
+fn a_self_upgrade_hands_over_every_worker_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    let exe = dir.path().join("baton");
+    install_baton(&exe, "");
+    std::fs::write(
+        dir.path().join("baton.toml"),
+        gated_fake_config("v1", &gate),
+    )
+    .unwrap();
+    std::fs::write(&gate, b"").unwrap();
+    let mut b = Baton::spawn_binary(dir, &exe, &["--config", "baton.toml", "--workers", "3"]);
+    b.wait_active(1);
+    let addr = b.addr("http");
+    let ready = |b: &Baton| {
+        let ws = worker_states(b, 1);
+        ws.iter()
+            .all(|(_, s)| s == "ready")
+            .then(|| ws.iter().map(|(p, _)| *p).collect::<Vec<i64>>())
+    };
+    let first = ready(&b).unwrap();
+    assert_eq!(first.len(), 3);
+
+    // Worker 1 killed, and its restart held before READY=1: refused.
+    std::fs::remove_file(&gate).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first[1] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    b.wait_until("worker 1 to start again", WAIT, || {
+        let ws = worker_states(&b, 1);
+        ws[1].1 == "starting" && ws[1].0 != 0 && ws[1].0 != first[1]
+    });
+    install_baton(&exe, "build-2");
+    let out = b.cli(&["upgrade", "--self"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe_output(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("worker 1 of generation 1 is"), "{err}");
+    assert_eq!(b.status()["handovers"], 0);
+    std::fs::write(&gate, b"").unwrap();
+    b.wait_until("worker 1 ready again", WAIT, || ready(&b).is_some());
+    let pids = ready(&b).unwrap();
+    assert_eq!((pids[0], pids[2]), (first[0], first[2]));
+
+    // The hand-over, under load.
+    let load = Load::start(addr, &[Mode::NewConnection, Mode::KeepAlive], 2, WAIT);
+    load.wait_requests(50);
+    let out = b.cli(&["upgrade", "--self"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        describe_output(&out),
+        b.logs()
+    );
+    load.wait_requests(200);
+    let s = b.status();
+    assert_eq!(s["handovers"], 1, "{s}");
+    assert_eq!(s["active"], 1, "{s}");
+    assert_eq!(
+        ready(&b),
+        Some(pids.clone()),
+        "every worker kept its process"
+    );
+    for &pid in &pids {
+        let pgrp = procs()
+            .into_iter()
+            .find(|p| i64::from(p.pid) == pid)
+            .map(|p| i64::from(p.pgrp));
+        assert_eq!(pgrp, Some(pid), "worker {pid} leads its group");
+    }
+    let g = b.generation(1);
+    let restarts: Vec<u64> = g["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["restarts"].as_u64().unwrap())
+        .collect();
+    assert_eq!(restarts, [0, 1, 0], "restart counts handed over: {g}");
+    let report = load.finish();
+    report.assert_no_failures();
+    assert!(report.ok > 200, "traffic flowed: {}", report.ok);
+
+    // Every worker's process predates the hand-over: what one writes to
+    // its stderr now still reaches baton's log, through its handed-over
+    // pipe.
+    let mut held = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(
+        &mut held,
+        b"GET /after-drain HTTP/1.1\r\nHost: test\r\n\r\n",
+    )
+    .unwrap();
+    b.stderr
+        .wait_for(&["fake: /after-drain waiting for the drain"], 1, WAIT);
+    drop(held);
+
+    // The new image restarts worker 2 alone.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[2] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    b.wait_until("worker 2's restart", WAIT, || {
+        ready(&b).is_some_and(|now| now[2] != pids[2])
+    });
+    let now = ready(&b).unwrap();
+    assert_eq!((now[0], now[1]), (pids[0], pids[1]));
+    assert_eq!(b.generation(1)["restarts"], 2);
+
+    let out = b.cli(&["stop"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(b.wait_exit(WAIT), 0, "{}", b.logs());
+    for pid in now {
+        assert!(group_members(pid as i32).is_empty(), "worker {pid} is gone");
+    }
+}

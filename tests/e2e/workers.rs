@@ -268,9 +268,10 @@ fn a_generation_is_ready_only_when_every_worker_is() {
 }
 
 /// Every worker receives the generation's sockets: the same open sockets
-/// at the same fds in the same order, each with its own `LISTEN_PID` and
-/// `BATON_WORKER`; with shared sockets and an HTTP check, one private
-/// probe listener for the generation, passed last to all of them. A
+/// (a UDP one among them) at the same fds in the same order, each with
+/// its own `LISTEN_PID` and `BATON_WORKER`; with shared sockets and an
+/// HTTP check, one private probe listener for the generation, passed last
+/// to all of them. Datagrams are answered by the generation's workers. A
 /// worker restarted alone gets the same sockets again.
 #[test]
 fn every_worker_receives_the_same_sockets_with_its_own_listen_pid() {
@@ -278,8 +279,13 @@ fn every_worker_receives_the_same_sockets_with_its_own_listen_pid() {
         let out = tempfile::tempdir().unwrap();
         let report = out.path().join("report-{worker}.json");
         let top = format!("workers = 2\ntraffic = \"{traffic}\"\nready = \"http:/healthz\"");
-        let env = format!("TEST_SOCKETFD_REPORT = \"{}\"", report.display());
-        let baton = Baton::with_config(&fake_config(&top, &env), &[]);
+        let env = format!(
+            "TEST_SOCKETFD_REPORT = \"{}\"\nFAKE_UDP_ECHO = \"1\"",
+            report.display()
+        );
+        let config = fake_config(&top, &env)
+            + "\n[[listen]]\nname = \"dns\"\naddress = \"udp:127.0.0.1:0\"\n";
+        let baton = Baton::with_config(&config, &[]);
         baton.wait_active(1);
         let pids = ready_workers(&baton, 1, 2);
         // The probe checks the generation (whichever worker answers), so
@@ -302,8 +308,8 @@ fn every_worker_receives_the_same_sockets_with_its_own_listen_pid() {
         };
         let reports: Vec<Value> = (0..2).map(read).collect();
         let (names, count) = match traffic {
-            "shared" => ("http:baton-probe", 2),
-            _ => ("http", 1),
+            "shared" => ("http:dns:baton-probe", 3),
+            _ => ("http:dns", 2),
         };
         for (i, r) in reports.iter().enumerate() {
             assert_eq!(r["pid"], pids[i], "{traffic}: {r}");
@@ -320,6 +326,28 @@ fn every_worker_receives_the_same_sockets_with_its_own_listen_pid() {
             sockets(&reports[1]),
             "{traffic}: the same sockets"
         );
+        // The datagram socket is the generation's, and its workers answer.
+        let dns = baton.udp_addr("dns");
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        for i in 0..10 {
+            let payload = format!("ping-{i}");
+            client.send_to(payload.as_bytes(), dns).unwrap();
+            let mut buf = [0u8; 512];
+            let n = client.recv(&mut buf).unwrap();
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let rest = text
+                .strip_prefix(&payload)
+                .unwrap_or_else(|| panic!("{text}"));
+            let (gen, pid) = baton_e2e::who(rest);
+            assert_eq!(gen, 1, "{traffic}: {text}");
+            assert!(
+                pids.contains(&(pid as i32)),
+                "{traffic}: {text} from {pids:?}"
+            );
+        }
 
         // Worker 1 restarted alone: the same sockets again.
         kill(pids[1], nix::sys::signal::Signal::SIGKILL);
@@ -338,4 +366,151 @@ fn every_worker_receives_the_same_sockets_with_its_own_listen_pid() {
             WAIT,
         );
     }
+}
+
+/// Without overlap (`overlap = "none"`) and three workers, under
+/// continuous load with steered and with shared sockets: each upgrade
+/// drains every old worker, and only once all three have exited (as they
+/// log it) do the three new ones start (none of them sees an old process
+/// alive); no request fails, and every new worker serves.
+#[test]
+fn without_overlap_every_old_worker_exits_before_the_new_workers_start_under_load() {
+    for traffic in ["steered", "shared"] {
+        let logs = tempfile::tempdir().unwrap();
+        let log = logs.path().join("life.log");
+        let env = format!(
+            "FAKE_LIFE_LOG = \"{}\"\nFAKE_START_DELAY_MS = \"200\"",
+            log.display()
+        );
+        let top = format!("workers = 3\ntraffic = \"{traffic}\"\noverlap = \"none\"");
+        let config =
+            fake_config(&top, &env).replace("ready_timeout = \"3s\"", "ready_timeout = \"30s\"");
+        let baton = Baton::with_config(&config, &[]);
+        baton.wait_active(1);
+        ready_workers(&baton, 1, 3);
+        let addr = baton.addr("http");
+        let load = Load::start(
+            addr,
+            &[Mode::NewConnection, Mode::KeepAlive],
+            2,
+            Duration::from_secs(120),
+        );
+        for gen in 2..=4u64 {
+            baton.upgrade_expect(&[], 0);
+            let pids = ready_workers(&baton, gen, 3);
+            all_answer(addr, gen, &pids);
+            load.wait_requests(20);
+        }
+        let report = load.finish();
+        eprintln!(
+            "{traffic}: {} ok, {} failed, {} keep-alive retries",
+            report.ok, report.failed, report.retried
+        );
+        assert_eq!(report.connect_errors(), 0, "{traffic}: {:?}", report.errors);
+        report.assert_no_failures();
+        let lives = life_log(&log);
+        let of = |event: &str, gen: u64| -> Vec<&Life> {
+            lives
+                .iter()
+                .filter(|l| l.event == event && l.gen == gen)
+                .collect()
+        };
+        for gen in 2..=4u64 {
+            let (starts, exits) = (of("start", gen), of("exit", gen - 1));
+            let workers = |ls: &[&Life]| ls.iter().map(|l| l.worker).collect::<BTreeSet<_>>();
+            assert_eq!(workers(&starts), BTreeSet::from([0, 1, 2]), "{lives:#?}");
+            assert_eq!(workers(&exits), BTreeSet::from([0, 1, 2]), "{lives:#?}");
+            for s in &starts {
+                assert!(
+                    s.alive.is_empty(),
+                    "{traffic}: {s:?} started while {:?} ran",
+                    s.alive
+                );
+                for e in &exits {
+                    assert!(e.ns < s.ns, "{traffic}: {e:?} exited after {s:?} started");
+                }
+            }
+        }
+    }
+}
+
+/// Every `(generation, pid)` answering `GET /` on new connections, until
+/// `want` distinct ones have answered (bounded in count and time).
+fn answering(addr: SocketAddr, want: usize) -> BTreeMap<(u64, i32), usize> {
+    let mut seen = BTreeMap::new();
+    let deadline = Instant::now() + WAIT;
+    for _ in 0..20_000 {
+        if seen.len() >= want || Instant::now() > deadline {
+            break;
+        }
+        let r = get(addr, "/").unwrap_or_else(|e| panic!("GET /: {e:?}"));
+        let (g, pid, _) = who(&r.body);
+        *seen.entry((g, pid)).or_default() += 1;
+    }
+    seen
+}
+
+/// Steered traffic moves whole generations of three workers: a canary's
+/// share is served by every worker of both generations; `promote` parks
+/// the old generation with its three processes; `rollback` during the
+/// bake gives the traffic back to those same three processes; no request
+/// fails throughout.
+#[test]
+fn canary_promote_and_rollback_move_whole_generations_of_workers() {
+    let baton = Baton::with_config(&config(3, "v1", ""), &["--bake", "60s"]);
+    baton.wait_active(1);
+    let addr = baton.addr("http");
+    let old = ready_workers(&baton, 1, 3);
+    let load = Load::start(
+        addr,
+        &[Mode::NewConnection, Mode::KeepAlive],
+        2,
+        Duration::from_secs(240),
+    );
+    baton.reconfigure(&config(3, "v2", ""));
+    let out = baton.upgrade_expect(&["--canary", "50"], 0);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("canary"),
+        "{}",
+        describe_output(&out)
+    );
+    let new = ready_workers(&baton, 2, 3);
+    let seen = answering(addr, 6);
+    let expected: BTreeSet<(u64, i32)> = old
+        .iter()
+        .map(|&p| (1, p))
+        .chain(new.iter().map(|&p| (2, p)))
+        .collect();
+    assert_eq!(
+        seen.keys().copied().collect::<BTreeSet<_>>(),
+        expected,
+        "every worker of both generations serves the canary split: {seen:?}"
+    );
+
+    let out = baton.cli(&["promote", "--no-wait"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(census(addr, 50).keys().copied().collect::<Vec<_>>(), [2]);
+    let g1 = baton.generation(1);
+    assert_eq!(g1["role"], "parked", "{g1}");
+    assert_eq!(
+        ready_workers(&baton, 1, 3),
+        old,
+        "parked whole, still running"
+    );
+    load.wait_requests(50);
+
+    let out = baton.cli(&["rollback", "--no-wait-drain"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(baton.status()["active"], 1);
+    all_answer(addr, 1, &old);
+    assert_eq!(
+        ready_workers(&baton, 1, 3),
+        old,
+        "the same processes serve again"
+    );
+    baton
+        .stderr
+        .wait_for(&["generation exited", "generation=2 "], 3, WAIT);
+    load.wait_requests(50);
+    load.finish().assert_no_failures();
 }

@@ -23,7 +23,8 @@
 //! - `FAKE_SLOW_MS=<ms>`: `GET /slow` sleeps that long, then answers `slow done` (default 0).
 //! - `FAKE_READY_DELAY_MS=<ms>`: wait before sending READY=1 (default 0).
 //! - `FAKE_READY_GATE=<path>`: send READY=1 only once `<path>` exists (checked
-//!   every 10 ms), so a test can hold an upgrade open as long as it needs.
+//!   every 10 ms), so a test can hold an upgrade open as long as it needs;
+//!   `{worker}` in it becomes `BATON_WORKER`, a gate for each worker.
 //! - `FAKE_STATUS=<s>`: STATUS= sent with READY=1 (default `fake serving`).
 //! - `FAKE_NEVER_READY=1`: serve, but never send READY=1.
 //! - `FAKE_CRASH_AFTER_READY_MS=<ms>`: exit(3) that long after READY=1.
@@ -55,11 +56,12 @@
 //!   that long after starting: a slow start, during which connections can
 //!   only wait in the kernel's queue.
 //! - `FAKE_LIFE_LOG=<path>`: append one line per lifecycle moment, each a
-//!   single `O_APPEND` write: `start gen=G pid=P ns=N alive=PIDS` first
-//!   thing in `main` (`alive`: the comma-separated pids of processes that
-//!   logged `start` before and still run, as this process sees them; empty
-//!   when none), `accepting gen=G pid=P ns=N` right before the first
-//!   accept, and `exit gen=G pid=P ns=N` right before exiting (after a
+//!   single `O_APPEND` write: `start gen=G worker=W pid=P ns=N alive=PIDS`
+//!   first thing in `main` (`alive`: the comma-separated pids of processes
+//!   of other generations that logged `start` before and still run, as this
+//!   process sees them; empty when none), `accepting gen=G worker=W pid=P
+//!   ns=N` right before the first accept, and `exit gen=G worker=W pid=P
+//!   ns=N` right before exiting (after a
 //!   drain, or at start with `FAKE_EXIT_AT_START`). `ns` is CLOCK_MONOTONIC, which every process shares.
 //! - `FAKE_UDP_ECHO=1`: answer every datagram received on a datagram
 //!   socket (`SOCK_DGRAM` in LISTEN_FDS) with `<payload> generation=G
@@ -268,8 +270,9 @@ fn life(event: &str, extra: &str) {
         return;
     };
     let gen = env::var("BATON_GENERATION").unwrap_or_else(|_| "0".into());
+    let worker = env::var("BATON_WORKER").unwrap_or_else(|_| "0".into());
     let line = format!(
-        "{event} gen={gen} pid={} ns={}{extra}\n",
+        "{event} gen={gen} worker={worker} pid={} ns={}{extra}\n",
         std::process::id(),
         mono_ns()
     );
@@ -284,17 +287,21 @@ fn life(event: &str, extra: &str) {
     }
 }
 
-/// Pids that logged `start` in the life log before and still run (the same
-/// program, not a zombie): what this process sees of other generations.
+/// Pids of other generations that logged `start` in the life log before
+/// and still run (the same program, not a zombie): what this process sees
+/// of other generations. Its own generation's other workers are not
+/// counted.
 fn still_running_predecessors() -> Vec<u32> {
     let Ok(path) = env::var("FAKE_LIFE_LOG") else {
         return Vec::new();
     };
     let me = std::fs::read_link("/proc/self/exe").ok();
+    let own_gen = format!("gen={}", env::var("BATON_GENERATION").unwrap_or_default());
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .filter(|l| l.starts_with("start "))
+        .filter(|l| !l.split_whitespace().any(|f| f == own_gen))
         .filter_map(|l| {
             l.split_whitespace()
                 .find_map(|f| f.strip_prefix("pid="))?
@@ -555,6 +562,7 @@ async fn readiness(
     let delay = Duration::from_millis(env_num("FAKE_READY_DELAY_MS").unwrap_or(0));
     tokio::time::sleep(delay).await;
     if let Ok(gate) = env::var("FAKE_READY_GATE") {
+        let gate = gate.replace("{worker}", &env::var("BATON_WORKER").unwrap_or_default());
         eprintln!("fake: waiting for {gate} before READY=1");
         while !std::path::Path::new(&gate).exists() {
             tokio::time::sleep(Duration::from_millis(10)).await;
