@@ -696,3 +696,63 @@ fn completions_and_man_page_name_every_subcommand() {
     }
     assert!(page.contains("\\-\\-metrics") && page.contains("\\-\\-log\\-format"));
 }
+
+// ----- idle ----------------------------------------------------------------------
+
+/// Context switches of every thread of `pid`: (per thread id, total).
+fn switches(pid: u32) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        let n: u64 = status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        out.insert(t.file_name().to_string_lossy().into_owned(), n);
+    }
+    out
+}
+
+/// How often `pid`'s threads were switched to or from while `during` ran:
+/// a thread that ended meanwhile counts as one.
+fn wakeups_during(pid: u32, during: impl FnOnce()) -> u64 {
+    let before = switches(pid);
+    during();
+    let after = switches(pid);
+    before
+        .iter()
+        .map(|(tid, n)| after.get(tid).map_or(1, |m| m.saturating_sub(*n)))
+        .sum::<u64>()
+        + after.keys().filter(|t| !before.contains_key(*t)).count() as u64
+}
+
+/// With nothing happening, baton does not wake up: it polls nothing (an
+/// app's `shutdown()` of a listener wakes it through the socket's hang-up,
+/// not a timer). Positive control: one `baton status` shows up in the
+/// same count.
+#[test]
+fn an_idle_baton_does_not_wake_up() {
+    for traffic in ["steered", "shared"] {
+        let baton = Baton::with_config(&fake_config(&format!("traffic = \"{traffic}\""), ""), &[]);
+        baton.wait_active(1);
+        // Settled: the start's stragglers (log lines, the status poll that
+        // saw it active) are done.
+        std::thread::sleep(Duration::from_millis(300));
+        let idle = wakeups_during(baton.pid(), || std::thread::sleep(Duration::from_secs(2)));
+        let busy = wakeups_during(baton.pid(), || {
+            assert!(baton.cli(&["status"]).status.success());
+        });
+        assert!(busy > 0, "{traffic}: a status request was not counted");
+        assert!(
+            idle <= 2,
+            "{traffic}: baton woke {idle} times in 2 s with nothing to do (polling the sockets every 100 ms shows about 40)\n{}",
+            baton.logs()
+        );
+    }
+}

@@ -266,8 +266,8 @@ fn a_rude_drain_loses_nothing_when_steered() {
 
 /// An app that calls shutdown() on its listening socket stops it listening
 /// for every holder. With shared sockets that takes the address away from
-/// every generation (connections refused) until baton, which checks every
-/// 100 ms, replaces the socket and restarts the active generation on it;
+/// every generation (connections refused) until baton, woken by the
+/// socket's hang-up, replaces it and restarts the active generation on it;
 /// steered, only the candidate's own socket is hit (baton replaces it) and
 /// the serving generation is never disturbed.
 #[test]
@@ -289,10 +289,14 @@ fn an_app_shutting_its_listener_down_does_not_take_the_address_away() {
         if traffic == "steered" {
             report.assert_no_failures();
         } else {
-            // Until baton replaced it, the address refused everyone.
-            assert!(
-                report.connect_errors() > 0,
-                "shared: the shut-down socket refuses: {:?}",
+            // Until baton has replaced it, the address refuses everyone and
+            // what waited in the dead socket is reset: the documented cost
+            // of shared sockets, over as soon as the hang-up woke baton and
+            // it replaced the socket. (Not asserted: a quick enough
+            // replacement can fall between two connections of the load.)
+            eprintln!(
+                "shared: {} failed while the socket was replaced: {:?}",
+                report.errors.len(),
                 &report.errors[..report.errors.len().min(3)]
             );
         }

@@ -74,11 +74,44 @@ impl Request {
 impl<'de> Deserialize<'de> for Request {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         // Taking a map first refuses arrays, which serde's derive for
-        // internally tagged enums would accept (`["upgrade", true]`).
-        let map = serde_json::Map::deserialize(d)?;
+        // internally tagged enums would accept (`["upgrade", true]`), and
+        // duplicate keys, which a plain map would resolve silently (last
+        // one wins) where the documented grammar refuses them.
+        let UniqueKeys(map) = UniqueKeys::deserialize(d)?;
         WireRequest::deserialize(serde_json::Value::Object(map))
             .map(Request::from)
             .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A JSON object in which no key appears twice.
+struct UniqueKeys(serde_json::Map<String, serde_json::Value>);
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                let mut map = serde_json::Map::new();
+                while let Some((k, v)) = a.next_entry::<String, serde_json::Value>()? {
+                    if map.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "duplicate key `{k}`"
+                        )));
+                    }
+                    map.insert(k, v);
+                }
+                Ok(UniqueKeys(map))
+            }
+        }
+        d.deserialize_map(Visitor)
     }
 }
 
@@ -590,6 +623,13 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"upgrade","force":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{}"#).is_err());
+        // A repeated key is refused, not resolved to its last value.
+        let dup = serde_json::from_str::<Request>(r#"{"cmd":"status","cmd":"status"}"#);
+        assert!(dup.unwrap_err().to_string().contains("duplicate key `cmd`"));
+        let dup = r#"{"cmd":"upgrade","canary":5,"canary":50}"#;
+        assert!(serde_json::from_str::<Request>(dup).is_err());
+        let r: Request = serde_json::from_str(r#"{"cmd":"upgrade_self"}"#).unwrap();
+        assert_eq!(r, Request::UpgradeSelf);
     }
 
     /// A status from a supervisor that predates the releases fields still

@@ -15,6 +15,7 @@
 pub mod config;
 pub mod control;
 pub mod handover;
+mod hup;
 pub mod listener;
 pub mod metrics;
 pub mod notify;

@@ -46,8 +46,9 @@ mod handover_impl;
 /// look at their queues: handshakes that were in flight when it lost its
 /// traffic complete into its queue, and it should accept them too.
 const RETIRE_SETTLE: Duration = Duration::from_millis(100);
-/// How often the steered sockets are checked for an app's `shutdown()`
-/// (a few getsockopt calls): until then, connections can go astray.
+/// After a listener hung up (an app's `shutdown()`, see [`crate::hup`]):
+/// how soon the sockets are looked at again while a replacement fails, or
+/// how often at all if the hang-up watch cannot be set up.
 const RECOVER_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Events buffered for slow readers of the broadcast channel.
@@ -519,8 +520,9 @@ impl Supervisor {
         }
         tokio::pin!(shutdown);
         let mut shutdown_done = false;
-        let mut recover = tokio::time::interval(RECOVER_INTERVAL);
-        recover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut hup = crate::hup::HupWatch::new();
+        // When the sockets are next looked at regardless of hang-ups.
+        let mut recover_at: Option<Instant> = None;
         if !self.resumed {
             // A resumed baton's sockets are in the store already.
             self.store_sockets();
@@ -536,6 +538,15 @@ impl Supervisor {
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.tell_manager();
         while !self.machine.is_done() {
+            if !self.closed && recover_at.is_none() {
+                if let Err(e) = hup.sync(&self.sockets) {
+                    tracing::warn!(
+                        "watching the listeners for hang-ups: {e}; looking every {:?} instead",
+                        RECOVER_INTERVAL
+                    );
+                    recover_at = Some(Instant::now() + RECOVER_INTERVAL);
+                }
+            }
             let deadline = self
                 .machine
                 .poll_timeout()
@@ -552,21 +563,14 @@ impl Supervisor {
                     self.request(CoreCommand::Stop, None);
                 }
                 () = sleep_until(deadline), if deadline.is_some() => self.feed(Input::Tick),
-                _ = recover.tick(), if !self.closed => {
-                    let recovered = self.sockets.recover_detached();
-                    if let Some(s) = &self.systemd {
-                        for name in &recovered.replaced {
-                            s.manager.unstore(name);
-                        }
+                r = hup.hung_up(), if !self.closed && recover_at.is_none() => {
+                    if let Err(e) = r {
+                        tracing::warn!("watching the listeners for hang-ups: {e}");
                     }
-                    if !recovered.replaced.is_empty() {
-                        self.store_sockets();
-                    }
-                    if recovered.restart_active {
-                        // No process holds the fresh socket: the active
-                        // generation is restarted on it (same release).
-                        self.request(CoreCommand::Restart, None);
-                    }
+                    recover_at = self.recover_sockets();
+                }
+                () = sleep_until(recover_at), if !self.closed && recover_at.is_some() => {
+                    recover_at = self.recover_sockets();
                 }
                 _ = watchdog.tick(), if watchdog_every.is_some() => {
                     if let Some(s) = &self.systemd {
@@ -1251,6 +1255,27 @@ impl Supervisor {
     }
 
     /// Puts the sockets baton bound into the service manager's fd store.
+    /// Replaces the listening sockets an app's `shutdown()` stopped, and
+    /// restarts the active generation if it served from one. Returns when
+    /// to look again: soon if a socket could not be replaced.
+    fn recover_sockets(&mut self) -> Option<Instant> {
+        let recovered = self.sockets.recover_detached();
+        if let Some(s) = &self.systemd {
+            for name in &recovered.replaced {
+                s.manager.unstore(name);
+            }
+        }
+        if !recovered.replaced.is_empty() {
+            self.store_sockets();
+        }
+        if recovered.restart_active {
+            // No process holds the fresh socket: the active generation is
+            // restarted on it (same release).
+            self.request(CoreCommand::Restart, None);
+        }
+        (recovered.failed > 0).then(|| Instant::now() + RECOVER_INTERVAL)
+    }
+
     fn store_sockets(&self) {
         if let Some(s) = &self.systemd {
             for (name, fd) in self.sockets.storable() {

@@ -77,7 +77,7 @@ fn documented_request(body: &[u8]) -> Option<Request> {
         return None;
     };
     let allowed: &[&str] = match cmd.as_str() {
-        "status" | "stop" => &[],
+        "status" | "stop" | "upgrade_self" => &[],
         "upgrade" => &[
             "wait_drain",
             "no_wait",
@@ -112,6 +112,7 @@ fn documented_request(body: &[u8]) -> Option<Request> {
     Some(match cmd.as_str() {
         "status" => Request::Status,
         "stop" => Request::Stop,
+        "upgrade_self" => Request::UpgradeSelf,
         "rollback" => Request::Rollback {
             wait_drain: flag("wait_drain")?,
         },
@@ -137,6 +138,7 @@ fn any_request() -> impl Strategy<Value = Request> {
     prop_oneof![
         Just(Request::Status),
         Just(Request::Stop),
+        Just(Request::UpgradeSelf),
         (
             any::<bool>(),
             any::<bool>(),
@@ -182,6 +184,7 @@ fn request_like_json() -> impl Strategy<Value = String> {
         "\"rollback\"",
         "\"stop\"",
         "\"promote\"",
+        "\"upgrade_self\"",
         "\"UPGRADE\"",
         "10",
         "300",
@@ -855,6 +858,10 @@ fn references_follow_the_documented_examples() {
     assert_eq!(documented_request(br#"{"cmd":"upgrade","force":1}"#), None);
     assert_eq!(documented_request(br#"{"cmd":"status","x":1}"#), None);
     assert_eq!(documented_request(br#"["status"]"#), None);
+    assert_eq!(
+        documented_request(br#"{"cmd":"status","cmd":"status"}"#),
+        None
+    );
     assert!(reference_listen("admin=unix:/run/app/admin.sock,mode=0660").is_some());
     assert!(reference_listen("api=[::1]:9000").is_some());
     assert!(reference_listen("dns=udp:[::1]:53").is_some());

@@ -70,6 +70,9 @@ pub struct Sockets {
     plan: TrafficPlan,
     probes: PortRange,
     backlog: u32,
+    /// Bumped whenever a listening socket is added, replaced or closed,
+    /// so that a watcher of their hang-ups ([`crate::hup`]) looks again.
+    version: u64,
 }
 
 /// The sockets as handed to a new baton image: descriptors by number,
@@ -123,6 +126,8 @@ pub struct Recovered {
     pub restart_active: bool,
     /// Listeners whose storable socket is new.
     pub replaced: Vec<String>,
+    /// Sockets that stopped listening and could not be replaced (yet).
+    pub failed: usize,
 }
 
 /// What `baton status` shows of a listener.
@@ -209,6 +214,7 @@ impl Sockets {
             plan: TrafficPlan::default(),
             probes,
             backlog,
+            version: 0,
         };
         if let Some(why) = unsteerable {
             tracing::warn!(
@@ -320,6 +326,7 @@ impl Sockets {
             plan: state.plan,
             probes: state.probes,
             backlog: state.backlog,
+            version: 0,
         })
     }
 
@@ -350,6 +357,7 @@ impl Sockets {
     /// every generation.
     fn share(&mut self) {
         self.mode = TrafficMode::Shared;
+        self.version += 1;
         self.endpoints = std::mem::take(&mut self.endpoints)
             .into_iter()
             .map(|e| match e {
@@ -458,6 +466,7 @@ impl Sockets {
             g.sockets.push(socket);
             g.members.push(slot);
         }
+        self.version += 1;
         self.slots.push(Some(gen));
         tracing::info!(
             slot,
@@ -603,6 +612,7 @@ impl Sockets {
         let mut live = false;
         let mut changed = false;
         let mut replaced = Vec::new();
+        let mut failed = 0;
         for e in &mut self.endpoints {
             match e {
                 Endpoint::Shared(l) => {
@@ -623,7 +633,10 @@ impl Sockets {
                             replaced.push(l.name.clone());
                             live = true;
                         }
-                        Err(err) => tracing::error!(listener = %l.name, "replacing it: {err}"),
+                        Err(err) => {
+                            tracing::error!(listener = %l.name, "replacing it: {err}");
+                            failed += 1;
+                        }
                     }
                 }
                 Endpoint::Steered(g) => {
@@ -653,7 +666,8 @@ impl Sockets {
                                 }
                             }
                             Err(err) => {
-                                tracing::error!(listener = %g.name, slot, "replacing it: {err}")
+                                tracing::error!(listener = %g.name, slot, "replacing it: {err}");
+                                failed += 1;
                             }
                         }
                         changed = true;
@@ -661,12 +675,16 @@ impl Sockets {
                 }
             }
         }
+        if changed || !replaced.is_empty() || live {
+            self.version += 1;
+        }
         if changed {
             self.apply(&self.plan.clone());
         }
         Recovered {
             restart_active: live,
             replaced,
+            failed,
         }
     }
 
@@ -687,6 +705,28 @@ impl Sockets {
             }
         }
         self.endpoints.clear();
+        self.version += 1;
+    }
+
+    /// Changes whenever a listening socket is added, replaced or closed.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Every listening TCP socket baton holds: the ones an app's
+    /// `shutdown()` can stop listening ([`Self::recover_detached`]).
+    pub fn tcp_listeners(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = Vec::new();
+        for e in &self.endpoints {
+            match e {
+                Endpoint::Shared(l) if matches!(l.address, ListenAddr::Tcp(_)) => {
+                    fds.push(l.as_fd())
+                }
+                Endpoint::Shared(_) => {}
+                Endpoint::Steered(g) => fds.extend(g.sockets.iter().map(|s| s.as_fd())),
+            }
+        }
+        fds
     }
 }
 
