@@ -841,6 +841,17 @@ impl LoadReport {
         );
         assert!(self.ok > 0, "no request succeeded");
     }
+
+    /// Prints what the load saw, as `what`, then asserts that no request
+    /// failed and no connection was refused.
+    pub fn assert_served_all(&self, what: &str) {
+        eprintln!(
+            "{what}: {} ok, {} failed, {} keep-alive retries",
+            self.ok, self.failed, self.retried
+        );
+        assert_eq!(self.connect_errors(), 0, "{what}: {:?}", self.errors);
+        self.assert_no_failures();
+    }
 }
 
 fn client_loop(

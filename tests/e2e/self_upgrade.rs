@@ -23,15 +23,33 @@ fn install_baton(path: &Path, marker: &str) {
 
 /// baton run from a copy of its binary in its temp dir, with the fake app.
 fn start_from_copy(flags: &[&str]) -> (Baton, PathBuf) {
+    let (b, exe, _) = start_copy(flags, |_| fake_config("", ""));
+    (b, exe)
+}
+
+/// [`start_from_copy`] with the fake app (`v1`) holding READY=1 until the
+/// returned gate file exists (it does at first).
+fn start_gated_from_copy(flags: &[&str]) -> (Baton, PathBuf, PathBuf) {
+    start_copy(flags, |gate| {
+        std::fs::write(gate, b"").unwrap();
+        gated_fake_config("v1", gate)
+    })
+}
+
+/// baton run from a copy of its binary, with the configuration `config`
+/// makes given the path of a gate file in baton's temp dir: baton, its
+/// binary, the gate's path.
+fn start_copy(flags: &[&str], config: impl FnOnce(&Path) -> String) -> (Baton, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
     let exe = dir.path().join("baton");
     install_baton(&exe, "");
-    std::fs::write(dir.path().join("baton.toml"), fake_config("", "")).unwrap();
+    std::fs::write(dir.path().join("baton.toml"), config(&gate)).unwrap();
     let mut args = vec!["--config", "baton.toml"];
     args.extend_from_slice(flags);
     let b = Baton::spawn_binary(dir, &exe, &args);
     b.wait_active(1);
-    (b, exe)
+    (b, exe, gate)
 }
 
 /// The active generation's main pid (none while it restarts).
@@ -199,18 +217,7 @@ fn a_bad_new_binary_is_refused_and_the_old_baton_goes_on() {
 /// saying so; once it is over, the self-upgrade goes through.
 #[test]
 fn no_self_upgrade_during_an_app_upgrade() {
-    let dir = tempfile::tempdir().unwrap();
-    let gate = dir.path().join("gate");
-    let exe = dir.path().join("baton");
-    install_baton(&exe, "");
-    std::fs::write(
-        dir.path().join("baton.toml"),
-        gated_fake_config("v1", &gate),
-    )
-    .unwrap();
-    std::fs::write(&gate, b"").unwrap();
-    let b = Baton::spawn_binary(dir, &exe, &["--config", "baton.toml"]);
-    b.wait_active(1);
+    let (b, _, gate) = start_gated_from_copy(&[]);
     std::fs::remove_file(&gate).unwrap();
     let mut upgrade = std::process::Command::new(bin("baton"))
         .arg("--control")
@@ -260,18 +267,7 @@ fn worker_states(b: &Baton, n: u64) -> Vec<(i64, String)> {
 /// the new image restarts a crashed worker alone and stops them all.
 #[test]
 fn a_self_upgrade_hands_over_every_worker_under_load() {
-    let dir = tempfile::tempdir().unwrap();
-    let gate = dir.path().join("gate");
-    let exe = dir.path().join("baton");
-    install_baton(&exe, "");
-    std::fs::write(
-        dir.path().join("baton.toml"),
-        gated_fake_config("v1", &gate),
-    )
-    .unwrap();
-    std::fs::write(&gate, b"").unwrap();
-    let mut b = Baton::spawn_binary(dir, &exe, &["--config", "baton.toml", "--workers", "3"]);
-    b.wait_active(1);
+    let (mut b, exe, gate) = start_gated_from_copy(&["--workers", "3"]);
     let addr = b.addr("http");
     let ready = |b: &Baton| {
         let ws = worker_states(b, 1);
@@ -294,8 +290,7 @@ fn a_self_upgrade_hands_over_every_worker_under_load() {
         ws[1].1 == "starting" && ws[1].0 != 0 && ws[1].0 != first[1]
     });
     install_baton(&exe, "build-2");
-    let out = b.cli(&["upgrade", "--self"]);
-    assert_eq!(out.status.code(), Some(1), "{}", describe_output(&out));
+    let out = b.upgrade_expect(&["--self"], 1);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("worker 1 of generation 1 is"), "{err}");
     assert_eq!(b.status()["handovers"], 0);
@@ -307,13 +302,7 @@ fn a_self_upgrade_hands_over_every_worker_under_load() {
     // The hand-over, under load.
     let load = Load::start(addr, &[Mode::NewConnection, Mode::KeepAlive], 2, WAIT);
     load.wait_requests(50);
-    let out = b.cli(&["upgrade", "--self"]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        describe_output(&out),
-        b.logs()
-    );
+    b.upgrade_expect(&["--self"], 0);
     load.wait_requests(200);
     let s = b.status();
     assert_eq!(s["handovers"], 1, "{s}");

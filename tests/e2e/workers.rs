@@ -401,13 +401,7 @@ fn without_overlap_every_old_worker_exits_before_the_new_workers_start_under_loa
             all_answer(addr, gen, &pids);
             load.wait_requests(20);
         }
-        let report = load.finish();
-        eprintln!(
-            "{traffic}: {} ok, {} failed, {} keep-alive retries",
-            report.ok, report.failed, report.retried
-        );
-        assert_eq!(report.connect_errors(), 0, "{traffic}: {:?}", report.errors);
-        report.assert_no_failures();
+        load.finish().assert_served_all(traffic);
         let lives = life_log(&log);
         let of = |event: &str, gen: u64| -> Vec<&Life> {
             lives
