@@ -29,10 +29,13 @@
 //!
 //! A hand-over happens only when nothing is in flight: no upgrade, no
 //! generation starting, no worker starting or waiting to restart, no spawn
-//! or configuration load pending. What is
-//! not handed over: event streams of connected clients (they end), the
-//! last stderr lines kept for failure reports, and the metrics' counters
-//! (they restart from zero, which Prometheus reads as a counter reset).
+//! or configuration load pending. What is not handed over: event streams
+//! of connected clients (they end), the last stderr lines kept for failure
+//! reports, the metrics' counters (they restart from zero, which
+//! Prometheus reads as a counter reset), and a generation's private probe
+//! listener (shared sockets with an `http` or `tcp` check; its workers keep
+//! theirs, and one started later gets a new one, which is all a check of a
+//! generation starting again needs: its workers are all started anew).
 //!
 //! Any change to a type in [`State`] changes the format: bump [`FORMAT`].
 //! `handover::tests::the_format_is_pinned` fails when the document's shape
