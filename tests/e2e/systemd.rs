@@ -225,9 +225,12 @@ fn pings_the_watchdog_and_keeps_it_from_the_app() {
         assert_eq!(n["pid"], pid, "{n}");
     }
     let report_path = b.path("report.json");
+    // The fake app's report reads /proc/net/tcp, slow while the suite's
+    // load tests leave tens of thousands of sockets in TIME_WAIT: a
+    // generous ready timeout keeps this test about the watchdog.
     let b2 = under_systemd(
         &["--watchdog-usec", "200000"],
-        &["--listen", "http=127.0.0.1:0"],
+        &["--listen", "http=127.0.0.1:0", "--ready-timeout", "30s"],
         &format!("TEST_SOCKETFD_REPORT = \"{}\"", report_path.display()),
     );
     b2.wait_active(1);
