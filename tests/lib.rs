@@ -663,10 +663,13 @@ pub struct Life {
     /// `start`, `accepting` or `exit`.
     pub event: String,
     pub gen: u64,
+    /// Its `BATON_WORKER`.
+    pub worker: u32,
     pub pid: i64,
     /// CLOCK_MONOTONIC, ns (compare with [`mono_ns`]).
     pub ns: u64,
-    /// For `start`: earlier processes of the log still running then.
+    /// For `start`: earlier processes of other generations in the log
+    /// still running then.
     pub alive: Vec<i64>,
 }
 
@@ -680,6 +683,7 @@ pub fn life_log(path: &Path) -> Vec<Life> {
             let mut life = Life {
                 event,
                 gen: 0,
+                worker: 0,
                 pid: 0,
                 ns: 0,
                 alive: Vec::new(),
@@ -688,6 +692,7 @@ pub fn life_log(path: &Path) -> Vec<Life> {
                 let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
                 match k {
                     "gen" => life.gen = v.parse().unwrap(),
+                    "worker" => life.worker = v.parse().unwrap(),
                     "pid" => life.pid = v.parse().unwrap(),
                     "ns" => life.ns = v.parse().unwrap(),
                     "alive" => life.alive = v.split(',').filter_map(|p| p.parse().ok()).collect(),
@@ -835,6 +840,17 @@ impl LoadReport {
             &self.errors[..self.errors.len().min(10)]
         );
         assert!(self.ok > 0, "no request succeeded");
+    }
+
+    /// Prints what the load saw, as `what`, then asserts that no request
+    /// failed and no connection was refused.
+    pub fn assert_served_all(&self, what: &str) {
+        eprintln!(
+            "{what}: {} ok, {} failed, {} keep-alive retries",
+            self.ok, self.failed, self.retried
+        );
+        assert_eq!(self.connect_errors(), 0, "{what}: {:?}", self.errors);
+        self.assert_no_failures();
     }
 }
 

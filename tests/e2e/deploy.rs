@@ -609,3 +609,53 @@ fn a_full_disk_fails_the_deploy_and_touches_nothing() {
     assert_eq!(v["outcome"], "succeeded", "{v}");
     assert_eq!(site.serves(), "v3");
 }
+
+/// `baton deploy` with `--workers 2`, under load: every worker of the new
+/// generation runs the new release (each its own process, in the
+/// release's directory), the old ones are gone, `--json` reports the
+/// phases, and no request fails.
+#[test]
+fn a_deploy_replaces_every_worker_with_the_new_release() {
+    let site = Site::start(&["--workers", "2"]);
+    let addr = site.baton.addr("http");
+    let workers = |gen: u64| -> Vec<i64> {
+        let g = site.baton.generation(gen);
+        g["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                assert_eq!(w["state"], "ready", "{g}");
+                w["pid"].as_i64().unwrap()
+            })
+            .collect()
+    };
+    let old = workers(1);
+    assert_eq!(old.len(), 2);
+    let load = Load::start(
+        addr,
+        &[Mode::NewConnection, Mode::KeepAlive],
+        2,
+        Duration::from_secs(120),
+    );
+    let v2 = site.artifact("app-v2");
+    let (v, _) = site.deploy_json(&[v2.to_str().unwrap()], 0);
+    assert_eq!(v["outcome"], "succeeded", "{v}");
+    assert_eq!(v["active"], 2, "{v}");
+    assert!(v["phases"]["spawned"].is_number(), "{v}");
+    let new = workers(2);
+    assert_eq!(new.len(), 2);
+    for pid in &new {
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+        assert!(
+            cwd.ends_with("releases/app-v2"),
+            "worker {pid} runs in {cwd:?}"
+        );
+    }
+    site.baton.wait_until("the old workers to exit", WAIT, || {
+        old.iter().all(|p| group_members(*p as i32).is_empty())
+    });
+    assert_eq!(site.serves(), "v2");
+    load.wait_requests(20);
+    load.finish().assert_no_failures();
+}

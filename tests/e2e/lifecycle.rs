@@ -149,6 +149,15 @@ fn startup_errors_are_one_line_and_exit_2() {
     assert!(err.contains("no-such-server"), "{err}");
     let err = refuses_to_start(&["--listen", "a=unix:/proc/nope/x.sock", "--", hello]);
     assert!(err.contains("/proc/nope/x.sock"), "{err}");
+    let err = refuses_to_start(&[
+        "--listen",
+        "http=127.0.0.1:0",
+        "--workers",
+        "0",
+        "--",
+        hello,
+    ]);
+    assert!(err.contains("workers must be between 1 and"), "{err}");
     drop(taken);
 }
 

@@ -15,3 +15,4 @@ mod self_upgrade;
 mod steering;
 mod systemd;
 mod udp;
+mod workers;

@@ -299,9 +299,16 @@ fn metrics_follow_upgrades_failures_and_rollbacks() {
     let pid1 = pid_of(&baton, 1);
     let rss = s.value(
         "baton_process_resident_memory_bytes",
-        &[("generation", "1"), ("pid", &pid1)],
+        &[("generation", "1"), ("worker", "0"), ("pid", &pid1)],
     );
     assert!(rss > 100_000.0, "the app's RSS: {rss}");
+    assert_eq!(
+        s.value(
+            "baton_generation_workers",
+            &[("generation", "1"), ("state", "ready")]
+        ),
+        1.0
+    );
     assert!(s.value("baton_supervisor_resident_memory_bytes", &[]) > 100_000.0);
     assert!(s.value("baton_supervisor_open_fds", &[]) >= 3.0);
 

@@ -71,13 +71,7 @@ fn upgrades_without_overlap_under_load_refuse_and_reset_nothing() {
             );
             load.wait_requests(20);
         }
-        let report = load.finish();
-        eprintln!(
-            "{traffic}: {} ok, {} failed, {} keep-alive retries",
-            report.ok, report.failed, report.retried
-        );
-        assert_eq!(report.connect_errors(), 0, "{traffic}: {:?}", report.errors);
-        report.assert_no_failures();
+        load.finish().assert_served_all(traffic);
         assert_never_two_at_once(&log, 2, 6);
     }
 }

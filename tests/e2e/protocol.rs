@@ -88,6 +88,7 @@ fn child_receives_exactly_the_declared_sockets() {
     assert_eq!(r["argv"][1], "--fd");
     assert_eq!(r["argv"][2], "4", "{{fd:api}} became 4");
     assert_eq!(r["env"]["BATON_GENERATION"], "1");
+    assert_eq!(r["env"]["BATON_WORKER"], "0", "one worker, the first");
     assert!(r["env"]["NOTIFY_SOCKET"].as_str().unwrap().starts_with('/'));
     assert_eq!(
         open_fds(&r),
@@ -192,6 +193,7 @@ const BATON_ENV: &[(&str, &str)] = &[
     ("LISTEN_PID", "1"),
     ("NOTIFY_SOCKET", "/inherited/notify"),
     ("BATON_GENERATION", "99"),
+    ("BATON_WORKER", "99"),
 ];
 
 fn keys(env: &serde_json::Map<String, Value>) -> Vec<&str> {
@@ -217,6 +219,7 @@ fn env_is_inherited_listed_or_cleared_and_protocol_variables_never_inherited() {
         vec![
             "A",
             "BATON_GENERATION",
+            "BATON_WORKER",
             "LISTEN_FDNAMES",
             "LISTEN_FDS",
             "LISTEN_PID",
@@ -240,6 +243,7 @@ fn env_is_inherited_listed_or_cleared_and_protocol_variables_never_inherited() {
         k,
         vec![
             "BATON_GENERATION",
+            "BATON_WORKER",
             "FROM_BATON",
             "LISTEN_FDNAMES",
             "LISTEN_FDS",

@@ -23,15 +23,33 @@ fn install_baton(path: &Path, marker: &str) {
 
 /// baton run from a copy of its binary in its temp dir, with the fake app.
 fn start_from_copy(flags: &[&str]) -> (Baton, PathBuf) {
+    let (b, exe, _) = start_copy(flags, |_| fake_config("", ""));
+    (b, exe)
+}
+
+/// [`start_from_copy`] with the fake app (`v1`) holding READY=1 until the
+/// returned gate file exists (it does at first).
+fn start_gated_from_copy(flags: &[&str]) -> (Baton, PathBuf, PathBuf) {
+    start_copy(flags, |gate| {
+        std::fs::write(gate, b"").unwrap();
+        gated_fake_config("v1", gate)
+    })
+}
+
+/// baton run from a copy of its binary, with the configuration `config`
+/// makes given the path of a gate file in baton's temp dir: baton, its
+/// binary, the gate's path.
+fn start_copy(flags: &[&str], config: impl FnOnce(&Path) -> String) -> (Baton, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
     let exe = dir.path().join("baton");
     install_baton(&exe, "");
-    std::fs::write(dir.path().join("baton.toml"), fake_config("", "")).unwrap();
+    std::fs::write(dir.path().join("baton.toml"), config(&gate)).unwrap();
     let mut args = vec!["--config", "baton.toml"];
     args.extend_from_slice(flags);
     let b = Baton::spawn_binary(dir, &exe, &args);
     b.wait_active(1);
-    (b, exe)
+    (b, exe, gate)
 }
 
 /// The active generation's main pid (none while it restarts).
@@ -199,18 +217,7 @@ fn a_bad_new_binary_is_refused_and_the_old_baton_goes_on() {
 /// saying so; once it is over, the self-upgrade goes through.
 #[test]
 fn no_self_upgrade_during_an_app_upgrade() {
-    let dir = tempfile::tempdir().unwrap();
-    let gate = dir.path().join("gate");
-    let exe = dir.path().join("baton");
-    install_baton(&exe, "");
-    std::fs::write(
-        dir.path().join("baton.toml"),
-        gated_fake_config("v1", &gate),
-    )
-    .unwrap();
-    std::fs::write(&gate, b"").unwrap();
-    let b = Baton::spawn_binary(dir, &exe, &["--config", "baton.toml"]);
-    b.wait_active(1);
+    let (b, _, gate) = start_gated_from_copy(&[]);
     std::fs::remove_file(&gate).unwrap();
     let mut upgrade = std::process::Command::new(bin("baton"))
         .arg("--control")
@@ -234,4 +241,126 @@ fn no_self_upgrade_during_an_app_upgrade() {
     let out = b.cli(&["upgrade", "--self"]);
     assert!(out.status.success(), "{}", describe_output(&out));
     assert_eq!(b.status()["handovers"], 1);
+}
+
+/// The pids of generation `n`'s workers, by index, with their states.
+fn worker_states(b: &Baton, n: u64) -> Vec<(i64, String)> {
+    b.generation(n)["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["pid"].as_i64().unwrap_or(0),
+                w["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// With `--workers 3`: no hand-over while a worker restarted alone is not
+/// ready yet (exit 1, naming it); once it is, `baton upgrade --self` under
+/// continuous load fails no request, every worker keeps its process (the
+/// same three pids, each still its own group and still ready), `status`
+/// shows one hand-over and the restarted worker's restart count; the
+/// workers' stderr (handed over as open pipes) still reaches baton's log;
+/// the new image restarts a crashed worker alone and stops them all.
+#[test]
+fn a_self_upgrade_hands_over_every_worker_under_load() {
+    let (mut b, exe, gate) = start_gated_from_copy(&["--workers", "3"]);
+    let addr = b.addr("http");
+    let ready = |b: &Baton| {
+        let ws = worker_states(b, 1);
+        ws.iter()
+            .all(|(_, s)| s == "ready")
+            .then(|| ws.iter().map(|(p, _)| *p).collect::<Vec<i64>>())
+    };
+    let first = ready(&b).unwrap();
+    assert_eq!(first.len(), 3);
+
+    // Worker 1 killed, and its restart held before READY=1: refused.
+    std::fs::remove_file(&gate).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first[1] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    b.wait_until("worker 1 to start again", WAIT, || {
+        let ws = worker_states(&b, 1);
+        ws[1].1 == "starting" && ws[1].0 != 0 && ws[1].0 != first[1]
+    });
+    install_baton(&exe, "build-2");
+    let out = b.upgrade_expect(&["--self"], 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("worker 1 of generation 1 is"), "{err}");
+    assert_eq!(b.status()["handovers"], 0);
+    std::fs::write(&gate, b"").unwrap();
+    b.wait_until("worker 1 ready again", WAIT, || ready(&b).is_some());
+    let pids = ready(&b).unwrap();
+    assert_eq!((pids[0], pids[2]), (first[0], first[2]));
+
+    // The hand-over, under load.
+    let load = Load::start(addr, &[Mode::NewConnection, Mode::KeepAlive], 2, WAIT);
+    load.wait_requests(50);
+    b.upgrade_expect(&["--self"], 0);
+    load.wait_requests(200);
+    let s = b.status();
+    assert_eq!(s["handovers"], 1, "{s}");
+    assert_eq!(s["active"], 1, "{s}");
+    assert_eq!(
+        ready(&b),
+        Some(pids.clone()),
+        "every worker kept its process"
+    );
+    for &pid in &pids {
+        let pgrp = procs()
+            .into_iter()
+            .find(|p| i64::from(p.pid) == pid)
+            .map(|p| i64::from(p.pgrp));
+        assert_eq!(pgrp, Some(pid), "worker {pid} leads its group");
+    }
+    let g = b.generation(1);
+    let restarts: Vec<u64> = g["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["restarts"].as_u64().unwrap())
+        .collect();
+    assert_eq!(restarts, [0, 1, 0], "restart counts handed over: {g}");
+    let report = load.finish();
+    report.assert_no_failures();
+    assert!(report.ok > 200, "traffic flowed: {}", report.ok);
+
+    // Every worker's process predates the hand-over: what one writes to
+    // its stderr now still reaches baton's log, through its handed-over
+    // pipe.
+    let mut held = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(
+        &mut held,
+        b"GET /after-drain HTTP/1.1\r\nHost: test\r\n\r\n",
+    )
+    .unwrap();
+    b.stderr
+        .wait_for(&["fake: /after-drain waiting for the drain"], 1, WAIT);
+    drop(held);
+
+    // The new image restarts worker 2 alone.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[2] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    b.wait_until("worker 2's restart", WAIT, || {
+        ready(&b).is_some_and(|now| now[2] != pids[2])
+    });
+    let now = ready(&b).unwrap();
+    assert_eq!((now[0], now[1]), (pids[0], pids[1]));
+    assert_eq!(b.generation(1)["restarts"], 2);
+
+    let out = b.cli(&["stop"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(b.wait_exit(WAIT), 0, "{}", b.logs());
+    for pid in now {
+        assert!(group_members(pid as i32).is_empty(), "worker {pid} is gone");
+    }
 }

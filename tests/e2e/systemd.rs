@@ -225,9 +225,12 @@ fn pings_the_watchdog_and_keeps_it_from_the_app() {
         assert_eq!(n["pid"], pid, "{n}");
     }
     let report_path = b.path("report.json");
+    // The fake app's report reads /proc/net/tcp, slow while the suite's
+    // load tests leave tens of thousands of sockets in TIME_WAIT: a
+    // generous ready timeout keeps this test about the watchdog.
     let b2 = under_systemd(
         &["--watchdog-usec", "200000"],
-        &["--listen", "http=127.0.0.1:0"],
+        &["--listen", "http=127.0.0.1:0", "--ready-timeout", "30s"],
         &format!("TEST_SOCKETFD_REPORT = \"{}\"", report_path.display()),
     );
     b2.wait_active(1);
@@ -520,4 +523,64 @@ fn a_self_upgrade_keeps_the_main_pid_and_tells_systemd() {
     assert_eq!(events_of(&b, "started").len(), 1, "systemd saw no restart");
     assert_eq!(b.status()["handovers"], 1);
     assert_eq!(version_of(&get(addr, "/").unwrap().body), "good");
+}
+
+/// With `--workers 3`, `READY=1` goes to systemd only once every worker of
+/// the first generation is ready (two ready workers are not enough), with
+/// `MAINPID` baton's own pid, never a worker's; every datagram systemd
+/// gets comes from baton.
+#[test]
+fn ready_only_once_every_worker_is_ready() {
+    let gates = tempfile::tempdir().unwrap();
+    let gate = gates.path().join("gate-{worker}");
+    let env = format!("FAKE_READY_GATE = \"{}\"", gate.display());
+    let flags = [
+        "--listen",
+        "http=127.0.0.1:0",
+        "--workers",
+        "3",
+        "--ready-timeout",
+        "60s",
+    ];
+    let b = under_systemd(&[], &flags, &env);
+    let pid = service_pid(&b);
+    // Every worker started: baton answers on its control socket by then.
+    b.stderr
+        .wait_for(&["generation started", "generation=1 "], 3, WAIT);
+    let open = |w: u32| std::fs::write(gates.path().join(format!("gate-{w}")), b"").unwrap();
+    let ready_workers = || {
+        b.generation(1)["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["state"] == "ready")
+            .count()
+    };
+    open(0);
+    open(2);
+    b.wait_until("two workers ready", WAIT, || ready_workers() == 2);
+    assert_eq!(b.generation(1)["state"], "starting");
+    assert!(
+        !messages(&b).iter().any(|m| m.starts_with("READY=1")),
+        "READY=1 with a worker not ready: {:?}",
+        messages(&b)
+    );
+    open(1);
+    wait_message(&b, "READY=1", |m| m.starts_with("READY=1"));
+    assert_eq!(ready_workers(), 3);
+    let ready = messages(&b)
+        .into_iter()
+        .find(|m| m.starts_with("READY=1"))
+        .unwrap();
+    assert!(ready.contains(&format!("MAINPID={pid}\n")), "{ready}");
+    let workers: Vec<i64> = b.generation(1)["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_i64().unwrap())
+        .collect();
+    assert!(!workers.contains(&pid), "{workers:?} {pid}");
+    for n in events_of(&b, "notify") {
+        assert_eq!(n["pid"], pid, "{n}");
+    }
 }

@@ -130,6 +130,7 @@ fn event_name(kind: &EventKind) -> &'static str {
         EventKind::Spawned { .. } => "spawned",
         EventKind::SpawnFailed { .. } => "spawn_failed",
         EventKind::Ready { .. } => "ready",
+        EventKind::WorkerReady { .. } => "worker_ready",
         EventKind::Active { .. } => "active",
         EventKind::Canary { .. } => "canary",
         EventKind::Bake { .. } => "bake",
@@ -573,6 +574,7 @@ mod tests {
                 EventKind::Spawned {
                     pid: 9,
                     dir: "/".into(),
+                    worker: None,
                 },
             ),
             ev(
@@ -602,6 +604,7 @@ mod tests {
                 EventKind::Exited {
                     pid: 8,
                     status: "exit status 0".into(),
+                    worker: None,
                 },
             ),
             Reply::Done(Outcome {

@@ -84,14 +84,16 @@ pub enum Input<P> {
     /// The process asked for by [`Effect::Spawn`] runs.
     Spawned {
         gen: GenId,
+        worker: u32,
         pid: Pid,
     },
     /// [`Effect::Spawn`] could not start a process.
     SpawnFailed {
         gen: GenId,
+        worker: u32,
         error: String,
     },
-    /// A generation's main process exited. The shell keeps it unreaped, so
+    /// A worker's process (its group's leader) exited. The shell keeps it unreaped, so
     /// its pid (and with it the process group id) cannot be reused until
     /// [`Effect::Release`]. `group_empty` says whether the group had no
     /// other member left when the exit was seen.
@@ -139,14 +141,17 @@ pub enum Input<P> {
 /// What the shell must do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
-    /// Start a process for `gen` from its spec ([`Machine::spec`](crate::Machine::spec)),
-    /// with the generation's own sockets; answer with [`Input::Spawned`]
-    /// or [`Input::SpawnFailed`].
+    /// Start worker `worker` of `gen` from its spec
+    /// ([`Machine::spec`](crate::Machine::spec)), in a process group of its
+    /// own, with the generation's own sockets (every worker gets the same);
+    /// answer with [`Input::Spawned`] or [`Input::SpawnFailed`].
     Spawn {
         gen: GenId,
+        worker: u32,
     },
-    /// Run `gen`'s readiness check against `pid`; answer with
-    /// [`Input::Probe`].
+    /// Run `gen`'s readiness check (one for the generation, whichever
+    /// worker answers it); answer with [`Input::Probe`] carrying `pid`,
+    /// which names this run of the check.
     StartProbe {
         gen: GenId,
         pid: Pid,
@@ -231,11 +236,19 @@ pub enum EventKind {
     },
     Spawned {
         pid: Pid,
+        worker: u32,
     },
     SpawnFailed {
         error: String,
     },
+    /// Every worker is ready; `pid` is the one that was last.
     Ready {
+        pid: Pid,
+        via: Via,
+    },
+    /// A worker restarted alone, while others served, is ready again.
+    WorkerReady {
+        worker: u32,
         pid: Pid,
         via: Via,
     },
@@ -276,9 +289,12 @@ pub enum EventKind {
     },
     Exited {
         pid: Pid,
+        worker: u32,
         status: ExitStatus,
     },
+    /// Worker `worker` starts again after `delay`; its `restarts`th restart.
     Restarting {
+        worker: u32,
         delay: Duration,
         restarts: u32,
     },
@@ -291,6 +307,9 @@ pub enum EventKind {
     UpgradeSucceeded,
     UpgradeFailed {
         failure: Failure,
+        /// The worker whose death failed it, if one did (its stderr tells
+        /// why).
+        worker: Option<u32>,
     },
 }
 
@@ -304,17 +323,21 @@ pub enum Via {
     /// The shell's check passed; its words.
     Probe(String),
     Delay(Duration),
+    /// A worker restarted alone in a generation checked by a probe: a
+    /// probe reaches whichever worker accepts, never this one in
+    /// particular, so it counts once it runs.
+    Running,
 }
 
 /// Why a generation was abandoned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Failure {
-    /// Its process could not be started.
+    /// A process of it could not be started.
     Spawn(String),
-    /// Its main process exited before it was ready.
+    /// A worker exited before the generation was ready.
     Exited(ExitStatus),
-    /// Its main process exited during its canary or bake.
+    /// A worker exited during its canary or bake.
     Died(ExitStatus),
     /// Not ready within the ready timeout.
     Timeout(Duration),
@@ -333,13 +356,13 @@ pub enum Failure {
 pub enum Note {
     /// A notify datagram from a process of no generation.
     NotifyFromStranger { pid: Pid },
-    /// A generation's main process exited while others in its group live:
-    /// they are drained too.
+    /// A worker's process exited while others in its group live: they are
+    /// drained too.
     GroupOutlivesLeader { gen: GenId, pid: Pid },
     /// Members of an exited leader's group outstayed the drain timeout.
     KillingLeftovers { gen: GenId, pid: Pid },
-    /// The active generation failed its readiness check and is drained to
-    /// be restarted.
+    /// Workers of the active generation failed their readiness check and
+    /// are drained to be restarted.
     Recycling { gen: GenId, failure: Failure },
     /// The upgrade requested by SIGHUP during the last one starts now.
     FollowUpUpgrade,

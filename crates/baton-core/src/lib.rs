@@ -11,8 +11,9 @@
 //! effects expected, as sans-IO protocol libraries (quinn-proto, str0m) are.
 //!
 //! Three ideas are kept apart:
-//! - a generation's [`Phase`]: what its main process is doing, each phase
-//!   holding exactly the data valid in it;
+//! - a generation's [`Phase`]: what it is doing, each phase holding
+//!   exactly the data valid in it, with the state of each of its
+//!   [`Worker`]s (N processes per generation, each restarted alone);
 //! - the process groups ([`Proc`]) the machine answers for, from spawn until
 //!   the last member is gone;
 //! - the [`TrafficPlan`]: which generation new connections go to (the
@@ -34,7 +35,7 @@ pub use io::{
     Via,
 };
 pub use machine::{Machine, FINISHED_KEPT, RELEASES_KEPT, RETIRE_WAIT, STDERR_GRACE};
-pub use state::{Check, Generation, Phase, Proc, Upgrade, UpgradePhase};
+pub use state::{Check, Generation, Phase, Proc, Upgrade, UpgradePhase, Worker, WorkerRecord};
 pub use traffic::{Candidate, TrafficPlan};
 pub use types::{
     ExitStatus, GenId, Health, Overlap, Pid, Readiness, Release, Report, Settings, Signal, Spec,

@@ -36,7 +36,7 @@ use crate::io::{
     Command, Effect, Event, EventKind, Failure, Input, Note, Refusal, Reply, RequestId, UpgradeRef,
     Via,
 };
-use crate::state::{Check, Generation, Phase, Proc, Upgrade, UpgradePhase};
+use crate::state::{Check, Generation, Phase, Proc, Upgrade, UpgradePhase, Worker, WorkerRecord};
 use crate::traffic::{Candidate, TrafficPlan};
 use crate::types::{
     ExitStatus, GenId, Overlap, Pid, Readiness, Release, Report, Settings, Signal, Spec, Time,
@@ -148,30 +148,32 @@ impl<P: Clone> Machine<P> {
     pub fn is_done(&self) -> bool {
         self.stopping
             && self.procs.is_empty()
-            && !self.gens.values().any(|g| {
-                matches!(
-                    g.phase,
-                    Phase::Spawning
-                        | Phase::Draining {
-                            spawn_pending: true,
-                            ..
-                        }
-                )
-            })
+            && self.gens.values().all(|g| g.spawning().is_empty())
     }
 
     /// The earliest time at which [`Input::Tick`] has something to do.
     pub fn poll_timeout(&self) -> Option<Time> {
-        let gens = self.gens.values().filter_map(|g| match g.phase {
-            Phase::Starting {
-                deadline, check, ..
-            } => Some(match check {
-                Check::Delay { at } => at.min(deadline),
-                _ => deadline,
-            }),
-            Phase::Restarting { at } => Some(at),
-            Phase::Retiring { until, .. } => Some(until),
-            _ => None,
+        let gens = self.gens.values().flat_map(|g| {
+            let mut times = Vec::new();
+            match &g.phase {
+                Phase::Starting { workers, .. } | Phase::Serving { workers } => {
+                    for w in workers {
+                        match *w {
+                            Worker::Starting {
+                                deadline, check, ..
+                            } => times.push(match check {
+                                Check::Delay { at } => at.min(deadline),
+                                _ => deadline,
+                            }),
+                            Worker::Restarting { at } => times.push(at),
+                            _ => {}
+                        }
+                    }
+                }
+                Phase::Retiring { until, .. } => times.push(*until),
+                _ => {}
+            }
+            times
         });
         let kills = self
             .procs
@@ -198,8 +200,8 @@ impl<P: Clone> Machine<P> {
         match input {
             Input::Start { spec } => self.start(spec),
             Input::Command { id, command } => self.command(id, command),
-            Input::Spawned { gen, pid } => self.on_spawned(gen, pid),
-            Input::SpawnFailed { gen, error } => self.on_spawn_failed(gen, error),
+            Input::Spawned { gen, worker, pid } => self.on_spawned(gen, worker, pid),
+            Input::SpawnFailed { gen, worker, error } => self.on_spawn_failed(gen, worker, error),
             Input::Exited {
                 pid,
                 status,
@@ -249,22 +251,38 @@ impl<P: Clone> Machine<P> {
     fn new_generation(&mut self, spec: Spec<P>, upgrade: Option<UpgradeRef>) -> GenId {
         let id = GenId(self.next_gen);
         self.next_gen += 1;
-        let backoff = Backoff::new(spec.settings.restart_backoff_max);
+        let n = spec.settings.workers.max(1) as usize;
+        let record = WorkerRecord {
+            restarts: 0,
+            backoff: Backoff::new(spec.settings.restart_backoff_max),
+            last_exit: None,
+        };
         self.gens.insert(
             id,
             Generation {
                 id,
                 spec,
-                phase: Phase::Spawning,
+                phase: Phase::Starting {
+                    workers: vec![Worker::Spawning; n],
+                    deadline: None,
+                    probe: None,
+                },
                 upgrade,
-                restarts: 0,
-                backoff,
+                records: vec![record; n],
                 status_text: None,
                 last_exit: None,
                 owns_sockets: true,
             },
         );
         id
+    }
+
+    /// Asks for every worker of a new generation.
+    fn spawn_all(&mut self, gen: GenId) {
+        let n = self.gens.get(&gen).map_or(0, |g| g.records.len() as u32);
+        for worker in 0..n {
+            self.out.push(Effect::Spawn { gen, worker });
+        }
     }
 
     // ----- commands ----------------------------------------------------------
@@ -284,7 +302,7 @@ impl<P: Clone> Machine<P> {
         // wait in its queue, and a crash restarts it.
         self.traffic.active = Some(gen);
         self.publish_traffic();
-        self.out.push(Effect::Spawn { gen });
+        self.spawn_all(gen);
     }
 
     fn command(&mut self, id: RequestId, command: Command<P>) {
@@ -364,7 +382,7 @@ impl<P: Clone> Machine<P> {
         }
     }
 
-    /// Drains the active generation's process so that it is restarted
+    /// Drains the active generation's workers so that each is restarted
     /// (same release, same sockets) once it has exited.
     fn restart_active(&mut self) -> Reply {
         if self.stopping {
@@ -373,29 +391,23 @@ impl<P: Clone> Machine<P> {
         let Some(gen) = self.traffic.active else {
             return Reply::Refused(Refusal::NothingToPromote);
         };
-        let pid = match self.gens.get(&gen).map(|g| g.phase.clone()) {
-            Some(Phase::Serving { pid } | Phase::Starting { pid, .. }) => pid,
-            // Restarting or being recycled already: the next process gets
-            // the sockets as they are now.
-            _ => return Reply::Restarting(gen),
-        };
-        let probing = self.gens.get(&gen).is_some_and(|g| {
-            matches!(
-                g.phase,
-                Phase::Starting {
-                    check: Check::Probe,
-                    ..
-                }
-            )
-        });
-        if probing {
-            self.out.push(Effect::StopProbe { gen });
+        // Workers restarting or being recycled already: their next
+        // process gets the sockets as they are now.
+        let running = self.accepting(gen);
+        if running.is_empty() {
+            return Reply::Restarting(gen);
         }
-        if let Some(g) = self.gens.get_mut(&gen) {
-            g.phase = Phase::Recycling { pid };
+        self.stop_probe(gen);
+        if let Some(workers) = self.gens.get_mut(&gen).and_then(Generation::workers_mut) {
+            for &(i, pid) in &running {
+                workers[i as usize] = Worker::Recycling { pid };
+            }
         }
+        self.settle(gen);
         self.out.push(Effect::Note(Note::RestartRequested { gen }));
-        self.signal_drain(gen, pid);
+        for (_, pid) in running {
+            self.signal_drain(gen, pid);
+        }
         Reply::Restarting(gen)
     }
 
@@ -406,8 +418,7 @@ impl<P: Clone> Machine<P> {
         let id = up.candidate;
         match up.phase {
             UpgradePhase::Canary { .. } => {
-                let pid = self.gens.get(&id).and_then(Generation::main_pid);
-                if let Some(pid) = pid {
+                if let Some(&(_, pid)) = self.accepting(id).first() {
                     self.stop_health(id);
                     self.cutover(id, pid);
                 }
@@ -458,7 +469,11 @@ impl<P: Clone> Machine<P> {
                 };
                 self.emit_in(gen, up, spawn_error);
                 let failure = Failure::Spawn(error);
-                self.emit_in(gen, up, EventKind::UpgradeFailed { failure });
+                let failed = EventKind::UpgradeFailed {
+                    failure,
+                    worker: None,
+                };
+                self.emit_in(gen, up, failed);
                 self.after_upgrade();
                 return Reply::Upgrading(gen);
             }
@@ -495,7 +510,7 @@ impl<P: Clone> Machine<P> {
             phase: UpgradePhase::Starting,
         });
         self.emit(gen, EventKind::Requested { trigger });
-        self.out.push(Effect::Spawn { gen });
+        self.spawn_all(gen);
         if self.steered() {
             // Dark: only baton's probes reach it until it is ready.
             self.traffic.candidate = Some(Candidate { gen, share: 0 });
@@ -514,10 +529,14 @@ impl<P: Clone> Machine<P> {
         // queue that nobody will serve.
         self.out.push(Effect::CloseListeners);
         if let Some(up) = self.upgrade.take() {
-            let failure = match &up.phase {
-                UpgradePhase::Reporting { failure, .. }
-                | UpgradePhase::Restoring { failure, .. } => failure.clone(),
-                _ => Failure::Stopping,
+            let (failure, worker) = match &up.phase {
+                UpgradePhase::Reporting {
+                    failure, worker, ..
+                } => (failure.clone(), Some(*worker)),
+                UpgradePhase::Restoring {
+                    failure, worker, ..
+                } => (failure.clone(), *worker),
+                _ => (Failure::Stopping, None),
             };
             if matches!(
                 up.phase,
@@ -528,7 +547,7 @@ impl<P: Clone> Machine<P> {
             self.emit_in(
                 up.candidate,
                 Some(up.as_ref()),
-                EventKind::UpgradeFailed { failure },
+                EventKind::UpgradeFailed { failure, worker },
             );
         }
         self.traffic.candidate = None;
@@ -541,77 +560,154 @@ impl<P: Clone> Machine<P> {
 
     // ----- processes ---------------------------------------------------------
 
-    fn on_spawned(&mut self, gen: GenId, pid: Pid) {
+    fn on_spawned(&mut self, gen: GenId, worker: u32, pid: Pid) {
         self.procs.insert(
             pid,
             Proc {
                 gen,
+                worker,
                 started: self.now,
                 exit: None,
                 kill_at: None,
                 killed: false,
             },
         );
+        let now = self.now;
         let Some(g) = self.gens.get_mut(&gen) else {
             // Generations with a spawn outstanding are never forgotten, so
             // this cannot happen; if it did, the process must not run on.
             if let Some(p) = self.procs.get_mut(&pid) {
-                p.kill_at = Some(self.now);
+                p.kill_at = Some(now);
             }
             return;
         };
         let settings = *g.settings();
+        let check = match settings.readiness {
+            Readiness::Notify => Check::Notify,
+            Readiness::Probe => Check::Probe,
+            Readiness::Delay(d) => Check::Delay { at: now + d },
+        };
+        let i = worker as usize;
         match &mut g.phase {
-            Phase::Spawning => {
-                let check = match settings.readiness {
-                    Readiness::Notify => Check::Notify,
-                    Readiness::Probe => Check::Probe,
-                    Readiness::Delay(d) => Check::Delay { at: self.now + d },
-                };
-                g.phase = Phase::Starting {
+            Phase::Starting {
+                workers, deadline, ..
+            } if workers.get(i) == Some(&Worker::Spawning) => {
+                if deadline.is_none() {
+                    // A fresh start: what the previous processes said is
+                    // no longer true.
+                    g.status_text = None;
+                }
+                let deadline = *deadline.get_or_insert(now + settings.ready_timeout);
+                workers[i] = Worker::Starting {
                     pid,
-                    deadline: self.now + settings.ready_timeout,
+                    deadline,
                     check,
                 };
-                g.status_text = None;
-                self.emit(gen, EventKind::Spawned { pid });
+                self.emit(gen, EventKind::Spawned { pid, worker });
                 if check == Check::Probe {
-                    self.out.push(Effect::StartProbe { gen, pid });
+                    self.maybe_start_probe(gen, pid);
                 }
             }
-            Phase::Draining { spawn_pending, .. } => {
+            Phase::Serving { workers } if workers.get(i) == Some(&Worker::Spawning) => {
+                // Restarted alone while the others serve.
+                if check == Check::Probe {
+                    workers[i] = Worker::Up { pid };
+                    self.emit(gen, EventKind::Spawned { pid, worker });
+                    let via = Via::Running;
+                    self.emit(gen, EventKind::WorkerReady { worker, pid, via });
+                } else {
+                    let deadline = now + settings.ready_timeout;
+                    workers[i] = Worker::Starting {
+                        pid,
+                        deadline,
+                        check,
+                    };
+                    self.emit(gen, EventKind::Spawned { pid, worker });
+                }
+            }
+            Phase::Retiring { spawning, .. } | Phase::Draining { spawning, .. }
+                if spawning.contains(&worker) =>
+            {
                 // Drained (stop, cutover) while it was being started.
-                *spawn_pending = false;
-                self.emit(gen, EventKind::Spawned { pid });
+                spawning.retain(|w| *w != worker);
+                self.emit(gen, EventKind::Spawned { pid, worker });
                 self.signal_drain(gen, pid);
             }
             _ => {
                 // No spawn was outstanding: drain the stray process.
-                self.emit(gen, EventKind::Spawned { pid });
+                self.emit(gen, EventKind::Spawned { pid, worker });
                 self.signal_drain(gen, pid);
             }
         }
         self.end_restore(gen);
     }
 
-    fn on_spawn_failed(&mut self, gen: GenId, error: String) {
+    /// Starts the generation's readiness check once every worker runs:
+    /// `pid`, the last to start, names this run of it.
+    fn maybe_start_probe(&mut self, gen: GenId, pid: Pid) {
+        let Some(Phase::Starting { workers, probe, .. }) =
+            self.gens.get_mut(&gen).map(|g| &mut g.phase)
+        else {
+            return;
+        };
+        let all_run = workers.iter().all(|w| {
+            matches!(
+                w,
+                Worker::Starting {
+                    check: Check::Probe,
+                    ..
+                }
+            )
+        });
+        if all_run && probe.is_none() {
+            *probe = Some(pid);
+            self.out.push(Effect::StartProbe { gen, pid });
+        }
+    }
+
+    /// Abandons `gen`'s readiness check, if one runs.
+    fn stop_probe(&mut self, gen: GenId) {
+        if let Some(Phase::Starting { probe, .. }) = self.gens.get_mut(&gen).map(|g| &mut g.phase) {
+            if probe.take().is_some() {
+                self.out.push(Effect::StopProbe { gen });
+            }
+        }
+    }
+
+    fn on_spawn_failed(&mut self, gen: GenId, worker: u32, error: String) {
         let Some(g) = self.gens.get_mut(&gen) else {
             return;
         };
         match &mut g.phase {
-            Phase::Spawning => {
+            Phase::Starting { workers, .. } | Phase::Serving { workers }
+                if workers.get(worker as usize) == Some(&Worker::Spawning) =>
+            {
                 self.emit(
                     gen,
                     EventKind::SpawnFailed {
                         error: error.clone(),
                     },
                 );
+                // The active generation restarts its workers, also a
+                // candidate baking with nothing parked to go back to; not
+                // one replacing another (without overlap), which has the
+                // traffic before it was ever ready: it fails.
                 let candidate = self.is_candidate(gen);
-                if !candidate && self.traffic.active == Some(gen) && !self.stopping {
-                    self.restart_after(gen, Duration::ZERO);
+                let replacing = candidate
+                    && matches!(
+                        self.upgrade.as_ref().map(|u| &u.phase),
+                        Some(UpgradePhase::Replacing { .. })
+                    );
+                if self.traffic.active == Some(gen) && !self.stopping && !replacing {
+                    self.restart_worker(gen, worker, Duration::ZERO);
                 } else {
-                    // Answered: nothing of it runs or will.
-                    self.set_draining(gen, None, false);
+                    // Answered: nothing of this worker runs or will.
+                    self.drain(gen, None);
+                    if let Some(Phase::Draining { spawning, .. }) =
+                        self.gens.get_mut(&gen).map(|g| &mut g.phase)
+                    {
+                        spawning.retain(|w| *w != worker);
+                    }
                     if candidate {
                         self.fail_upgrade(Failure::Spawn(error), None);
                     } else {
@@ -619,8 +715,10 @@ impl<P: Clone> Machine<P> {
                     }
                 }
             }
-            Phase::Draining { spawn_pending, .. } if *spawn_pending => {
-                *spawn_pending = false;
+            Phase::Retiring { spawning, .. } | Phase::Draining { spawning, .. }
+                if spawning.contains(&worker) =>
+            {
+                spawning.retain(|w| *w != worker);
                 self.emit(gen, EventKind::SpawnFailed { error });
                 self.maybe_finish(gen);
             }
@@ -638,16 +736,27 @@ impl<P: Clone> Machine<P> {
             return;
         }
         proc.exit = Some(status);
-        let (gen, uptime, drained) = (proc.gen, now.since(proc.started), proc.kill_at.is_some());
+        let (gen, worker) = (proc.gen, proc.worker);
+        let (uptime, drained) = (now.since(proc.started), proc.kill_at.is_some());
         if let Some(g) = self.gens.get_mut(&gen) {
             g.last_exit = Some(status);
+            if let Some(r) = g.records.get_mut(worker as usize) {
+                r.last_exit = Some(status);
+            }
         }
-        self.emit(gen, EventKind::Exited { pid, status });
+        self.emit(
+            gen,
+            EventKind::Exited {
+                pid,
+                worker,
+                status,
+            },
+        );
         if group_empty {
             self.release(pid);
         } else if !drained {
-            // Workers may outlive their leader: unless a drain already
-            // covers them, they are drained like any generation.
+            // Its own children may outlive it: unless a drain already
+            // covers them, they are drained like any worker.
             self.out
                 .push(Effect::Note(Note::GroupOutlivesLeader { gen, pid }));
             self.signal_group(gen, pid);
@@ -656,53 +765,59 @@ impl<P: Clone> Machine<P> {
         let Some(g) = self.gens.get(&gen) else {
             return;
         };
-        if g.main_pid() != Some(pid) {
-            // An older process of this generation, or a draining one.
-            self.maybe_finish(gen);
+        if g.worker_pid(worker) != Some(pid) {
+            // An older process of this generation, or one of a generation
+            // that restarts nothing any more. A retiring generation with no
+            // process left to accept what waits is drained.
+            if matches!(g.phase, Phase::Retiring { .. }) && self.accepting_procs(gen) == 0 {
+                self.end(gen, None);
+            } else {
+                self.maybe_finish(gen);
+            }
             return;
         }
         let was_starting = matches!(g.phase, Phase::Starting { .. });
-        let probing = matches!(
-            g.phase,
-            Phase::Starting {
-                check: Check::Probe,
-                ..
-            }
+        let recycled = matches!(
+            g.workers().and_then(|w| w.get(worker as usize)),
+            Some(Worker::Recycling { .. })
         );
         let upgrade_phase = self
             .upgrade
             .as_ref()
             .filter(|u| u.candidate == gen)
             .map(|u| u.phase.clone());
+        let dead = Some((pid, worker));
         match upgrade_phase {
             // Report once its last stderr lines are in (a bounded wait);
             // the process is gone, so nothing can promote it meanwhile.
-            Some(UpgradePhase::Starting) => self.fail_upgrade(Failure::Exited(status), Some(pid)),
+            Some(UpgradePhase::Starting) => self.fail_upgrade(Failure::Exited(status), dead),
             // Without overlap: a start that failed brings the previous
-            // release back. One drained on request (its socket was
-            // replaced) is restarted, as the active generation it is.
-            Some(UpgradePhase::Replacing { .. }) if was_starting => {
-                self.fail_upgrade(Failure::Exited(status), Some(pid))
+            // release back. A worker drained on request (its socket was
+            // replaced) is restarted, the candidate being the active
+            // generation already.
+            Some(UpgradePhase::Replacing { .. }) if !recycled => {
+                self.fail_upgrade(Failure::Exited(status), dead)
             }
-            Some(UpgradePhase::Replacing { .. }) => self.restart_after(gen, uptime),
+            Some(UpgradePhase::Replacing { .. }) => self.restart_worker(gen, worker, uptime),
             // After it served: the traffic goes back where it was.
             Some(UpgradePhase::Canary { .. })
             | Some(UpgradePhase::Baking {
                 parked: Some(_), ..
-            }) => self.fail_upgrade(Failure::Died(status), Some(pid)),
+            }) => self.fail_upgrade(Failure::Died(status), dead),
             // Active, with nothing parked to go back to: restarted.
-            Some(UpgradePhase::Baking { parked: None, .. }) => self.restart_after(gen, uptime),
+            Some(UpgradePhase::Baking { parked: None, .. }) => {
+                self.restart_worker(gen, worker, uptime)
+            }
             Some(UpgradePhase::Reporting { .. } | UpgradePhase::Restoring { .. }) => {
                 self.end(gen, None)
             }
             None if self.traffic.active == Some(gen) && !self.stopping => {
-                if probing {
-                    self.out.push(Effect::StopProbe { gen });
-                }
-                self.restart_after(gen, uptime);
+                self.restart_worker(gen, worker, uptime);
             }
             None if self.traffic.parked == Some(gen) => {
-                // Nothing left to roll back to; the bake goes on.
+                // A parked generation is a way back to exactly what served
+                // before: one that lost a worker is no longer that, and
+                // nothing restarts old code that serves nobody.
                 self.traffic.parked = None;
                 if let Some(Upgrade {
                     phase: UpgradePhase::Baking { parked, .. },
@@ -742,39 +857,134 @@ impl<P: Clone> Machine<P> {
         }
     }
 
-    /// Restarts the active generation after a process that ran for
-    /// `uptime`, with backoff.
-    fn restart_after(&mut self, gen: GenId, uptime: Duration) {
+    /// Restarts worker `worker` of the active generation, whose process
+    /// ran for `uptime`, alone and with its own backoff. A readiness check
+    /// in progress counted on it, so it is abandoned.
+    fn restart_worker(&mut self, gen: GenId, worker: u32, uptime: Duration) {
+        self.stop_probe(gen);
+        let now = self.now;
         let Some(g) = self.gens.get_mut(&gen) else {
             return;
         };
-        let delay = g.backoff.on_exit(uptime);
-        g.restarts += 1;
-        g.phase = Phase::Restarting {
-            at: self.now + delay,
+        let Some(record) = g.records.get_mut(worker as usize) else {
+            return;
         };
-        let restarts = g.restarts;
-        self.emit(gen, EventKind::Restarting { delay, restarts });
+        let delay = record.backoff.on_exit(uptime);
+        record.restarts += 1;
+        let restarts = record.restarts;
+        let Some(slot) = g.workers_mut().and_then(|w| w.get_mut(worker as usize)) else {
+            return;
+        };
+        *slot = Worker::Restarting { at: now + delay };
+        self.settle(gen);
+        self.emit(
+            gen,
+            EventKind::Restarting {
+                worker,
+                delay,
+                restarts,
+            },
+        );
+    }
+
+    /// Keeps a generation's phase true to its workers: one serving with no
+    /// ready worker left is starting again (and announces itself ready
+    /// once all are); a start with no worker running yet has no deadline.
+    fn settle(&mut self, gen: GenId) {
+        let Some(g) = self.gens.get_mut(&gen) else {
+            return;
+        };
+        match &mut g.phase {
+            Phase::Serving { workers }
+                if !workers.iter().any(|w| matches!(w, Worker::Up { .. })) =>
+            {
+                g.phase = Phase::Starting {
+                    workers: std::mem::take(workers),
+                    deadline: None,
+                    probe: None,
+                };
+            }
+            Phase::Starting {
+                workers, deadline, ..
+            } if !workers
+                .iter()
+                .any(|w| matches!(w, Worker::Spawning | Worker::Starting { .. })) =>
+            {
+                *deadline = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// The running, accepting (starting or ready) workers of `gen` while
+    /// it starts or serves, by index. A worker whose exit is being handled
+    /// is not among them.
+    fn accepting(&self, gen: GenId) -> Vec<(u32, Pid)> {
+        let Some(workers) = self.gens.get(&gen).and_then(Generation::workers) else {
+            return Vec::new();
+        };
+        (0..)
+            .zip(workers)
+            .filter_map(|(i, w)| match *w {
+                Worker::Starting { pid, .. } | Worker::Up { pid } => Some((i, pid)),
+                _ => None,
+            })
+            .filter(|(_, pid)| self.running(*pid))
+            .collect()
+    }
+
+    /// Processes of `gen` still running that were never told to drain.
+    fn accepting_procs(&self, gen: GenId) -> usize {
+        self.procs
+            .values()
+            .filter(|p| p.gen == gen && p.exit.is_none() && p.kill_at.is_none())
+            .count()
+    }
+
+    /// The running processes of `gen`, by worker.
+    fn running_procs(&self, gen: GenId) -> Vec<Pid> {
+        let mut pids: Vec<(u32, Pid)> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.gen == gen && p.exit.is_none())
+            .map(|(pid, p)| (p.worker, *pid))
+            .collect();
+        pids.sort();
+        pids.into_iter().map(|(_, pid)| pid).collect()
     }
 
     // ----- readiness and health ----------------------------------------------
 
     fn on_probe(&mut self, gen: GenId, pid: Pid, result: Result<String, String>) {
-        let current = self.gens.get(&gen).is_some_and(
-            |g| matches!(g.phase, Phase::Starting { pid: p, check: Check::Probe, .. } if p == pid),
-        );
+        let current = self
+            .gens
+            .get(&gen)
+            .is_some_and(|g| matches!(g.phase, Phase::Starting { probe: Some(p), .. } if p == pid));
         if !current || !self.running(pid) {
             return;
         }
         match result {
-            Ok(via) => self.ready(gen, pid, Via::Probe(via)),
+            Ok(via) => {
+                // The generation answered: every worker counts as ready.
+                if let Some(workers) = self.gens.get_mut(&gen).and_then(Generation::workers_mut) {
+                    for w in workers.iter_mut() {
+                        if let Worker::Starting { pid, .. } = *w {
+                            *w = Worker::Up { pid };
+                        }
+                    }
+                }
+                self.ready(gen, pid, Via::Probe(via));
+            }
             Err(reason) => self.not_ready(gen, Failure::Check(reason)),
         }
     }
 
-    fn on_health(&mut self, gen: GenId, pid: Pid, result: Result<String, String>) {
-        let current =
-            self.gens.get(&gen).and_then(Generation::main_pid) == Some(pid) && self.running(pid);
+    fn on_health(&mut self, gen: GenId, _pid: Pid, result: Result<String, String>) {
+        // A check of the generation, whichever worker answered it.
+        let current = matches!(
+            self.gens.get(&gen).map(|g| &g.phase),
+            Some(Phase::Serving { .. })
+        );
         let threshold = self
             .gens
             .get(&gen)
@@ -814,8 +1024,8 @@ impl<P: Clone> Machine<P> {
     }
 
     fn on_notify(&mut self, pid: Pid, pgid: Option<Pid>, reports: Vec<Report>) {
-        // A process counts for the generation whose running main process it
-        // is, or whose group it belongs to; never by anything it says.
+        // A process counts for the worker whose running process it is, or
+        // whose group it belongs to; never by anything it says.
         let leader = [Some(pid), pgid]
             .into_iter()
             .flatten()
@@ -825,15 +1035,15 @@ impl<P: Clone> Machine<P> {
                 .push(Effect::Note(Note::NotifyFromStranger { pid }));
             return;
         };
-        let gen = self.procs[&leader].gen;
+        let (gen, worker) = (self.procs[&leader].gen, self.procs[&leader].worker);
         for report in reports {
             match report {
                 Report::Ready => {
-                    let waiting = self.gens.get(&gen).is_some_and(|g| {
-                        matches!(g.phase, Phase::Starting { pid: p, check: Check::Notify, .. } if p == leader)
+                    let waiting = self.gens.get(&gen).and_then(Generation::workers).is_some_and(|w| {
+                        matches!(w.get(worker as usize), Some(Worker::Starting { pid: p, check: Check::Notify, .. }) if *p == leader)
                     });
                     if waiting {
-                        self.ready(gen, leader, Via::Notify { from: pid });
+                        self.worker_ready(gen, worker, leader, Via::Notify { from: pid });
                     }
                 }
                 Report::Status(text) => {
@@ -851,20 +1061,39 @@ impl<P: Clone> Machine<P> {
         self.procs.get(&pid).is_some_and(|p| p.exit.is_none())
     }
 
-    fn ready(&mut self, gen: GenId, pid: Pid, via: Via) {
+    /// Worker `worker` of `gen` passed its own check (notify, delay). The
+    /// generation is ready once every worker is; a worker restarted alone
+    /// just serves again.
+    fn worker_ready(&mut self, gen: GenId, worker: u32, pid: Pid, via: Via) {
         let Some(g) = self.gens.get_mut(&gen) else {
             return;
         };
-        if matches!(
-            g.phase,
-            Phase::Starting {
-                check: Check::Probe,
-                ..
+        let Some(slot) = g.workers_mut().and_then(|w| w.get_mut(worker as usize)) else {
+            return;
+        };
+        *slot = Worker::Up { pid };
+        match &g.phase {
+            Phase::Starting { workers, .. } => {
+                if workers.iter().all(|w| matches!(w, Worker::Up { .. })) {
+                    self.ready(gen, pid, via);
+                }
             }
-        ) {
-            self.out.push(Effect::StopProbe { gen });
+            _ => self.emit(gen, EventKind::WorkerReady { worker, pid, via }),
         }
-        g.phase = Phase::Serving { pid };
+    }
+
+    /// Every worker of `gen` is ready, `pid` the last of them.
+    fn ready(&mut self, gen: GenId, pid: Pid, via: Via) {
+        self.stop_probe(gen);
+        let Some(g) = self.gens.get_mut(&gen) else {
+            return;
+        };
+        let Phase::Starting { workers, .. } = &mut g.phase else {
+            return;
+        };
+        g.phase = Phase::Serving {
+            workers: std::mem::take(workers),
+        };
         let health = g.settings().health.is_some();
         self.emit(gen, EventKind::Ready { pid, via });
         // A candidate becoming ready for the first time (not one restarted
@@ -903,7 +1132,7 @@ impl<P: Clone> Machine<P> {
                 _ => self.cutover(gen, pid),
             }
         } else if self.traffic.active == Some(gen) {
-            // First start, or a restart of the active generation.
+            // First start, or the active generation whole again.
             self.emit(gen, EventKind::Active { pid });
             let release = self.gens[&gen].spec.release.clone();
             if self.upgrade.is_none() {
@@ -915,29 +1144,66 @@ impl<P: Clone> Machine<P> {
         }
     }
 
+    /// `gen`, starting, did not become ready (its workers' deadline, or the
+    /// generation's check said no).
     fn not_ready(&mut self, gen: GenId, failure: Failure) {
-        let Some(g) = self.gens.get_mut(&gen) else {
-            return;
-        };
-        let Phase::Starting { pid, check, .. } = g.phase else {
+        let Some(Phase::Starting { .. }) = self.gens.get(&gen).map(|g| &g.phase) else {
             return;
         };
         if self.is_candidate(gen) {
             self.fail_upgrade(failure, None);
         } else if self.traffic.active == Some(gen) && !self.stopping {
-            // Drained; its exit restarts it with backoff.
-            if check == Check::Probe {
-                self.out.push(Effect::StopProbe { gen });
-            }
-            if let Some(g) = self.gens.get_mut(&gen) {
-                g.phase = Phase::Recycling { pid };
+            // The workers not ready are drained; each exit restarts one
+            // with backoff.
+            self.stop_probe(gen);
+            let stuck: Vec<(u32, Pid)> = self
+                .accepting(gen)
+                .into_iter()
+                .filter(|(i, _)| {
+                    !matches!(
+                        self.gens[&gen].workers().and_then(|w| w.get(*i as usize)),
+                        Some(Worker::Up { .. })
+                    )
+                })
+                .collect();
+            if let Some(Phase::Starting {
+                workers, deadline, ..
+            }) = self.gens.get_mut(&gen).map(|g| &mut g.phase)
+            {
+                for &(i, pid) in &stuck {
+                    workers[i as usize] = Worker::Recycling { pid };
+                }
+                // The next worker to run starts a new deadline.
+                *deadline = None;
             }
             self.out
                 .push(Effect::Note(Note::Recycling { gen, failure }));
-            self.signal_drain(gen, pid);
+            for (_, pid) in stuck {
+                self.signal_drain(gen, pid);
+            }
         } else {
             self.end(gen, Some(failure));
         }
+    }
+
+    /// A worker restarted alone was not ready by its deadline: drained,
+    /// and restarted with backoff once it has exited.
+    fn recycle_worker(&mut self, gen: GenId, worker: u32, failure: Failure) {
+        let Some(slot) = self
+            .gens
+            .get_mut(&gen)
+            .and_then(Generation::workers_mut)
+            .and_then(|w| w.get_mut(worker as usize))
+        else {
+            return;
+        };
+        let Worker::Starting { pid, .. } = *slot else {
+            return;
+        };
+        *slot = Worker::Recycling { pid };
+        self.out
+            .push(Effect::Note(Note::Recycling { gen, failure }));
+        self.signal_drain(gen, pid);
     }
 
     // ----- cutover, bake, rollback -------------------------------------------
@@ -958,11 +1224,15 @@ impl<P: Clone> Machine<P> {
                 .get(&gen)
                 .map_or(Duration::ZERO, |g| g.settings().bake),
         };
+        // Only a whole generation (every worker ready) is parked: one that
+        // is restarting a worker is no longer exactly what served, like a
+        // parked one that loses a worker.
         let previous = self.traffic.active.filter(|a| {
             *a != gen
                 && matches!(
                     self.gens.get(a).map(|g| &g.phase),
-                    Some(Phase::Serving { .. })
+                    Some(Phase::Serving { workers })
+                        if workers.iter().all(|w| matches!(w, Worker::Up { .. }))
                 )
         });
         let parked = previous.filter(|_| !bake.is_zero());
@@ -1066,15 +1336,15 @@ impl<P: Clone> Machine<P> {
     /// Abandons the upgrade in progress. The traffic goes back first (to
     /// the parked generation during a bake, off the candidate during a
     /// canary), then the candidate is retired (if it served) or drained,
-    /// and the failure is reported: now, or, when the candidate died
-    /// (`dead`), once its stderr has ended.
-    fn fail_upgrade(&mut self, failure: Failure, dead: Option<Pid>) {
+    /// and the failure is reported: now, or, when a worker of the
+    /// candidate died (`dead`), once that process's stderr has ended.
+    fn fail_upgrade(&mut self, failure: Failure, dead: Option<(Pid, u32)>) {
         let Some(up) = &self.upgrade else {
             return;
         };
         let (gen, up_ref, phase) = (up.candidate, up.as_ref(), up.phase.clone());
         if let UpgradePhase::Replacing { previous } = phase {
-            self.restore(previous, failure);
+            self.restore(previous, failure, dead.map(|(_, worker)| worker));
             return;
         }
         let served = match phase {
@@ -1121,12 +1391,18 @@ impl<P: Clone> Machine<P> {
         }
         let at = self.now + STDERR_GRACE;
         match (dead, self.upgrade.as_mut()) {
-            (Some(pid), Some(up)) if !self.stopping => {
-                up.phase = UpgradePhase::Reporting { failure, pid, at };
+            (Some((pid, worker)), Some(up)) if !self.stopping => {
+                up.phase = UpgradePhase::Reporting {
+                    failure,
+                    pid,
+                    worker,
+                    at,
+                };
             }
             _ => {
                 let up = self.upgrade.take().map(|u| u.as_ref());
-                self.emit_in(gen, up, EventKind::UpgradeFailed { failure });
+                let worker = None;
+                self.emit_in(gen, up, EventKind::UpgradeFailed { failure, worker });
                 self.after_upgrade();
             }
         }
@@ -1134,16 +1410,22 @@ impl<P: Clone> Machine<P> {
 
     fn finish_report(&mut self) {
         let Some(Upgrade {
-            phase: UpgradePhase::Reporting { failure, .. },
+            phase: UpgradePhase::Reporting {
+                failure, worker, ..
+            },
             ..
         }) = &self.upgrade
         else {
             return;
         };
-        let failure = failure.clone();
+        let (failure, worker) = (failure.clone(), Some(*worker));
         let up = self.upgrade.take().map(|u| u.as_ref());
         if let Some(up) = up {
-            self.emit_in(up.id, Some(up), EventKind::UpgradeFailed { failure });
+            self.emit_in(
+                up.id,
+                Some(up),
+                EventKind::UpgradeFailed { failure, worker },
+            );
         }
         self.after_upgrade();
     }
@@ -1163,7 +1445,7 @@ impl<P: Clone> Machine<P> {
     /// generation, which owns the sockets and their queued connections at
     /// once, and runs once nothing of the candidate does. The previous
     /// processes are gone, so this is the only way back.
-    fn restore(&mut self, previous: GenId, failure: Failure) {
+    fn restore(&mut self, previous: GenId, failure: Failure, worker: Option<u32>) {
         let Some(up) = &self.upgrade else {
             return;
         };
@@ -1173,7 +1455,11 @@ impl<P: Clone> Machine<P> {
             // gone, the upgrade would just fail.
             self.end(gen, Some(failure.clone()));
             self.upgrade = None;
-            self.emit_in(gen, Some(up_ref), EventKind::UpgradeFailed { failure });
+            self.emit_in(
+                gen,
+                Some(up_ref),
+                EventKind::UpgradeFailed { failure, worker },
+            );
             self.after_upgrade();
             return;
         };
@@ -1196,32 +1482,40 @@ impl<P: Clone> Machine<P> {
         if let Some(up) = self.upgrade.as_mut() {
             up.phase = UpgradePhase::Restoring {
                 failure: failure.clone(),
+                worker,
                 restore,
             };
         }
         self.end(gen, Some(failure));
     }
 
-    /// The restored generation's process was started (or could not be):
-    /// the failed upgrade is over; from now on that generation is the
-    /// active one like any other (restarted if it crashes).
+    /// Every worker of the restored generation was started (or could not
+    /// be): the failed upgrade is over; from now on that generation is the
+    /// active one like any other (a worker that crashes is restarted).
     fn end_restore(&mut self, gen: GenId) {
         let restoring = matches!(
             &self.upgrade,
             Some(Upgrade { phase: UpgradePhase::Restoring { restore, .. }, .. }) if *restore == gen
         );
-        if !restoring {
+        let started = self
+            .gens
+            .get(&gen)
+            .is_some_and(|g| g.phase != Phase::Waiting && g.spawning().is_empty());
+        if !restoring || !started {
             return;
         }
         let Some(up) = self.upgrade.take() else {
             return;
         };
         let up_ref = up.as_ref();
-        if let UpgradePhase::Restoring { failure, .. } = up.phase {
+        if let UpgradePhase::Restoring {
+            failure, worker, ..
+        } = up.phase
+        {
             self.emit_in(
                 up_ref.id,
                 Some(up_ref),
-                EventKind::UpgradeFailed { failure },
+                EventKind::UpgradeFailed { failure, worker },
             );
         }
         self.after_upgrade();
@@ -1267,24 +1561,21 @@ impl<P: Clone> Machine<P> {
             return;
         };
         let others_run = self.procs.values().any(|p| p.gen != gen)
-            || self.gens.values().any(|g| {
-                g.id != gen
-                    && matches!(
-                        g.phase,
-                        Phase::Spawning
-                            | Phase::Draining {
-                                spawn_pending: true,
-                                ..
-                            }
-                    )
-            });
+            || self
+                .gens
+                .values()
+                .any(|g| g.id != gen && !g.spawning().is_empty());
         if others_run {
             return;
         }
         if let Some(g) = self.gens.get_mut(&gen) {
-            g.phase = Phase::Spawning;
+            g.phase = Phase::Starting {
+                workers: vec![Worker::Spawning; g.records.len()],
+                deadline: None,
+                probe: None,
+            };
         }
-        self.out.push(Effect::Spawn { gen });
+        self.spawn_all(gen);
     }
 
     fn after_upgrade(&mut self) {
@@ -1296,96 +1587,80 @@ impl<P: Clone> Machine<P> {
 
     // ----- retiring and draining ---------------------------------------------
 
-    /// `gen` gets no new connections any more. With steered traffic it
-    /// keeps accepting what already waits in its sockets and is drained
-    /// once they are empty; with a shared socket (whose queue is the next
-    /// generation's too) it is drained at once.
+    /// `gen` gets no new connections any more. With steered traffic its
+    /// running workers keep accepting what already waits in its sockets
+    /// and it is drained once they are empty; with a shared socket (whose
+    /// queue is the next generation's too) it is drained at once.
     fn retire(&mut self, gen: GenId, upgrade: Option<UpgradeRef>, failure: Option<Failure>) {
+        if matches!(
+            self.gens.get(&gen).map(|g| &g.phase),
+            Some(Phase::Retiring { .. })
+        ) {
+            // Retired already (a cutover right after another): it keeps
+            // its wait for its queue, now on behalf of this upgrade too, so
+            // that one waits for its drain as well.
+            if let (Some(up), Some(&pid)) = (upgrade, self.running_procs(gen).first()) {
+                if let Some(g) = self.gens.get_mut(&gen) {
+                    g.upgrade = Some(up);
+                }
+                self.emit(gen, EventKind::Retiring { pid });
+            }
+            return;
+        }
         let until = self.now + RETIRE_WAIT;
-        // Only a running process can accept what waits in its sockets.
-        let keeps_accepting = self.steered()
-            && self
-                .gens
-                .get(&gen)
-                .and_then(Generation::main_pid)
-                .is_some_and(|pid| self.running(pid));
-        let Some(g) = self.gens.get_mut(&gen) else {
+        // Only a running worker can accept what waits in its sockets.
+        let accepting = self.accepting(gen);
+        let Some(&(_, pid)) = accepting.first().filter(|_| self.steered()) else {
+            self.drain_with(gen, upgrade, failure);
             return;
         };
-        let pid = match g.phase {
-            Phase::Serving { pid } | Phase::Starting { pid, .. } if keeps_accepting => pid,
-            _ => {
-                self.drain(gen, upgrade);
-                if let Some(Generation {
-                    phase: Phase::Draining { failure: f, .. },
-                    ..
-                }) = self.gens.get_mut(&gen)
-                {
-                    if f.is_none() {
-                        *f = failure;
-                    }
-                }
-                self.maybe_finish(gen);
-                return;
-            }
+        self.stop_probe(gen);
+        let Some(g) = self.gens.get_mut(&gen) else {
+            return;
         };
         if upgrade.is_some() {
             g.upgrade = upgrade;
         }
-        if matches!(
-            g.phase,
-            Phase::Starting {
-                check: Check::Probe,
-                ..
-            }
-        ) {
-            self.out.push(Effect::StopProbe { gen });
-        }
+        let spawning = g.spawning();
         g.phase = Phase::Retiring {
-            pid,
             until,
             failure,
+            spawning,
         };
         self.emit(gen, EventKind::Retiring { pid });
         self.out.push(Effect::WatchQueue { gen });
     }
 
-    /// Tells `gen` to finish: its running process gets the drain signal, a
-    /// pending spawn is drained when it arrives, a pending restart is
+    /// Tells `gen` to finish: its running processes get the drain signal,
+    /// a pending spawn is drained when it arrives, a pending restart is
     /// dropped. `upgrade`, if given, is the upgrade the drain belongs to.
     fn drain(&mut self, gen: GenId, upgrade: Option<UpgradeRef>) {
+        self.drain_with(gen, upgrade, None);
+    }
+
+    /// [`Self::drain`], with `failure` as the reason unless the generation
+    /// already has one.
+    fn drain_with(&mut self, gen: GenId, upgrade: Option<UpgradeRef>, failure: Option<Failure>) {
+        self.stop_probe(gen);
         let Some(g) = self.gens.get_mut(&gen) else {
             return;
         };
-        if matches!(g.phase, Phase::Draining { .. } | Phase::Finished { .. }) {
-            return;
-        }
+        let own = match &g.phase {
+            Phase::Draining { .. } | Phase::Finished { .. } => return,
+            Phase::Retiring { failure, .. } => failure.clone(),
+            Phase::Waiting | Phase::Starting { .. } | Phase::Serving { .. } => None,
+        };
         if upgrade.is_some() {
             g.upgrade = upgrade;
         }
-        match g.phase.clone() {
-            Phase::Starting { pid, check, .. } => {
-                if check == Check::Probe {
-                    self.out.push(Effect::StopProbe { gen });
-                }
-                self.set_draining(gen, None, false);
-                self.signal_drain(gen, pid);
-            }
-            Phase::Retiring { pid, failure, .. } => {
-                self.set_draining(gen, failure, false);
-                self.signal_drain(gen, pid);
-            }
-            Phase::Serving { pid } | Phase::Recycling { pid } => {
-                self.set_draining(gen, None, false);
-                self.signal_drain(gen, pid);
-            }
-            Phase::Spawning => self.set_draining(gen, None, true),
-            Phase::Restarting { .. } | Phase::Waiting => {
-                self.set_draining(gen, None, false);
-                self.maybe_finish(gen);
-            }
-            Phase::Draining { .. } | Phase::Finished { .. } => {}
+        g.phase = Phase::Draining {
+            failure: own.or(failure),
+            spawning: g.spawning(),
+        };
+        for pid in self.running_procs(gen) {
+            self.signal_drain(gen, pid);
         }
+        self.maybe_finish(gen);
     }
 
     /// Ends `gen` for good (a failed candidate, or one nobody wants):
@@ -1394,42 +1669,18 @@ impl<P: Clone> Machine<P> {
         let Some(g) = self.gens.get_mut(&gen) else {
             return;
         };
-        match g.phase {
-            Phase::Draining {
-                failure: ref mut f, ..
-            } => {
+        match &mut g.phase {
+            Phase::Draining { failure: f, .. } => {
                 if f.is_none() {
                     *f = failure;
                 }
             }
             Phase::Finished { .. } => {}
-            _ => {
-                self.drain(gen, None);
-                // A generation with nothing running (waiting, restarting)
-                // is finished by the drain already.
-                if let Some(Generation {
-                    phase:
-                        Phase::Draining { failure: f, .. }
-                        | Phase::Finished {
-                            failure: f @ None, ..
-                        },
-                    ..
-                }) = self.gens.get_mut(&gen)
-                {
-                    *f = failure;
-                }
-            }
+            // A generation with nothing running (waiting, restarting
+            // every worker) is finished by the drain at once.
+            _ => self.drain_with(gen, None, failure),
         }
         self.maybe_finish(gen);
-    }
-
-    fn set_draining(&mut self, gen: GenId, failure: Option<Failure>, spawn_pending: bool) {
-        if let Some(g) = self.gens.get_mut(&gen) {
-            g.phase = Phase::Draining {
-                failure,
-                spawn_pending,
-            };
-        }
     }
 
     /// Sends the drain signal to the group led by `pid`, once: a group that
@@ -1463,12 +1714,8 @@ impl<P: Clone> Machine<P> {
         let Some(g) = self.gens.get_mut(&gen) else {
             return;
         };
-        if let Phase::Draining {
-            failure,
-            spawn_pending: false,
-        } = &mut g.phase
-        {
-            if !left {
+        if let Phase::Draining { failure, spawning } = &mut g.phase {
+            if !left && spawning.is_empty() {
                 g.phase = Phase::Finished {
                     failure: failure.take(),
                     at: now,
@@ -1484,59 +1731,88 @@ impl<P: Clone> Machine<P> {
 
     fn on_tick(&mut self) {
         let now = self.now;
-        let due: Vec<(GenId, Phase)> = self
-            .gens
-            .values()
-            .filter(|g| match g.phase {
-                Phase::Starting {
-                    deadline, check, ..
-                } => now >= deadline || matches!(check, Check::Delay { at } if now >= at),
-                Phase::Restarting { at } => now >= at,
-                Phase::Retiring { until, .. } => now >= until,
-                _ => false,
-            })
-            .map(|g| (g.id, g.phase.clone()))
-            .collect();
         // Readiness first: a cutover in this tick ends a generation due to
         // restart, rather than restarting it only to drain it.
-        let (starting, rest): (Vec<_>, Vec<_>) = due
-            .into_iter()
-            .partition(|(_, phase)| matches!(phase, Phase::Starting { .. }));
-        for (gen, phase) in starting.into_iter().chain(rest) {
-            if self.gens.get(&gen).map(|g| &g.phase) != Some(&phase) {
+        let mut starting = Vec::new();
+        let mut restarting = Vec::new();
+        let mut retiring = Vec::new();
+        for g in self.gens.values() {
+            match &g.phase {
+                Phase::Starting { workers, .. } | Phase::Serving { workers } => {
+                    for (i, w) in (0u32..).zip(workers) {
+                        match *w {
+                            Worker::Starting {
+                                deadline, check, ..
+                            } if now >= deadline
+                                || matches!(check, Check::Delay { at } if now >= at) =>
+                            {
+                                starting.push((g.id, i, *w))
+                            }
+                            Worker::Restarting { at } if now >= at => {
+                                restarting.push((g.id, i, *w))
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Phase::Retiring { until, .. } if now >= *until => retiring.push(g.id),
+                _ => {}
+            }
+        }
+        for (gen, i, state) in starting.into_iter().chain(restarting) {
+            let Some(g) = self.gens.get(&gen) else {
+                continue;
+            };
+            if g.workers().and_then(|w| w.get(i as usize)) != Some(&state) {
                 continue; // changed by an earlier decision in this tick
             }
-            match phase {
-                Phase::Starting {
+            let serving = matches!(g.phase, Phase::Serving { .. });
+            match state {
+                Worker::Starting {
                     pid,
                     check: Check::Delay { at },
                     deadline,
                 } if at <= deadline && self.running(pid) => {
-                    let via = match self.gens[&gen].settings().readiness {
+                    let via = match g.settings().readiness {
                         Readiness::Delay(d) => Via::Delay(d),
                         _ => Via::Delay(Duration::ZERO),
                     };
-                    self.ready(gen, pid, via);
+                    self.worker_ready(gen, i, pid, via);
                 }
-                Phase::Starting { .. } => {
-                    let t = self.gens[&gen].settings().ready_timeout;
-                    self.not_ready(gen, Failure::Timeout(t));
+                Worker::Starting { .. } => {
+                    let failure = Failure::Timeout(g.settings().ready_timeout);
+                    if serving {
+                        self.recycle_worker(gen, i, failure);
+                    } else {
+                        // The deadline is the generation's.
+                        self.not_ready(gen, failure);
+                    }
                 }
-                Phase::Restarting { .. } => {
+                Worker::Restarting { .. } => {
                     if self.traffic.active == Some(gen) && !self.stopping {
-                        if let Some(g) = self.gens.get_mut(&gen) {
-                            g.phase = Phase::Spawning;
+                        if let Some(slot) = self
+                            .gens
+                            .get_mut(&gen)
+                            .and_then(Generation::workers_mut)
+                            .and_then(|w| w.get_mut(i as usize))
+                        {
+                            *slot = Worker::Spawning;
                         }
-                        self.out.push(Effect::Spawn { gen });
+                        self.out.push(Effect::Spawn { gen, worker: i });
                     } else {
                         self.drain(gen, None);
                     }
                 }
-                Phase::Retiring { .. } => {
-                    self.out.push(Effect::Note(Note::QueueNotEmpty { gen }));
-                    self.drain(gen, None);
-                }
                 _ => {}
+            }
+        }
+        for gen in retiring {
+            if matches!(
+                self.gens.get(&gen).map(|g| &g.phase),
+                Some(Phase::Retiring { .. })
+            ) {
+                self.out.push(Effect::Note(Note::QueueNotEmpty { gen }));
+                self.drain(gen, None);
             }
         }
         self.tick_upgrade(now);

@@ -1,12 +1,14 @@
-//! The machine's state: generations and their phases, the process groups
-//! it answers for, and the upgrade in progress. Each phase holds exactly
-//! the data valid in it.
+//! The machine's state: generations and their phases, the workers of each,
+//! the process groups it answers for, and the upgrade in progress. Each
+//! phase holds exactly the data valid in it.
 
 use crate::backoff::Backoff;
 use crate::io::{Failure, UpgradeRef};
 use crate::types::{ExitStatus, GenId, Pid, Settings, Spec, Time, Trigger, UpgradeOptions};
 
-/// What a generation's main process is doing.
+/// What a generation is doing. A generation runs `settings.workers`
+/// processes (its workers), each its own process group, all on the
+/// generation's sockets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Phase {
@@ -14,41 +16,38 @@ pub enum Phase {
     /// other generation has a process left or a spawn outstanding. It
     /// already owns the sockets, so new connections queue for it.
     Waiting,
-    /// [`Effect::Spawn`](crate::Effect::Spawn) is out; its answer has not
-    /// arrived.
-    Spawning,
-    /// Running, not yet ready; fails if not ready by `deadline`.
+    /// Not every worker is ready yet: at its start, or (the active
+    /// generation) after it had no ready worker left. It becomes
+    /// [`Phase::Serving`] once every worker is [`Worker::Up`]. `deadline`
+    /// is when the workers starting now must be ready by: armed when the
+    /// first of them runs, so the ready timeout applies to the generation.
+    /// `probe` is the process a readiness check runs for (one per
+    /// generation, once every worker runs), while one runs.
     Starting {
-        pid: Pid,
-        deadline: Time,
-        check: Check,
+        workers: Vec<Worker>,
+        deadline: Option<Time>,
+        probe: Option<Pid>,
     },
-    /// Passed its readiness check; the traffic plan says what it gets.
+    /// Every worker was ready; the traffic plan says what it gets. A
+    /// worker that dies is restarted alone while at least one other is up.
     Serving {
-        pid: Pid,
+        workers: Vec<Worker>,
     },
-    /// The active generation failed its readiness check: drained, and
-    /// restarted once `pid` has exited.
-    Recycling {
-        pid: Pid,
-    },
-    /// The active generation's process died; the next one starts `at`.
-    Restarting {
-        at: Time,
-    },
-    /// Gets no new connections; still accepts what waits in its sockets,
-    /// and is drained once they are empty, or at `until` regardless.
-    /// `failure` is why it was abandoned, if it was (a rolled-back one).
+    /// Gets no new connections; its running workers still accept what
+    /// waits in its sockets, and it is drained once they are empty, or at
+    /// `until` regardless. `failure` is why it was abandoned, if it was (a
+    /// rolled-back one). `spawning`: workers whose spawn is outstanding.
     Retiring {
-        pid: Pid,
         until: Time,
         failure: Option<Failure>,
+        spawning: Vec<u32>,
     },
     /// Told to finish; done once its process groups are gone and no spawn
-    /// is outstanding. `failure` is why it was abandoned, if it was.
+    /// (`spawning`, by worker) is outstanding. `failure` is why it was
+    /// abandoned, if it was.
     Draining {
         failure: Option<Failure>,
-        spawn_pending: bool,
+        spawning: Vec<u32>,
     },
     Finished {
         failure: Option<Failure>,
@@ -56,13 +55,63 @@ pub enum Phase {
     },
 }
 
-/// How a starting generation proves it is ready.
+/// One worker of a starting or serving generation, by index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum Worker {
+    /// [`Effect::Spawn`](crate::Effect::Spawn) is out; its answer has not
+    /// arrived.
+    Spawning,
+    /// Running, not yet ready; recycled (or, a candidate, failed) if not
+    /// ready by `deadline`.
+    Starting {
+        pid: Pid,
+        deadline: Time,
+        check: Check,
+    },
+    /// Ready.
+    Up { pid: Pid },
+    /// Not ready in time (or its socket was replaced): drained, and
+    /// restarted once `pid` has exited.
+    Recycling { pid: Pid },
+    /// Its process died; the next one starts `at`.
+    Restarting { at: Time },
+}
+
+impl Worker {
+    /// The worker's running process, if it has one.
+    pub fn pid(&self) -> Option<Pid> {
+        match *self {
+            Worker::Starting { pid, .. } | Worker::Up { pid } | Worker::Recycling { pid } => {
+                Some(pid)
+            }
+            Worker::Spawning | Worker::Restarting { .. } => None,
+        }
+    }
+}
+
+/// How a starting worker proves it is ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Check {
+    /// `READY=1` from this worker's process (or its group).
     Notify,
+    /// The generation's readiness check, which runs once every worker
+    /// runs: a probe reaches whichever worker accepts, never one in
+    /// particular.
     Probe,
-    Delay { at: Time },
+    Delay {
+        at: Time,
+    },
+}
+
+/// What a worker keeps across its restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct WorkerRecord {
+    pub restarts: u32,
+    pub backoff: Backoff,
+    pub last_exit: Option<ExitStatus>,
 }
 
 /// One generation: a release, started (and restarted) from one spec.
@@ -74,8 +123,8 @@ pub struct Generation<P> {
     pub(crate) phase: Phase,
     /// The upgrade that started it, or later the one that retired it.
     pub(crate) upgrade: Option<UpgradeRef>,
-    pub(crate) restarts: u32,
-    pub(crate) backoff: Backoff,
+    /// One per worker, by index.
+    pub(crate) records: Vec<WorkerRecord>,
     pub(crate) status_text: Option<String>,
     pub(crate) last_exit: Option<ExitStatus>,
     /// False once its sockets went to the generation that replaced it
@@ -94,12 +143,18 @@ impl<P> Generation<P> {
     pub fn phase(&self) -> &Phase {
         &self.phase
     }
+    /// Crash restarts of all its workers.
     pub fn restarts(&self) -> u32 {
-        self.restarts
+        self.records.iter().map(|r| r.restarts).sum()
+    }
+    /// Each worker's restarts and last exit, by index.
+    pub fn records(&self) -> &[WorkerRecord] {
+        &self.records
     }
     pub fn status_text(&self) -> Option<&str> {
         self.status_text.as_deref()
     }
+    /// The last exit of any of its processes.
     pub fn last_exit(&self) -> Option<ExitStatus> {
         self.last_exit
     }
@@ -107,14 +162,37 @@ impl<P> Generation<P> {
         self.upgrade
     }
 
-    /// The main process the phase is about, while it runs.
-    pub fn main_pid(&self) -> Option<Pid> {
-        match self.phase {
-            Phase::Starting { pid, .. }
-            | Phase::Serving { pid }
-            | Phase::Recycling { pid }
-            | Phase::Retiring { pid, .. } => Some(pid),
+    /// Its workers, while it is starting or serving.
+    pub fn workers(&self) -> Option<&[Worker]> {
+        match &self.phase {
+            Phase::Starting { workers, .. } | Phase::Serving { workers } => Some(workers),
             _ => None,
+        }
+    }
+
+    pub(crate) fn workers_mut(&mut self) -> Option<&mut Vec<Worker>> {
+        match &mut self.phase {
+            Phase::Starting { workers, .. } | Phase::Serving { workers } => Some(workers),
+            _ => None,
+        }
+    }
+
+    /// The running process of worker `worker` while it is starting or
+    /// serving.
+    pub fn worker_pid(&self, worker: u32) -> Option<Pid> {
+        self.workers()?.get(worker as usize)?.pid()
+    }
+
+    /// Spawns outstanding, by worker.
+    pub fn spawning(&self) -> Vec<u32> {
+        match &self.phase {
+            Phase::Starting { workers, .. } | Phase::Serving { workers } => (0..)
+                .zip(workers)
+                .filter(|(_, w)| **w == Worker::Spawning)
+                .map(|(i, _)| i)
+                .collect(),
+            Phase::Retiring { spawning, .. } | Phase::Draining { spawning, .. } => spawning.clone(),
+            Phase::Waiting | Phase::Finished { .. } => Vec::new(),
         }
     }
 
@@ -125,14 +203,17 @@ impl<P> Generation<P> {
 
 /// A process group the machine is responsible for: from
 /// [`Input::Spawned`](crate::Input::Spawned) until
-/// [`Effect::Release`](crate::Effect::Release).
+/// [`Effect::Release`](crate::Effect::Release). Each worker leads its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Proc {
     pub gen: GenId,
+    /// Which of the generation's workers it is.
+    pub worker: u32,
     pub started: Time,
-    /// `None` while the main process runs; its status once it has exited
-    /// (other members of its group may still run).
+    /// `None` while the group's leader (the worker's process) runs; its
+    /// status once it has exited (other members of its group may still
+    /// run).
     pub exit: Option<ExitStatus>,
     /// When the group gets SIGKILL; set by the first drain signal and
     /// never moved.
@@ -180,13 +261,20 @@ pub enum UpgradePhase {
     /// Without overlap, the candidate failed (`failure`, or a rollback):
     /// it is drained, and `restore`, a new generation of the previous
     /// release owning the sockets, starts once nothing of it runs. The
-    /// failure is reported once `restore`'s process has been started.
-    Restoring { failure: Failure, restore: GenId },
-    /// The candidate died; the failure is reported once its stderr has
-    /// ended or at `at`, so its last lines are in.
+    /// failure is reported once every worker of `restore` has been
+    /// started (or could not be). `worker`: the candidate's worker whose
+    /// death failed it, if one did.
+    Restoring {
+        failure: Failure,
+        worker: Option<u32>,
+        restore: GenId,
+    },
+    /// A worker of the candidate died; the failure is reported once that
+    /// process's stderr has ended or at `at`, so its last lines are in.
     Reporting {
         failure: Failure,
         pid: Pid,
+        worker: u32,
         at: Time,
     },
 }

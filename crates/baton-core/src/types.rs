@@ -19,9 +19,8 @@ impl fmt::Display for GenId {
     }
 }
 
-/// A process id as the shell reported it. The main process of a
-/// generation leads its own process group, so the same number names the
-/// group.
+/// A process id as the shell reported it. Every worker of a generation
+/// leads its own process group, so the same number names the group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Pid(pub i32);
@@ -86,6 +85,9 @@ pub enum Readiness {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Settings {
+    /// Processes per generation (at least 1), each its own process group
+    /// on the generation's sockets.
+    pub workers: u32,
     pub readiness: Readiness,
     pub ready_timeout: Duration,
     pub drain_timeout: Duration,

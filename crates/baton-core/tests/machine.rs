@@ -25,7 +25,7 @@ fn first_generation_starts_owns_the_traffic_and_is_active_when_ready() {
     assert_eq!(d.spawned(1, 100), ["1 spawned 100"]);
     assert_eq!(d.m.poll_timeout(), Some(ms(3000)), "ready timeout armed");
     assert_eq!(d.ready(100), ["1 ready 100", "1 active 100"]);
-    assert_eq!(d.phase(1), Phase::Serving { pid: p(100) });
+    assert_eq!(d.phase(1), serving(&[100]));
     assert_eq!(d.m.poll_timeout(), None, "nothing left to time");
 }
 
@@ -98,7 +98,7 @@ fn exit_then_ready_never_promotes() {
     d.spawned(2, 200);
     assert_eq!(d.exited(200, 3), ["2 exited 200", "release 200"]);
     assert_eq!(d.ready(200), ["note stranger 200"]);
-    assert_eq!(d.phase(1), Phase::Serving { pid: p(100) });
+    assert_eq!(d.phase(1), serving(&[100]));
     assert_eq!(d.m.traffic().active, Some(g(1)));
     // The failure is reported once the candidate's stderr has ended.
     assert!(d.m.upgrade().is_some());
@@ -331,10 +331,7 @@ fn the_same_release_twice_is_no_rollback_target() {
 fn a_failed_upgrade_is_no_rollback_step() {
     let mut d = Driver::serving();
     d.upgrade("v2", Readiness::Notify);
-    d.step(Input::SpawnFailed {
-        gen: g(2),
-        error: "no such file".into(),
-    });
+    d.spawn_failed(2, 0, "no such file");
     assert_eq!(d.command(Command::Rollback), ["reply no-previous"]);
 }
 
@@ -444,10 +441,7 @@ fn a_candidate_that_cannot_start_fails_the_upgrade_at_once() {
     let mut d = Driver::serving();
     d.upgrade("v2", Readiness::Notify);
     assert_eq!(
-        d.step(Input::SpawnFailed {
-            gen: g(2),
-            error: "no such file".into()
-        }),
+        d.spawn_failed(2, 0, "no such file"),
         [
             "2 spawn-failed no such file",
             "2 failed Spawn(\"no such file\")"

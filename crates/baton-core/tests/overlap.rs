@@ -55,7 +55,7 @@ fn the_old_generation_drains_and_exits_before_the_new_one_starts_on_its_sockets(
     d.at(40);
     // Nothing to free: the sockets are generation 2's now.
     assert_eq!(d.exited(100, 0), ["1 exited 100", "release 100", "spawn 2"]);
-    assert_eq!(d.phase(2), Phase::Spawning);
+    assert_eq!(d.workers(2), [Worker::Spawning]);
     assert_eq!(d.spawned(2, 200), ["2 spawned 200"]);
     assert_eq!(
         d.ready(200),
@@ -148,7 +148,7 @@ fn a_canary_or_a_bake_without_overlap_is_refused_and_changes_nothing() {
         ["reply needs-overlap"]
     );
     assert!(d.m.upgrade().is_none());
-    assert_eq!(d.phase(1), Phase::Serving { pid: p(100) });
+    assert_eq!(d.phase(1), common::serving(&[100]));
     // Positive control: a zero bake is no bake, and goes ahead (as
     // generation 2: the refusals used no number).
     let no_bake = UpgradeOptions {
@@ -234,10 +234,7 @@ fn a_failed_readiness_check_or_spawn_brings_the_previous_release_back() {
     d.upgrade_spec(alone("v2", Readiness::Notify), UpgradeOptions::default());
     d.exited(100, 0);
     assert_eq!(
-        d.step(Input::SpawnFailed {
-            gen: g(2),
-            error: "no such file".into()
-        }),
+        d.spawn_failed(2, 0, "no such file"),
         [
             "2 spawn-failed no such file",
             "3 requested Rollback",
@@ -319,7 +316,7 @@ fn stop_while_waiting_ends_the_new_generation_before_it_ever_runs() {
 fn a_crashed_previous_generation_is_not_waited_for() {
     let mut d = serving(TrafficMode::Steered);
     d.exited(100, 1);
-    assert!(matches!(d.phase(1), Phase::Restarting { .. }));
+    assert!(matches!(d.workers(1)[..], [Worker::Restarting { .. }]));
     let fx = d.upgrade_spec(alone("v2", Readiness::Notify), UpgradeOptions::default());
     assert_eq!(
         fx,

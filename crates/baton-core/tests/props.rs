@@ -25,6 +25,8 @@ enum Op {
         /// 0: plain; 1: a bake; 2: a canary; 3: a canary promoting itself.
         style: u8,
         health: bool,
+        /// Workers per generation: 1 to 3.
+        workers: u32,
         /// The new configuration says the app cannot run twice.
         alone: bool,
     },
@@ -80,7 +82,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let n = 0..8usize;
     prop_oneof![
-        2 => (any::<bool>(), 0..3u8, 0..4u8, any::<bool>(), prop::bool::weighted(0.3)).prop_map(|(signal, readiness, style, health, alone)| Op::Upgrade { signal, readiness, style, health, alone }),
+        2 => (any::<bool>(), 0..3u8, 0..4u8, any::<bool>(), 1..=3u32, prop::bool::weighted(0.3)).prop_map(|(signal, readiness, style, health, workers, alone)| Op::Upgrade { signal, readiness, style, health, workers, alone }),
         1 => Just(Op::Rollback),
         1 => Just(Op::Promote),
         1 => Just(Op::Restart),
@@ -104,7 +106,8 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Default)]
 struct World {
     now_ms: u64,
-    pending: Vec<GenId>,
+    /// Spawns asked for and not answered yet: generation and worker.
+    pending: Vec<(GenId, u32)>,
     /// Every process ever started, in order, with its generation.
     started: Vec<(Pid, GenId)>,
     exited: BTreeSet<Pid>,
@@ -126,7 +129,7 @@ impl World {
             .iter()
             .filter(|(p, _)| !self.gone.contains(p))
             .map(|(_, g)| *g)
-            .chain(self.pending.iter().copied())
+            .chain(self.pending.iter().map(|(g, _)| *g))
             .collect()
     }
 }
@@ -138,8 +141,9 @@ struct Run {
 }
 
 impl Run {
-    /// The first generation's configuration says whether it can run twice.
-    fn starting(mode: TrafficMode, alone: bool) -> Self {
+    /// The first generation's configuration says how many workers it runs
+    /// and whether it can run twice.
+    fn starting(mode: TrafficMode, workers: u32, alone: bool) -> Self {
         let mut r = Self {
             d: Driver::with_mode(mode),
             w: World {
@@ -149,6 +153,7 @@ impl Run {
             steps: 0,
         };
         let mut first = spec("v0", Readiness::Notify);
+        first.settings.workers = workers;
         if alone {
             first.settings.overlap = Overlap::None;
         }
@@ -167,6 +172,7 @@ impl Run {
                 readiness,
                 style,
                 health,
+                workers,
                 alone,
             } => {
                 self.w.versions += 1;
@@ -188,6 +194,7 @@ impl Run {
                 } else {
                     let mut s = spec(&name, readiness);
                     s.settings.health = health.then_some(Health { failures: 2 });
+                    s.settings.workers = workers;
                     if alone {
                         s.settings.overlap = Overlap::None;
                     }
@@ -238,15 +245,16 @@ impl Run {
                 if self.w.pending.is_empty() {
                     return;
                 }
-                let gen = self.w.pending.remove(n % self.w.pending.len());
+                let (gen, worker) = self.w.pending.remove(n % self.w.pending.len());
                 if ok {
                     let pid = Pid(self.w.next_pid);
                     self.w.next_pid += 1;
                     self.w.started.push((pid, gen));
-                    self.feed(Input::Spawned { gen, pid });
+                    self.feed(Input::Spawned { gen, worker, pid });
                 } else {
                     self.feed(Input::SpawnFailed {
                         gen,
+                        worker,
                         error: "no such file".into(),
                     });
                 }
@@ -328,36 +336,62 @@ impl Run {
         });
     }
 
-    /// Which generation, if any, this READY or probe result may promote:
-    /// one whose current main process is the sender's (or its group's)
-    /// and is still running.
-    fn promotable(&self, input: &Input<()>) -> Option<GenId> {
-        let (candidates, probe): (Vec<Pid>, bool) = match input {
+    /// Which generation, if any, this READY or probe result may make
+    /// ready, and which worker of a serving generation it may make ready
+    /// again: a READY counts only from a starting worker's own running
+    /// process (or its group), and makes its generation ready only if every
+    /// other worker already is; a probe result only for the current run of
+    /// the generation's check.
+    fn promotable(&self, input: &Input<()>) -> (Option<GenId>, Option<(GenId, u32)>) {
+        let senders: Vec<Pid> = match input {
             Input::Notify { pid, pgid, reports } if reports.contains(&Report::Ready) => {
-                ([Some(*pid), *pgid].into_iter().flatten().collect(), false)
+                [Some(*pid), *pgid].into_iter().flatten().collect()
             }
             Input::Probe {
-                pid, result: Ok(_), ..
-            } => (vec![*pid], true),
-            _ => return None,
-        };
-        self.d.m.generations().find_map(|g| match g.phase() {
-            Phase::Starting { pid, check, .. }
-                if candidates.contains(pid)
-                    && !self.w.exited.contains(pid)
-                    && (*check == Check::Probe) == probe
-                    && !matches!(check, Check::Delay { .. }) =>
-            {
-                Some(g.id())
+                gen,
+                pid,
+                result: Ok(_),
+            } => {
+                let current = self.d.m.generation(*gen).is_some_and(
+                    |g| matches!(g.phase(), Phase::Starting { probe: Some(p), .. } if p == pid),
+                ) && !self.w.exited.contains(pid);
+                return (current.then_some(*gen), None);
             }
-            _ => None,
-        })
+            _ => return (None, None),
+        };
+        for g in self.d.m.generations() {
+            let Some(workers) = g.workers() else { continue };
+            for (i, w) in (0u32..).zip(workers) {
+                let Worker::Starting {
+                    pid,
+                    check: Check::Notify,
+                    ..
+                } = w
+                else {
+                    continue;
+                };
+                if !senders.contains(pid) || self.w.exited.contains(pid) {
+                    continue;
+                }
+                return match g.phase() {
+                    Phase::Starting { .. } => {
+                        let others_up = (0u32..)
+                            .zip(workers)
+                            .all(|(j, o)| j == i || matches!(o, Worker::Up { .. }));
+                        (others_up.then_some(g.id()), None)
+                    }
+                    _ => (None, Some((g.id(), i))),
+                };
+            }
+        }
+        (None, None)
     }
 
     fn feed(&mut self, input: Input<()>) {
         self.steps += 1;
-        let may_promote = self.promotable(&input);
+        let (may_promote, may_rejoin) = self.promotable(&input);
         let is_tick = input == Input::Tick;
+        let is_spawned = matches!(input, Input::Spawned { .. });
         let now = Time::from_duration(Duration::from_millis(self.w.now_ms));
         let before_active = self.d.m.traffic().active;
         let effects = self.d.m.step(input.clone(), now);
@@ -365,24 +399,23 @@ impl Run {
 
         for e in &effects {
             match e {
-                Effect::Spawn { gen } => {
+                Effect::Spawn { gen, worker } => {
                     // Spawning, or drained since (stop, cutover) with the
-                    // spawn still owed an answer.
+                    // spawn still owed an answer; never twice at once.
                     assert!(
-                        matches!(
-                            self.d.m.generation(*gen).map(|g| g.phase()),
-                            Some(
-                                Phase::Spawning
-                                    | Phase::Draining {
-                                        spawn_pending: true,
-                                        ..
-                                    }
-                            )
-                        ),
-                        "spawn for a generation not spawning; {}",
+                        self.d
+                            .m
+                            .generation(*gen)
+                            .is_some_and(|g| g.spawning().contains(worker)),
+                        "spawn for a worker not spawning; {}",
                         ctx()
                     );
-                    self.w.pending.push(*gen);
+                    assert!(
+                        !self.w.pending.contains(&(*gen, *worker)),
+                        "a second spawn for one worker; {}",
+                        ctx()
+                    );
+                    self.w.pending.push((*gen, *worker));
                     let alone = self.d.m.spec(*gen).unwrap().settings.overlap == Overlap::None;
                     self.w.alone.insert(*gen, alone);
                 }
@@ -433,6 +466,20 @@ impl Run {
                         may_promote,
                         Some(*gen),
                         "promoted by a READY or probe result that was not its current process's; {}",
+                        ctx()
+                    );
+                }
+                // A worker restarted alone is ready by its own READY (or its
+                // delay), or, checked by a probe, once it runs.
+                Effect::Event(Event {
+                    gen,
+                    kind: EventKind::WorkerReady { worker, via, .. },
+                    ..
+                }) if !is_tick => {
+                    let by_spawn = is_spawned && *via == Via::Running;
+                    assert!(
+                        by_spawn || may_rejoin == Some((*gen, *worker)),
+                        "worker made ready by someone else's READY; {}",
                         ctx()
                     );
                 }
@@ -567,18 +614,74 @@ impl Run {
                 assert_eq!(first, k, "kill deadline of {pid} moved; {}", ctx());
             }
         }
-        // A generation's main process is one it started and still runs.
+        // A starting or serving generation has exactly its N workers, each
+        // a process it started that still runs, except while one is being
+        // (re)started; it runs no other process. Serving means at least one
+        // is ready; starting, not all.
         for g in m.generations() {
-            if let Some(pid) = g.main_pid() {
-                assert!(!self.w.exited.contains(&pid), "{}", ctx());
-                assert_eq!(
-                    m.procs().get(&pid).map(|p| p.gen),
-                    Some(g.id()),
-                    "{}",
+            let Some(workers) = g.workers() else { continue };
+            let n = g.spec().settings.workers as usize;
+            assert_eq!(workers.len(), n, "worker count of {}; {}", g.id(), ctx());
+            assert_eq!(g.records().len(), n, "{}", ctx());
+            let mut pids = BTreeSet::new();
+            for (i, w) in (0u32..).zip(workers) {
+                if let Some(pid) = w.pid() {
+                    assert!(!self.w.exited.contains(&pid), "{}", ctx());
+                    let proc = m.procs().get(&pid);
+                    assert_eq!(
+                        proc.map(|p| (p.gen, p.worker)),
+                        Some((g.id(), i)),
+                        "worker {i} of {}; {}",
+                        g.id(),
+                        ctx()
+                    );
+                    pids.insert(pid);
+                }
+            }
+            let running: BTreeSet<Pid> = m
+                .procs()
+                .iter()
+                .filter(|(_, p)| p.gen == g.id() && p.exit.is_none())
+                .map(|(pid, _)| *pid)
+                .collect();
+            assert_eq!(
+                running,
+                pids,
+                "processes beside the workers of {}; {}",
+                g.id(),
+                ctx()
+            );
+            let up = workers
+                .iter()
+                .filter(|w| matches!(w, Worker::Up { .. }))
+                .count();
+            match g.phase() {
+                Phase::Serving { .. } => assert!(up >= 1, "serving with none ready; {}", ctx()),
+                _ => assert!(up < n, "starting with all ready; {}", ctx()),
+            }
+        }
+        // Drain reaches every worker: each running process of a draining
+        // generation (and, once stopping, of any) has had its signal.
+        for (pid, proc) in m.procs() {
+            let draining = matches!(
+                m.generation(proc.gen).map(|g| g.phase()),
+                Some(Phase::Draining { .. } | Phase::Finished { .. }) | None
+            );
+            if proc.exit.is_none() && (draining || m.stopping()) {
+                assert!(
+                    proc.kill_at.is_some(),
+                    "process {pid} of a draining generation never told; {}",
                     ctx()
                 );
             }
         }
+        // The spawns the machine waits for are exactly those outstanding.
+        let owed: BTreeSet<(GenId, u32)> = m
+            .generations()
+            .flat_map(|g| g.spawning().into_iter().map(move |w| (g.id(), w)))
+            .collect();
+        let pending: BTreeSet<(GenId, u32)> = self.w.pending.iter().copied().collect();
+        assert_eq!(owed, pending, "spawns owed; {}", ctx());
     }
 
     /// Stops and lets everything end: the machine must get done.
@@ -588,11 +691,11 @@ impl Run {
             if self.d.m.is_done() {
                 return;
             }
-            while let Some(gen) = self.w.pending.pop() {
+            while let Some((gen, worker)) = self.w.pending.pop() {
                 let pid = Pid(self.w.next_pid);
                 self.w.next_pid += 1;
                 self.w.started.push((pid, gen));
-                self.feed(Input::Spawned { gen, pid });
+                self.feed(Input::Spawned { gen, worker, pid });
             }
             let live: Vec<Pid> = self.d.m.procs().keys().copied().collect();
             for pid in live {
@@ -623,11 +726,12 @@ proptest! {
     #[test]
     fn invariants_hold_after_every_step(
         steered in any::<bool>(),
+        workers in 1..=3u32,
         alone in prop::bool::weighted(0.3),
         ops in prop::collection::vec(op(), 1..80),
     ) {
         let mode = if steered { TrafficMode::Steered } else { TrafficMode::Shared };
-        let mut run = Run::starting(mode, alone);
+        let mut run = Run::starting(mode, workers, alone);
         for op in &ops {
             run.apply(op);
         }
@@ -636,20 +740,24 @@ proptest! {
 }
 
 impl Run {
-    /// Steered; the first generation started and ready, then an upgrade
-    /// requested; both configurations say whether the app can run twice.
-    fn upgrading(alone: bool) -> Run {
-        let mut run = Run::starting(TrafficMode::Steered, alone);
-        run.apply(&Op::Resolve { n: 0, ok: true });
-        run.apply(&Op::Ready {
-            n: 0,
-            member: false,
-        });
+    /// Steered; the first generation started with `workers` workers and
+    /// ready, then an upgrade requested; both configurations say whether
+    /// the app can run twice.
+    fn upgrading(workers: u32, alone: bool) -> Run {
+        let mut run = Run::starting(TrafficMode::Steered, workers, alone);
+        for _ in 0..workers {
+            run.apply(&Op::Resolve { n: 0, ok: true });
+        }
+        for n in 0..workers as usize {
+            run.apply(&Op::Ready { n, member: false });
+        }
+        assert_eq!(run.d.m.traffic().active, Some(GenId(1)));
         run.apply(&Op::Upgrade {
             signal: false,
             readiness: 0,
             style: 0,
             health: false,
+            workers,
             alone,
         });
         run
@@ -660,7 +768,7 @@ impl Run {
 /// candidate does produce a Ready event, so the promotion check is live.
 #[test]
 fn the_harness_sees_a_promotion() {
-    let mut run = Run::upgrading(false);
+    let mut run = Run::upgrading(1, false);
     run.apply(&Op::Resolve { n: 0, ok: true });
     run.apply(&Op::Ready { n: 1, member: true });
     assert_eq!(run.d.m.traffic().active, Some(GenId(2)));
@@ -669,22 +777,26 @@ fn the_harness_sees_a_promotion() {
 
 /// Positive control for the no-overlap check: with overlap two
 /// generations are alive at once (so the check can see it), and without
-/// it the new one is only asked for once the old one is gone.
+/// it the new one's workers are only asked for once every worker of the
+/// old one is gone.
 #[test]
 fn the_harness_sees_generations_alive_together() {
-    for alone in [false, true] {
-        let mut run = Run::upgrading(alone);
-        assert_eq!(
-            run.w.alive().len(),
-            if alone { 1 } else { 2 },
-            "alone: {alone}"
-        );
-        run.apply(&Op::Exit {
-            n: 0,
-            group_empty: true,
-            code: 0,
-        });
-        assert_eq!(run.w.pending, [GenId(2)], "alone: {alone}");
-        run.settle();
+    for workers in [1, 3] {
+        for alone in [false, true] {
+            let mut run = Run::upgrading(workers, alone);
+            let ctx = format!("workers: {workers}, alone: {alone}");
+            assert_eq!(run.w.alive().len(), if alone { 1 } else { 2 }, "{ctx}");
+            for n in 0..workers as usize {
+                assert!(run.w.pending.is_empty() || !alone, "{ctx}");
+                run.apply(&Op::Exit {
+                    n,
+                    group_empty: true,
+                    code: 0,
+                });
+            }
+            let new: Vec<(GenId, u32)> = (0..workers).map(|w| (GenId(2), w)).collect();
+            assert_eq!(run.w.pending, new, "{ctx}");
+            run.settle();
+        }
     }
 }

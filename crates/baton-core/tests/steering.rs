@@ -83,6 +83,39 @@ fn cutover_retires_the_old_generation_then_drains_it_once_its_queue_is_empty() {
     );
 }
 
+/// A cutover right after another leaves the generation retired by the
+/// first to its queue: draining it at once would reset what still waits
+/// in its socket. It is drained when its queue is empty, on behalf of the
+/// newer upgrade too (so that one waits for it).
+#[test]
+fn a_second_cutover_leaves_a_retiring_generation_to_its_queue() {
+    let mut d = candidate(UpgradeOptions::default());
+    d.ready(200);
+    d.upgrade("v3", Readiness::Notify);
+    d.spawned(3, 300);
+    assert_eq!(
+        d.ready(300),
+        [
+            "3 ready 300",
+            "traffic 3",
+            "3 active 300",
+            "1 retiring 100",
+            "2 retiring 200",
+            "watch-queue 2",
+            "3 succeeded"
+        ]
+    );
+    assert!(matches!(d.phase(1), Phase::Retiring { .. }));
+    assert_eq!(
+        d.m.generation(g(1)).unwrap().upgrade().map(|u| u.id),
+        Some(g(3))
+    );
+    assert_eq!(
+        d.step(Input::QueueEmpty { gen: g(1) }),
+        ["signal-drain 100", "1 draining 100"]
+    );
+}
+
 #[test]
 fn a_queue_that_never_empties_is_drained_after_a_bounded_wait() {
     let mut d = candidate(UpgradeOptions::default());
@@ -121,7 +154,7 @@ fn with_a_bake_the_old_generation_stays_parked_until_it_ends() {
         d.m.upgrade().is_some(),
         "the upgrade lasts through its bake"
     );
-    assert_eq!(d.phase(1), Phase::Serving { pid: p(100) });
+    assert_eq!(d.phase(1), serving(&[100]));
     assert_eq!(d.upgrade("v3", Readiness::Notify), ["reply busy 2"]);
     assert_eq!(d.m.poll_timeout(), Some(ms(10_000)));
     assert_eq!(
@@ -155,7 +188,7 @@ fn rollback_during_the_bake_returns_to_the_parked_processes() {
         ]
     );
     assert_eq!(d.m.traffic().active, Some(g(1)));
-    assert_eq!(d.phase(1), Phase::Serving { pid: p(100) }, "same process");
+    assert_eq!(d.phase(1), serving(&[100]), "same process");
     assert!(d.m.upgrade().is_none());
     // Generation 2 drains once its queue is empty; rolling back again goes
     // to the previous release the cold way (v1 is the only one: none).
@@ -293,7 +326,7 @@ fn a_canary_takes_its_share_and_waits_for_promote() {
         ["2 ready 200", "traffic 1 candidate 2@10", "2 canary 10"]
     );
     assert!(d.m.upgrade().is_some());
-    assert_eq!(d.phase(2), Phase::Serving { pid: p(200) });
+    assert_eq!(d.phase(2), serving(&[200]));
     assert_eq!(
         d.command(Command::Promote),
         [

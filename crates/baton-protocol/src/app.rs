@@ -1,5 +1,5 @@
 //! What an app is started with: the systemd socket-activation protocol,
-//! plus baton's own generation number.
+//! plus baton's own generation and worker numbers.
 
 /// Number of listening descriptors passed, starting at fd 3.
 pub const LISTEN_FDS: &str = "LISTEN_FDS";
@@ -11,6 +11,8 @@ pub const LISTEN_PID: &str = "LISTEN_PID";
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 /// The generation the process belongs to: 1, 2, …
 pub const BATON_GENERATION: &str = "BATON_GENERATION";
+/// Which of its generation's workers the process is: 0, 1, … (`--workers`).
+pub const BATON_WORKER: &str = "BATON_WORKER";
 
 /// Variables baton sets for every generation; configuration may not, and
 /// they are never inherited from baton's own environment.
@@ -20,6 +22,7 @@ pub const PROTOCOL_ENV: &[&str] = &[
     LISTEN_PID,
     NOTIFY_SOCKET,
     BATON_GENERATION,
+    BATON_WORKER,
 ];
 
 /// First descriptor number of the passed sockets.

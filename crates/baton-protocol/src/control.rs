@@ -280,11 +280,21 @@ pub enum EventKind {
     Spawned {
         pid: i32,
         dir: String,
+        /// Which worker it is, when the generation runs more than one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        worker: Option<u32>,
     },
     SpawnFailed {
         error: String,
     },
+    /// Every worker of the generation is ready (`pid` was the last).
     Ready {
+        pid: i32,
+        via: String,
+    },
+    /// A worker restarted alone, while the others served, is ready again.
+    WorkerReady {
+        worker: u32,
         pid: i32,
         via: String,
     },
@@ -334,10 +344,15 @@ pub enum EventKind {
     Exited {
         pid: i32,
         status: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        worker: Option<u32>,
     },
+    /// A worker starts again after `delay_ms`: its `restarts`th restart.
     Restarting {
         delay_ms: u64,
         restarts: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        worker: Option<u32>,
     },
     Status {
         text: String,
@@ -470,16 +485,21 @@ impl GenState {
 pub struct GenerationStatus {
     pub number: u64,
     pub state: GenState,
-    /// Main pid, while running.
+    /// The first running worker's pid.
     pub pid: Option<i32>,
-    /// Every live process in the generation's process group.
+    /// Every live process in the process groups of the generation's
+    /// workers.
     pub pids: Vec<i32>,
     pub dir: String,
     pub command: Vec<String>,
     pub uptime_ms: Option<u64>,
     pub status_text: Option<String>,
+    /// Crash restarts, of all its workers.
     pub restarts: u32,
     pub last_exit: Option<String>,
+    /// Each worker, by index (`--workers`).
+    #[serde(default)]
+    pub workers: Vec<WorkerStatus>,
     /// Its part in the traffic plan, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<Role>,
@@ -487,6 +507,54 @@ pub struct GenerationStatus {
     /// parked generation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share: Option<u8>,
+}
+
+/// One worker of a generation: a process (its own process group) on the
+/// generation's sockets, restarted alone if it crashes while it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// 0, 1, … (the app sees it as `BATON_WORKER`).
+    pub index: u32,
+    pub state: WorkerState,
+    /// Its running process, if any.
+    pub pid: Option<i32>,
+    pub uptime_ms: Option<u64>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Its generation has not started yet: it waits for the previous one
+    /// to exit (an upgrade without overlap).
+    Waiting,
+    /// Being started, or running and not yet ready.
+    Starting,
+    Ready,
+    /// Its process died; it starts again after a backoff.
+    Restarting,
+    /// Its generation gets no new connections; it accepts what is queued.
+    Retiring,
+    /// Told to stop (or, not ready in time, to be restarted).
+    Draining,
+    /// Gone.
+    Exited,
+}
+
+impl WorkerState {
+    /// Its name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Restarting => "restarting",
+            Self::Retiring => "retiring",
+            Self::Draining => "draining",
+            Self::Exited => "exited",
+        }
+    }
 }
 
 /// A generation's part in the traffic plan.
@@ -509,7 +577,21 @@ mod tests {
     #[test]
     fn state_names_are_their_json_names() {
         use GenState::*;
-        for s in [Starting, Ready, Active, Retiring, Draining, Exited, Failed] {
+        for s in [
+            Waiting, Starting, Ready, Active, Retiring, Draining, Exited, Failed,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        use WorkerState as W;
+        for s in [
+            W::Waiting,
+            W::Starting,
+            W::Ready,
+            W::Restarting,
+            W::Retiring,
+            W::Draining,
+            W::Exited,
+        ] {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
         }
     }

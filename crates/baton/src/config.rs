@@ -20,6 +20,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// Default listen backlog: large enough that a burst arriving while no
 /// generation accepts (restart, slow start) waits instead of being dropped.
 pub const DEFAULT_BACKLOG: u32 = 4096;
+/// Most workers a generation may run: a typo (`workers = 1000000`) should
+/// be an error, not a fork storm.
+pub const MAX_WORKERS: u32 = 1024;
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -508,6 +511,7 @@ pub struct FileConfig {
     health_failures: Option<u32>,
     #[serde(default, deserialize_with = "opt_from_str_de")]
     probe_ports: Option<PortRange>,
+    workers: Option<u32>,
     releases_dir: Option<PathBuf>,
     keep_releases: Option<u32>,
     #[serde(default, deserialize_with = "opt_overlap_de")]
@@ -580,6 +584,7 @@ pub struct Overrides {
     pub health_interval: Option<Duration>,
     pub health_failures: Option<u32>,
     pub probe_ports: Option<PortRange>,
+    pub workers: Option<u32>,
     pub releases_dir: Option<PathBuf>,
     pub keep_releases: Option<u32>,
     pub overlap: Option<Overlap>,
@@ -615,6 +620,8 @@ pub struct Config {
     pub health_interval: Duration,
     pub health_failures: u32,
     pub probe_ports: PortRange,
+    /// Processes per generation, each its own process group.
+    pub workers: u32,
     /// The releases root for `baton deploy` (`DIR/releases/NAME`,
     /// `DIR/current`); the default working directory is `DIR/current`.
     pub releases_dir: Option<PathBuf>,
@@ -628,6 +635,7 @@ impl Config {
     /// The settings lifecycle decisions depend on.
     pub fn settings(&self) -> baton_core::Settings {
         baton_core::Settings {
+            workers: self.workers,
             readiness: match self.ready {
                 ReadySpec::Notify => baton_core::Readiness::Notify,
                 ReadySpec::Delay(d) => baton_core::Readiness::Delay(d),
@@ -856,6 +864,15 @@ impl Config {
                 .probe_ports
                 .or(file.probe_ports)
                 .unwrap_or(DEFAULT_PROBE_PORTS),
+            workers: {
+                let n = flags.workers.or(file.workers).unwrap_or(1);
+                if !(1..=MAX_WORKERS).contains(&n) {
+                    return Err(ConfigError::Invalid(format!(
+                        "workers must be between 1 and {MAX_WORKERS}, not {n}"
+                    )));
+                }
+                n
+            },
             releases_dir,
             keep_releases,
             overlap,
@@ -1079,6 +1096,52 @@ address = "127.0.0.1:1"
         let err = Config::merge(FileConfig::default(), &Overrides::default(), Path::new("/"))
             .unwrap_err();
         assert!(err.to_string().contains("no command"));
+    }
+
+    #[test]
+    fn workers_default_to_one_and_are_bounded() {
+        let c = Config::merge(FileConfig::default(), &flags_with_cmd(), Path::new("/")).unwrap();
+        assert_eq!((c.workers, c.settings().workers), (1, 1));
+        let file = FileConfig::parse("workers = 4\n").unwrap();
+        let c = Config::merge(file, &flags_with_cmd(), Path::new("/")).unwrap();
+        assert_eq!(c.settings().workers, 4);
+        // The flag wins over the file.
+        let file = FileConfig::parse("workers = 4\n").unwrap();
+        let flags = Overrides {
+            workers: Some(2),
+            ..flags_with_cmd()
+        };
+        assert_eq!(
+            Config::merge(file, &flags, Path::new("/")).unwrap().workers,
+            2
+        );
+        for bad in [0, MAX_WORKERS + 1] {
+            let flags = Overrides {
+                workers: Some(bad),
+                ..flags_with_cmd()
+            };
+            let err = Config::merge(FileConfig::default(), &flags, Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("workers") && err.contains(&bad.to_string()),
+                "{err}"
+            );
+            assert!(!err.contains('\n'), "{err}");
+        }
+        let err = FileConfig::parse("workers = -1\n").unwrap_err();
+        // Like every key: the line and column of the bad value.
+        assert!(
+            err.starts_with("line 1, column 11") && err.contains("-1"),
+            "{err}"
+        );
+        // BATON_WORKER is baton's to set.
+        let flags = Overrides {
+            env: vec![("BATON_WORKER".into(), "7".into())],
+            ..flags_with_cmd()
+        };
+        let err = Config::merge(FileConfig::default(), &flags, Path::new("/")).unwrap_err();
+        assert!(err.to_string().contains("BATON_WORKER"), "{err}");
     }
 
     #[test]

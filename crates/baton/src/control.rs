@@ -417,12 +417,13 @@ async fn upgrade(handle: Handle, ask: Ask, until: Until, wait_drain: bool) -> Re
             if ev.upgrade != Some(id) {
                 continue;
             }
+            // By process: every worker of a drained generation is waited for.
             match &ev.kind {
-                EventKind::Draining { .. } | EventKind::Retiring { .. } => {
-                    draining.insert(ev.generation);
+                EventKind::Draining { pid, .. } | EventKind::Retiring { pid } => {
+                    draining.insert((ev.generation, *pid));
                 }
-                EventKind::Exited { .. } => {
-                    draining.remove(&ev.generation);
+                EventKind::Exited { pid, .. } => {
+                    draining.remove(&(ev.generation, *pid));
                 }
                 _ => {}
             }
@@ -791,6 +792,7 @@ mod tests {
             EventKind::Exited {
                 pid: 1,
                 status: "exit status 0".into(),
+                worker: None,
             },
         );
         let replies = task.await.unwrap();

@@ -8,8 +8,10 @@
 //! - every listening socket (each generation's, the steering groups'
 //!   layout, the traffic plan), the control socket, the apps' notify
 //!   socket and the metrics listener, as open descriptors;
-//! - for every process: its pidfd (which keeps an exited leader unreaped,
-//!   so its group id cannot be reused) and its stderr pipe.
+//! - for every worker's process: its pidfd (which keeps an exited leader
+//!   unreaped, so its group id cannot be reused), its stderr pipe and its
+//!   worker index; each worker's restarts, last exit and restart backoff
+//!   are in the machine's state.
 //!
 //! The descriptors survive `execve` because their close-on-exec flag is
 //! cleared just before it; the document ([`State`], JSON, versioned by
@@ -26,10 +28,14 @@
 //! parent-death signal, every app.
 //!
 //! A hand-over happens only when nothing is in flight: no upgrade, no
-//! generation starting, no spawn or configuration load pending. What is
-//! not handed over: event streams of connected clients (they end), the
-//! last stderr lines kept for failure reports, and the metrics' counters
-//! (they restart from zero, which Prometheus reads as a counter reset).
+//! generation starting, no worker starting or waiting to restart, no spawn
+//! or configuration load pending. What is not handed over: event streams
+//! of connected clients (they end), the last stderr lines kept for failure
+//! reports, the metrics' counters (they restart from zero, which
+//! Prometheus reads as a counter reset), and a generation's private probe
+//! listener (shared sockets with an `http` or `tcp` check; its workers keep
+//! theirs, and one started later gets a new one, which is all a check of a
+//! generation starting again needs: its workers are all started anew).
 //!
 //! Any change to a type in [`State`] changes the format: bump [`FORMAT`].
 //! `handover::tests::the_format_is_pinned` fails when the document's shape
@@ -100,11 +106,14 @@ pub struct NotifyState {
     pub dir: PathBuf,
 }
 
-/// A process the machine answers for.
+/// A process the machine answers for: a worker's process, the leader of
+/// its own process group (whose id is `pid`).
 #[derive(Serialize, Deserialize)]
 pub struct ProcState {
     pub pid: i32,
     pub gen: u64,
+    /// Which of its generation's workers it is.
+    pub worker: u32,
     pub pidfd: FdNum,
     /// Read end of its stderr pipe, while it is open.
     pub stderr: Option<FdNum>,
@@ -184,7 +193,8 @@ mod tests {
     use std::time::Duration;
 
     use baton_core::{
-        Command, GenId, Input, Pid, Release, Report, RequestId, Spec, Time, TrafficMode, Trigger,
+        Command, ExitStatus, GenId, Input, Pid, Release, Report, RequestId, Spec, Time,
+        TrafficMode, Trigger,
     };
     use serde_json::Value;
 
@@ -192,12 +202,14 @@ mod tests {
     use crate::listener::InheritedSockets;
     use crate::steer::Sockets;
 
-    /// A document with two generations (one serving, one retiring after an
-    /// upgrade), real sockets and made-up descriptor numbers.
+    /// A document with two generations of two workers each (one serving,
+    /// with a worker restarted once; one retiring after an upgrade), real
+    /// sockets and made-up descriptor numbers.
     fn sample() -> State {
         let overrides = Overrides {
             command: vec!["/bin/true".into()],
             listen: vec!["http=127.0.0.1:0".parse().unwrap()],
+            workers: Some(2),
             control: Some("/run/baton/control.sock".into()),
             ..Default::default()
         };
@@ -227,14 +239,16 @@ mod tests {
             reports: vec![Report::Ready],
         };
         m.step(Input::Start { spec: spec.clone() }, t(0));
-        m.step(
-            Input::Spawned {
-                gen: GenId(1),
-                pid: Pid(100),
-            },
-            t(1),
-        );
+        // Two workers each: pids 100, 101, then 200, 201.
+        let spawned = |gen, worker, pid| Input::Spawned {
+            gen: GenId(gen),
+            worker,
+            pid: Pid(pid),
+        };
+        m.step(spawned(1, 0, 100), t(1));
+        m.step(spawned(1, 1, 101), t(1));
         m.step(ready(100), t(2));
+        m.step(ready(101), t(2));
         let upgrade = Command::Upgrade {
             trigger: Trigger::Control,
             spec: Ok(spec),
@@ -247,14 +261,21 @@ mod tests {
             },
             t(3),
         );
-        m.step(
-            Input::Spawned {
-                gen: GenId(2),
-                pid: Pid(200),
-            },
-            t(4),
-        );
+        m.step(spawned(2, 0, 200), t(4));
+        m.step(spawned(2, 1, 201), t(4));
         m.step(ready(200), t(5));
+        m.step(ready(201), t(5));
+        // Worker 1 of generation 2 crashed and was restarted (its restart
+        // count, last exit and backoff are handed over), and is ready again.
+        let exited = Input::Exited {
+            pid: Pid(201),
+            status: ExitStatus::Code(1),
+            group_empty: true,
+        };
+        m.step(exited, t(6));
+        m.step(Input::Tick, t(1_000));
+        m.step(spawned(2, 1, 202), t(1_000));
+        m.step(ready(202), t(1_001));
         let (sockets, _) = sockets.hand_over();
         State {
             format: FORMAT,
@@ -278,8 +299,9 @@ mod tests {
             },
             metrics: Some(FdNum(12)),
             procs: vec![ProcState {
-                pid: 100,
-                gen: 1,
+                pid: 202,
+                gen: 2,
+                worker: 1,
                 pidfd: FdNum(13),
                 stderr: Some(FdNum(14)),
                 exit_reported: false,

@@ -202,7 +202,14 @@ struct LastExitLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProcLabels {
     generation: u64,
+    worker: u32,
     pid: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerStateLabels {
+    generation: u64,
+    state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -354,12 +361,12 @@ impl Metrics {
         );
         registry.register(
             "restarts",
-            "Restarts of the active generation after its main process exited",
+            "Restarts of a worker of the active generation after its process exited",
             restarts.clone(),
         );
         registry.register(
             "exits",
-            "Exits of generations' main processes, by exit code or signal",
+            "Exits of generations' worker processes, by exit code or signal",
             exits.clone(),
         );
         registry.register(
@@ -538,7 +545,7 @@ impl Metrics {
                 }
                 self.draining_at.insert(*pid, now);
             }
-            EventKind::Exited { pid, status } => {
+            EventKind::Exited { pid, status, .. } => {
                 let (how, status) = exit_labels(*status);
                 self.exits.get_or_create(&ExitLabels { how, status }).inc();
                 self.retiring_at.remove(pid);
@@ -564,7 +571,7 @@ impl Metrics {
                 }
             }
             EventKind::UpgradeSucceeded => self.outcome(ev, "succeeded", now),
-            EventKind::UpgradeFailed { failure } => {
+            EventKind::UpgradeFailed { failure, .. } => {
                 let reason = failure_label(failure);
                 self.failures.get_or_create(&ReasonLabels { reason }).inc();
                 // Abandoned by a rollback, requested or automatic.
@@ -573,6 +580,12 @@ impl Metrics {
                     _ => "failed",
                 };
                 self.outcome(ev, outcome, now);
+            }
+            // A worker restarted alone, ready again: a start like any.
+            EventKind::WorkerReady { pid, .. } => {
+                if let Some(p) = machine.procs().get(pid) {
+                    self.phase("spawned_to_ready", p.started, now);
+                }
             }
             EventKind::SpawnFailed { .. }
             | EventKind::CanaryStarted { .. }
@@ -663,8 +676,9 @@ fn sysconf(var: nix::unistd::SysconfVar, fallback: u64) -> u64 {
 #[derive(Debug, Default, PartialEq)]
 struct Snapshot {
     generations: Vec<GenRow>,
-    /// The process groups the machine answers for, by leader (= group id).
-    groups: Vec<(i32, u64)>,
+    /// The process groups the machine answers for, by leader (= group
+    /// id), with the generation and worker each belongs to.
+    groups: Vec<(i32, (u64, u32))>,
     active: Option<u64>,
     upgrading: bool,
 }
@@ -679,6 +693,8 @@ struct GenRow {
     share: f64,
     restarts: u32,
     last_exit: Option<(&'static str, String)>,
+    /// How many of its workers are in each state (those with any).
+    workers: Vec<(&'static str, u32)>,
 }
 
 impl Snapshot {
@@ -688,6 +704,14 @@ impl Snapshot {
             .generations()
             .map(|g| {
                 let (role, share) = wire::role_share(plan, g.id());
+                let mut workers: Vec<(&'static str, u32)> = Vec::new();
+                for w in wire::workers(machine, g, Time::ZERO) {
+                    let state = w.state.as_str();
+                    match workers.iter_mut().find(|(s, _)| *s == state) {
+                        Some((_, n)) => *n += 1,
+                        None => workers.push((state, 1)),
+                    }
+                }
                 GenRow {
                     number: g.id().0,
                     release: g.spec().release.dir.display().to_string(),
@@ -696,6 +720,7 @@ impl Snapshot {
                     share: share.map_or(0.0, |s| f64::from(s) / 100.0),
                     restarts: g.restarts(),
                     last_exit: g.last_exit().map(exit_labels),
+                    workers,
                 }
             })
             .collect();
@@ -704,7 +729,7 @@ impl Snapshot {
             groups: machine
                 .procs()
                 .iter()
-                .map(|(pid, p)| (pid.0, p.gen.0))
+                .map(|(pid, p)| (pid.0, (p.gen.0, p.worker)))
                 .collect(),
             active: plan.active.map(|g| g.0),
             upgrading: machine.upgrade().is_some(),
@@ -817,7 +842,7 @@ impl Collector for Live {
         family(
             &mut encoder,
             "generation_restarts",
-            "Times each generation's main process was restarted.",
+            "Crash restarts of each generation's workers, in all.",
             None,
             gauge,
             snap.generations.iter().map(|g| {
@@ -830,7 +855,8 @@ impl Collector for Live {
         family(
             &mut encoder,
             "generation_last_exit_info",
-            "How each generation's last main process ended: exit code or signal; always 1.",
+            "How each generation's last worker process to end ended: exit code or signal; \
+             always 1.",
             None,
             gauge,
             snap.generations.iter().filter_map(|g| {
@@ -841,6 +867,23 @@ impl Collector for Live {
                     status,
                 };
                 Some((labels, ConstGauge::new(1)))
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "generation_workers",
+            "Each generation's workers by state (as in baton status: waiting, starting, \
+             ready, restarting, retiring, draining, exited).",
+            None,
+            gauge,
+            snap.generations.iter().flat_map(|g| {
+                g.workers.iter().map(|(state, n)| {
+                    let labels = WorkerStateLabels {
+                        generation: g.number,
+                        state,
+                    };
+                    (labels, ConstGauge::new(i64::from(*n)))
+                })
             }),
         )?;
         if let Some(active) = snap.active {
@@ -862,14 +905,15 @@ impl Collector for Live {
 
         // Every live member of each group the machine answers for; the
         // leaders are kept unreaped, so no group id is a stranger's.
-        let gens: HashMap<i32, u64> = snap.groups.iter().copied().collect();
-        let members: Vec<(u64, ProcStat)> = process::proc_table()
+        let gens: HashMap<i32, (u64, u32)> = snap.groups.iter().copied().collect();
+        let members: Vec<((u64, u32), ProcStat)> = process::proc_table()
             .into_iter()
             .filter(|p| p.state != 'Z')
             .filter_map(|p| Some((*gens.get(&p.pgrp)?, p)))
             .collect();
-        let proc_labels = |gen: u64, p: &ProcStat| ProcLabels {
+        let proc_labels = |(gen, worker): (u64, u32), p: &ProcStat| ProcLabels {
             generation: gen,
+            worker,
             pid: p.pid,
         };
         family(
@@ -948,6 +992,7 @@ mod tests {
                 argv: vec!["./server".into()],
             },
             settings: Settings {
+                workers: 1,
                 readiness: Readiness::Notify,
                 ready_timeout: Duration::from_secs(3),
                 drain_timeout: Duration::from_secs(5),
@@ -1007,10 +1052,15 @@ mod tests {
         }
 
         fn spawned(&mut self, ms: u64, gen: u64, pid: i32) {
+            self.spawned_worker(ms, gen, 0, pid);
+        }
+
+        fn spawned_worker(&mut self, ms: u64, gen: u64, worker: u32, pid: i32) {
             self.step(
                 ms,
                 Input::Spawned {
                     gen: GenId(gen),
+                    worker,
                     pid: Pid(pid),
                 },
             );
@@ -1289,11 +1339,11 @@ mod tests {
         rig.spawned(0, 1, pgid);
         let me = std::process::id();
         let rss: f64 = rig.value(&format!(
-            "baton_process_resident_memory_bytes{{generation=\"1\",pid=\"{me}\"}}"
+            "baton_process_resident_memory_bytes{{generation=\"1\",worker=\"0\",pid=\"{me}\"}}"
         ));
         assert!(rss > 1e6, "this test process uses more than 1 MB: {rss}");
         assert!(rig.has(&format!(
-            "baton_process_cpu_seconds_total{{generation=\"1\",pid=\"{me}\"}}"
+            "baton_process_cpu_seconds_total{{generation=\"1\",worker=\"0\",pid=\"{me}\"}}"
         )));
         assert!(rig.value("baton_supervisor_resident_memory_bytes") > 1e6);
         assert!(rig.value("baton_supervisor_open_fds") >= 3.0);
@@ -1303,5 +1353,56 @@ mod tests {
         assert!(!other
             .text()
             .contains("baton_process_resident_memory_bytes{"));
+    }
+
+    /// Workers are counted by state per generation, their crash restarts
+    /// add up in the generation's, a worker restarted alone is timed like
+    /// any start, and each process names its worker.
+    #[test]
+    fn workers_are_counted_by_state() {
+        let mut rig = Rig::new();
+        let mut three = spec("v1");
+        three.settings.workers = 3;
+        rig.step(0, Input::Start { spec: three });
+        for (worker, pid) in [(0, 100), (1, 101), (2, 102)] {
+            rig.spawned_worker(0, 1, worker, pid);
+        }
+        let series =
+            |state: &str| format!("baton_generation_workers{{generation=\"1\",state=\"{state}\"}}");
+        assert_eq!(rig.value(&series("starting")), 3.0);
+        for pid in [100, 101, 102] {
+            rig.ready(40, pid);
+        }
+        assert_eq!(rig.value(&series("ready")), 3.0);
+        assert!(!rig.has(&series("starting")), "no stale series");
+        rig.exited(1000, 101, ExitStatus::Code(1));
+        assert_eq!(rig.value(&series("ready")), 2.0);
+        assert_eq!(rig.value(&series("restarting")), 1.0);
+        assert_eq!(rig.value("baton_restarts_total"), 1.0);
+        assert_eq!(
+            rig.value("baton_generation_restarts{generation=\"1\"}"),
+            1.0
+        );
+        // Restarted (after 100 ms) and ready again 50 ms later: a start
+        // timed like the generation's (40 ms, from the last worker's).
+        let count = "baton_phase_duration_seconds_count{phase=\"spawned_to_ready\"}";
+        assert_eq!(rig.value(count), 1.0);
+        rig.step(1100, Input::Tick);
+        rig.spawned_worker(1100, 1, 1, 103);
+        rig.ready(1150, 103);
+        assert_eq!(rig.value(&series("ready")), 3.0);
+        assert_eq!(rig.value(count), 2.0);
+        assert!((rig.phase_sum("spawned_to_ready") - 0.09).abs() < 1e-9);
+        // The group of worker 1 (here: this test's own group) names it.
+        let pgid = nix::unistd::getpgrp().as_raw();
+        let mut rig = Rig::new();
+        let mut two = spec("v1");
+        two.settings.workers = 2;
+        rig.step(0, Input::Start { spec: two });
+        rig.spawned_worker(0, 1, 1, pgid);
+        let me = std::process::id();
+        assert!(rig.has(&format!(
+            "baton_process_resident_memory_bytes{{generation=\"1\",worker=\"1\",pid=\"{me}\"}}"
+        )));
     }
 }

@@ -163,6 +163,7 @@ impl StderrTail {
 pub enum ProcessEvent {
     Spawned {
         gen: GenId,
+        worker: u32,
         result: Result<Started, String>,
     },
     Exited {
@@ -181,14 +182,15 @@ pub enum ProcessEvent {
 /// Everything one spawn needs, owned, so it can cross to the spawner.
 pub struct SpawnJob {
     pub gen: GenId,
+    pub worker: u32,
     pub release: Release,
     pub config: Arc<Config>,
     /// The generation's sockets, in fd order, with their names (copies,
-    /// closed once the process has them).
+    /// closed once the process has them). Every worker gets the same.
     pub sockets: Vec<(String, OwnedFd)>,
-    /// Whether to add a private probe listener (shared sockets and an
-    /// `http` or `tcp` readiness check).
-    pub probe_listener: bool,
+    /// The generation's private probe listener, passed last (shared
+    /// sockets and an `http` or `tcp` readiness check).
+    pub probe_listener: Option<OwnedFd>,
     pub notify_path: PathBuf,
     pub base_env: Arc<Vec<(OsString, OsString)>>,
 }
@@ -200,8 +202,6 @@ pub struct Started {
     pub pidfd: OwnedFd,
     /// Read end of its stderr pipe.
     pub stderr: OwnedFd,
-    /// Our copy of its private probe listener, if its check needs one.
-    pub probe: Option<Listener>,
 }
 
 /// What the main thread is asked to do.
@@ -279,9 +279,13 @@ impl Forks {
         for job in self.jobs {
             match job {
                 Job::Spawn { job, events } => {
-                    let gen = job.gen;
+                    let (gen, worker) = (job.gen, job.worker);
                     let result = spawn_now(job);
-                    let _ = events.send(ProcessEvent::Spawned { gen, result });
+                    let _ = events.send(ProcessEvent::Spawned {
+                        gen,
+                        worker,
+                        result,
+                    });
                 }
                 Job::Exec { exec, failed } => {
                     let err = nix::unistd::execve(&exec.program, &exec.argv, &exec.env)
@@ -303,6 +307,7 @@ pub fn app_env(
     fd_names: &[&str],
     notify_path: &Path,
     gen: GenId,
+    worker: u32,
 ) -> Vec<(OsString, OsString)> {
     let mut env = inherited_env(config, base_env);
     env.retain(|(k, _)| !config.env.contains_key(&*k.to_string_lossy()));
@@ -313,6 +318,7 @@ pub fn app_env(
     }
     env.push((app::NOTIFY_SOCKET.into(), notify_path.into()));
     env.push((app::BATON_GENERATION.into(), gen.to_string().into()));
+    env.push((app::BATON_WORKER.into(), worker.to_string().into()));
     env
 }
 
@@ -374,21 +380,20 @@ fn spawn_now(job: SpawnJob) -> Result<Started, String> {
     // Everything that can fail happens before the fork: once the process
     // exists it must be tracked, or it would run unsupervised.
     let credentials = resolve_credentials(config)?;
-    let probe = if job.probe_listener {
-        Some(
-            Listener::bind_probe(PROBE_FD_NAME)
-                .map_err(|e| format!("binding the probe listener: {e}"))?,
-        )
-    } else {
-        None
-    };
     let mut fds: Vec<BorrowedFd<'_>> = job.sockets.iter().map(|(_, fd)| fd.as_fd()).collect();
     let mut names: Vec<&str> = job.sockets.iter().map(|(n, _)| n.as_str()).collect();
-    if let Some(p) = &probe {
+    if let Some(p) = &job.probe_listener {
         fds.push(p.as_fd());
         names.push(PROBE_FD_NAME);
     }
-    let env = app_env(config, &job.base_env, &names, &job.notify_path, job.gen);
+    let env = app_env(
+        config,
+        &job.base_env,
+        &names,
+        &job.notify_path,
+        job.gen,
+        job.worker,
+    );
     let program = cstring(
         job.release.program.as_os_str().as_bytes().to_vec(),
         "program path",
@@ -445,7 +450,6 @@ fn spawn_now(job: SpawnJob) -> Result<Started, String> {
         pid: Pid(spawned.pid),
         pidfd: spawned.pidfd,
         stderr: err_read,
-        probe,
     })
 }
 

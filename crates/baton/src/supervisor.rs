@@ -129,19 +129,26 @@ impl Handle {
     }
 
     /// The supervisor's state, with the live members of each generation's
-    /// process group (read from /proc here, off the decision loop).
+    /// process groups, one per worker (read from /proc here, off the
+    /// decision loop).
     pub async fn status(&self) -> Option<Status> {
         let mut status = self.ask(Command::Status).await?;
-        let groups: Vec<(usize, i32)> = status
+        let groups: Vec<(usize, Vec<i32>)> = status
             .generations
             .iter()
             .enumerate()
-            .filter_map(|(i, g)| Some((i, g.pid?)))
+            .map(|(i, g)| (i, g.workers.iter().filter_map(|w| w.pid).collect()))
             .collect();
         let members = tokio::task::spawn_blocking(move || {
             groups
                 .into_iter()
-                .map(|(i, pgid)| (i, process::group_members(Pid(pgid))))
+                .map(|(i, pgids)| {
+                    let pids = pgids
+                        .into_iter()
+                        .flat_map(|pgid| process::group_members(Pid(pgid)))
+                        .collect::<Vec<_>>();
+                    (i, pids)
+                })
                 .collect::<Vec<_>>()
         })
         .await
@@ -230,12 +237,12 @@ enum ReplyTo {
 /// A process the machine answers for, as the shell holds it.
 struct ProcHandle {
     gen: GenId,
+    /// Which of its generation's workers it is.
+    worker: u32,
     /// Keeps the exited leader unreaped until released, so `killpg` on its
     /// id can never reach a stranger.
     pidfd: PidFd,
     exit_reported: bool,
-    /// Our copy of its private probe listener, while its check runs.
-    probe: Option<Listener>,
     watcher: AbortHandle,
     /// A copy of the read end of its stderr pipe while it is open, for a
     /// hand-over to a new baton image.
@@ -295,8 +302,13 @@ pub struct Supervisor {
     stderr_sink: StderrSink,
     spawner: Spawner,
     procs: HashMap<Pid, ProcHandle>,
-    /// The stderr of each generation's latest process, for failure reports.
-    tails: BTreeMap<GenId, StderrTail>,
+    /// The stderr of each worker's latest process, for failure reports.
+    tails: BTreeMap<(GenId, u32), StderrTail>,
+    /// Each generation's private probe listener (shared sockets and an
+    /// `http` or `tcp` check): every worker gets it, so all hold the same
+    /// fds, and only that generation's processes can answer on it. Kept
+    /// while the generation runs, for workers restarted later.
+    probe_listeners: HashMap<GenId, Listener>,
     probes: HashMap<GenId, AbortHandle>,
     health: HashMap<GenId, AbortHandle>,
     queue_watches: HashMap<GenId, AbortHandle>,
@@ -419,6 +431,7 @@ impl Supervisor {
             spawner,
             procs: HashMap::new(),
             tails: BTreeMap::new(),
+            probe_listeners: HashMap::new(),
             probes: HashMap::new(),
             health: HashMap::new(),
             queue_watches: HashMap::new(),
@@ -583,6 +596,7 @@ impl Supervisor {
         for effect in effects {
             self.perform(effect);
         }
+        self.forget_finished();
     }
 
     /// Feeds a notify message or probe result in causal order: it waits
@@ -624,13 +638,17 @@ impl Supervisor {
     /// unknown to the machine: the tick waits for that exit.
     fn tick_must_wait(&self) -> bool {
         let now = self.now();
-        self.machine.generations().any(|g| {
-            matches!(g.phase(), baton_core::Phase::Starting {
-                pid,
-                check: baton_core::Check::Delay { at },
-                ..
-            } if *at <= now && self.exit_pending(*pid))
-        })
+        self.machine
+            .generations()
+            .filter_map(|g| g.workers())
+            .flatten()
+            .any(|w| {
+                matches!(w, baton_core::Worker::Starting {
+                    pid,
+                    check: baton_core::Check::Delay { at },
+                    ..
+                } if *at <= now && self.exit_pending(*pid))
+            })
     }
 
     /// Feeds the reports that waited, now that a spawn or an exit is in.
@@ -783,9 +801,13 @@ impl Supervisor {
 
     fn on_process(&mut self, ev: ProcessEvent) {
         match ev {
-            ProcessEvent::Spawned { gen, result } => {
+            ProcessEvent::Spawned {
+                gen,
+                worker,
+                result,
+            } => {
                 self.spawning -= 1;
-                self.on_spawned(gen, result);
+                self.on_spawned(gen, worker, result);
                 self.retry_deferred();
             }
 
@@ -814,7 +836,7 @@ impl Supervisor {
         }
     }
 
-    fn on_spawned(&mut self, gen: GenId, result: Result<process::Started, String>) {
+    fn on_spawned(&mut self, gen: GenId, worker: u32, result: Result<process::Started, String>) {
         match result {
             Ok(started) => {
                 let pid = started.pid;
@@ -826,7 +848,7 @@ impl Supervisor {
                     self.stderr_sink.clone(),
                     self.process_tx.clone(),
                 );
-                self.tails.insert(gen, tail);
+                self.tails.insert((gen, worker), tail);
                 let watcher =
                     tokio::spawn(process::watch(pid, pidfd.clone(), self.process_tx.clone()))
                         .abort_handle();
@@ -834,16 +856,16 @@ impl Supervisor {
                     pid,
                     ProcHandle {
                         gen,
+                        worker,
                         pidfd,
                         exit_reported: false,
-                        probe: started.probe,
                         watcher,
                         stderr,
                     },
                 );
-                self.feed(Input::Spawned { gen, pid });
+                self.feed(Input::Spawned { gen, worker, pid });
             }
-            Err(error) => self.feed(Input::SpawnFailed { gen, error }),
+            Err(error) => self.feed(Input::SpawnFailed { gen, worker, error }),
         }
     }
 
@@ -851,14 +873,11 @@ impl Supervisor {
 
     fn perform(&mut self, effect: Effect) {
         match effect {
-            Effect::Spawn { gen } => self.spawn(gen),
+            Effect::Spawn { gen, worker } => self.spawn(gen, worker),
             Effect::StartProbe { gen, pid } => self.start_probe(gen, pid),
             Effect::StopProbe { gen } => {
                 if let Some(task) = self.probes.remove(&gen) {
                     task.abort();
-                }
-                for h in self.procs.values_mut().filter(|h| h.gen == gen) {
-                    h.probe = None;
                 }
             }
             Effect::Signal { pid, signal } => self.signal(pid, signal),
@@ -870,7 +889,6 @@ impl Supervisor {
                         tracing::warn!(pid = pid.0, "reaping: {e}");
                     }
                 }
-                self.forget_finished();
             }
             Effect::StartHealth { gen, pid } => self.start_health(gen, pid),
             Effect::StopHealth { gen } => {
@@ -918,7 +936,7 @@ impl Supervisor {
         }
     }
 
-    fn spawn(&mut self, gen: GenId) {
+    fn spawn(&mut self, gen: GenId, worker: u32) {
         let Some(spec) = self.machine.spec(gen).cloned() else {
             return;
         };
@@ -926,21 +944,23 @@ impl Supervisor {
             // Stopping: nothing new may take the sockets.
             self.feed(Input::SpawnFailed {
                 gen,
+                worker,
                 error: "the supervisor is stopping".into(),
             });
             return;
         }
+        let fail = |error: String| Input::SpawnFailed { gen, worker, error };
         let sockets = match self.sockets.for_spawn(gen) {
             Ok(s) => s,
-            Err(e) => {
-                let error = format!("preparing its sockets: {e}");
-                return self.feed(Input::SpawnFailed { gen, error });
-            }
+            Err(e) => return self.feed(fail(format!("preparing its sockets: {e}"))),
         };
-        let probe_listener =
-            self.sockets.mode() == TrafficMode::Shared && spec.payload.ready.needs_probe_listener();
+        let probe_listener = match self.probe_listener(gen, &spec.payload) {
+            Ok(l) => l,
+            Err(e) => return self.feed(fail(format!("binding the probe listener: {e}"))),
+        };
         let job = SpawnJob {
             gen,
+            worker,
             release: spec.release,
             config: spec.payload,
             sockets,
@@ -950,21 +970,37 @@ impl Supervisor {
         };
         match self.spawner.spawn(job, self.process_tx.clone()) {
             Ok(()) => self.spawning += 1,
-            Err(error) => self.feed(Input::SpawnFailed { gen, error }),
+            Err(error) => self.feed(fail(error)),
         }
+    }
+
+    /// A copy of `gen`'s private probe listener for a spawn, bound at the
+    /// generation's first spawn, when its check needs one.
+    fn probe_listener(&mut self, gen: GenId, config: &Config) -> std::io::Result<Option<OwnedFd>> {
+        if self.sockets.mode() != TrafficMode::Shared || !config.ready.needs_probe_listener() {
+            return Ok(None);
+        }
+        let listener = match self.probe_listeners.entry(gen) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Listener::bind_probe(crate::config::PROBE_FD_NAME)?)
+            }
+        };
+        listener.as_fd().try_clone_to_owned().map(Some)
     }
 
     /// Where a check of `gen` connects, and the socket whose queue shows
     /// that the app accepted: its private probe listener (shared sockets),
-    /// or the real address and its own socket (steered).
-    fn check_target(&self, gen: GenId, pid: Pid) -> (Option<SocketAddr>, Option<OwnedFd>) {
+    /// or the real address and its own socket (steered). Either way it
+    /// reaches whichever of the generation's workers accepts.
+    fn check_target(&self, gen: GenId) -> (Option<SocketAddr>, Option<OwnedFd>) {
         match self.sockets.mode() {
             TrafficMode::Steered => (
                 self.sockets.probe_addr(),
                 self.sockets.watch_fds(gen).into_iter().next(),
             ),
             TrafficMode::Shared => {
-                let probe = self.procs.get(&pid).and_then(|h| h.probe.as_ref());
+                let probe = self.probe_listeners.get(&gen);
                 (
                     probe.and_then(process::probe_addr),
                     probe.and_then(|l| l.as_fd().try_clone_to_owned().ok()),
@@ -993,7 +1029,7 @@ impl Supervisor {
         let Some(config) = self.machine.spec(gen).map(|s| s.payload.clone()) else {
             return;
         };
-        let (addr, fd) = self.check_target(gen, pid);
+        let (addr, fd) = self.check_target(gen);
         let env = self.check_env(gen, pid, addr);
         let source = self.probe_source.clone();
         let tx = self.internal_tx.clone();
@@ -1023,7 +1059,7 @@ impl Supervisor {
         let Some(check) = config.health.clone() else {
             return;
         };
-        let (addr, fd) = self.check_target(gen, pid);
+        let (addr, fd) = self.check_target(gen);
         let env = self.check_env(gen, pid, addr);
         let source = self.probe_source.clone();
         let tx = self.internal_tx.clone();
@@ -1164,7 +1200,7 @@ impl Supervisor {
         };
         let words = match &ev.kind {
             K::UpgradeSucceeded => format!("generation {} succeeded", ev.gen),
-            K::UpgradeFailed { failure } => {
+            K::UpgradeFailed { failure, .. } => {
                 format!("failed: {}", wire::failure_words(ev.gen, failure))
             }
             K::RolledBack { to, .. } => format!("rolled back to generation {to}"),
@@ -1248,11 +1284,17 @@ impl Supervisor {
         }
     }
 
-    /// Drops what the shell kept for generations the machine has forgotten.
+    /// Drops what the shell kept for generations the machine has forgotten
+    /// (stderr tails), or that have finished (probe listeners).
     fn forget_finished(&mut self) {
         let machine = &self.machine;
         self.tails
-            .retain(|gen, _| machine.generation(*gen).is_some());
+            .retain(|(gen, _), _| machine.generation(*gen).is_some());
+        self.probe_listeners.retain(|gen, _| {
+            machine
+                .generation(*gen)
+                .is_some_and(|g| !matches!(g.phase(), baton_core::Phase::Finished { .. }))
+        });
     }
 
     fn status(&self) -> Status {
@@ -1327,7 +1369,7 @@ fn log_note(note: &Note) {
         Note::GroupOutlivesLeader { gen, pid } => warn!(
             generation = gen.0,
             pgid = pid.0,
-            "main process gone; draining the rest of its group"
+            "worker process gone; draining the rest of its group"
         ),
         Note::KillingLeftovers { gen, pid } => warn!(
             generation = gen.0,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use baton_core::{GenId, Phase, Pid};
+use baton_core::{GenId, Phase, Pid, Worker};
 use tokio::sync::oneshot;
 
 use super::{HandoverFds, Internal, ProcHandle, Supervisor};
@@ -118,11 +118,29 @@ impl Supervisor {
         if let Some(g) = self
             .machine
             .generations()
-            .find(|g| matches!(g.phase(), Phase::Spawning | Phase::Starting { .. }))
+            .find(|g| matches!(g.phase(), Phase::Waiting | Phase::Starting { .. }))
         {
             return Some(format!(
                 "generation {} is starting; try again once it is ready",
                 g.id()
+            ));
+        }
+        // A worker restarted alone while the others serve: starting, or
+        // waiting out its backoff.
+        if let Some((g, worker, what)) = self.machine.generations().find_map(|g| {
+            let workers = g.workers()?;
+            let (i, w) = (0u32..)
+                .zip(workers)
+                .find(|(_, w)| !matches!(w, Worker::Up { .. }))?;
+            let what = match w {
+                Worker::Restarting { .. } => "waiting to restart",
+                Worker::Recycling { .. } => "being restarted",
+                _ => "starting",
+            };
+            Some((g.id(), i, what))
+        }) {
+            return Some(format!(
+                "worker {worker} of generation {g} is {what}; try again once it is ready"
             ));
         }
         if self.spawning > 0 || !self.deferred.is_empty() || !self.probes.is_empty() {
@@ -227,6 +245,7 @@ impl Supervisor {
                 ProcState {
                     pid: pid.0,
                     gen: h.gen.0,
+                    worker: h.worker,
                     pidfd: FdNum::of(h.pidfd.as_fd()),
                     stderr: h.stderr.as_ref().map(|s| FdNum::of(s.as_fd())),
                     exit_reported: h.exit_reported,
@@ -383,7 +402,7 @@ impl Supervisor {
         }
         for p in procs {
             let pid = Pid(p.pid);
-            let gen = GenId(p.gen);
+            let (gen, worker) = (GenId(p.gen), p.worker);
             let pidfd = PidFd::new(p.pidfd.take()?);
             let stderr = match p.stderr {
                 Some(fd) => {
@@ -391,7 +410,7 @@ impl Supervisor {
                     let keep = fd.try_clone().ok();
                     let tail =
                         process::forward(pid, fd, sup.stderr_sink.clone(), sup.process_tx.clone());
-                    sup.tails.insert(gen, tail);
+                    sup.tails.insert((gen, worker), tail);
                     keep
                 }
                 None => None,
@@ -406,9 +425,9 @@ impl Supervisor {
                 pid,
                 ProcHandle {
                     gen,
+                    worker,
                     pidfd,
                     exit_reported: p.exit_reported,
-                    probe: None,
                     watcher,
                     stderr,
                 },

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use baton_core::{
     EventKind as Core, ExitStatus, Failure, GenId, Generation, Machine, Phase, Time, TrafficMode,
-    TrafficPlan, Via,
+    TrafficPlan, Via, Worker,
 };
 
 use crate::config::Config;
 use crate::process::StderrTail;
 use crate::protocol::{
     Event, EventKind, GenState, GenerationStatus, ReleasesStatus, Role, SocketStatus, Status,
-    Trigger,
+    Trigger, WorkerState, WorkerStatus,
 };
 
 pub fn core_trigger(t: Trigger) -> baton_core::Trigger {
@@ -83,30 +83,41 @@ fn via_words(via: &Via) -> String {
         Via::Notify { from } => format!("notify READY=1 from pid {from}"),
         Via::Probe(words) => words.clone(),
         Via::Delay(d) => format!("delay {}", duration_words(*d)),
+        Via::Running => "running (a probe cannot single out one worker)".into(),
     }
 }
 
-/// The wire form of a machine event that happened at `now`.
+/// The wire form of a machine event that happened at `now`. `tails` are
+/// the stderr tails of each worker's latest process.
 pub fn event(
     ev: &baton_core::Event,
     machine: &Machine<Arc<Config>>,
-    tails: &BTreeMap<GenId, StderrTail>,
+    tails: &BTreeMap<(GenId, u32), StderrTail>,
     now: Time,
 ) -> Event {
     let gen = ev.gen;
     let spec = machine.spec(gen);
+    // Worker numbers are shown only where there is more than one worker.
+    let several = spec.is_some_and(|s| s.settings.workers > 1);
+    let worker = |w: u32| several.then_some(w);
     let kind = match &ev.kind {
         Core::Requested { trigger } => EventKind::UpgradeRequested {
             trigger: wire_trigger(*trigger),
         },
-        Core::Spawned { pid } => EventKind::Spawned {
+        Core::Spawned { pid, worker: w } => EventKind::Spawned {
             pid: pid.0,
             dir: spec.map_or_else(String::new, |s| s.release.dir.display().to_string()),
+            worker: worker(*w),
         },
         Core::SpawnFailed { error } => EventKind::SpawnFailed {
             error: error.clone(),
         },
         Core::Ready { pid, via } => EventKind::Ready {
+            pid: pid.0,
+            via: via_words(via),
+        },
+        Core::WorkerReady { worker, pid, via } => EventKind::WorkerReady {
+            worker: *worker,
             pid: pid.0,
             via: via_words(via),
         },
@@ -128,20 +139,34 @@ pub fn event(
                 .to_owned(),
         },
         Core::Killed { pid } => EventKind::Killed { pid: pid.0 },
-        Core::Exited { pid, status } => EventKind::Exited {
+        Core::Exited {
+            pid,
+            status,
+            worker: w,
+        } => EventKind::Exited {
             pid: pid.0,
             status: status_words(*status),
+            worker: worker(*w),
         },
-        Core::Restarting { delay, restarts } => EventKind::Restarting {
+        Core::Restarting {
+            worker: w,
+            delay,
+            restarts,
+        } => EventKind::Restarting {
             delay_ms: delay.as_millis() as u64,
             restarts: *restarts,
+            worker: worker(*w),
         },
         Core::Status { text } => EventKind::Status { text: text.clone() },
         Core::Stopping { pid } => EventKind::Stopping { pid: pid.0 },
         Core::UpgradeSucceeded => EventKind::UpgradeSucceeded,
-        Core::UpgradeFailed { failure } => EventKind::UpgradeFailed {
+        Core::UpgradeFailed { failure, worker } => EventKind::UpgradeFailed {
             reason: failure_words(gen, failure),
-            stderr_tail: tails.get(&gen).map(StderrTail::lines).unwrap_or_default(),
+            // The worker that died, else the first.
+            stderr_tail: tails
+                .get(&(gen, worker.unwrap_or(0)))
+                .map(StderrTail::lines)
+                .unwrap_or_default(),
         },
     };
     Event {
@@ -153,8 +178,6 @@ pub fn event(
     }
 }
 
-/// The supervisor's state as `baton status` shows it. `pids` (the live
-/// members of each group) are filled in by the caller, off the loop.
 /// The releases root as the serving generation's configuration has it
 /// (the file is re-read at every upgrade), else the newest one's.
 fn releases_status(machine: &Machine<Arc<Config>>) -> Option<ReleasesStatus> {
@@ -170,6 +193,9 @@ fn releases_status(machine: &Machine<Arc<Config>>) -> Option<ReleasesStatus> {
     })
 }
 
+/// The supervisor's state as `baton status` shows it. `pids` (the live
+/// members of each worker's group) are filled in by the caller, off the
+/// loop.
 pub fn status(
     machine: &Machine<Arc<Config>>,
     sockets: &[SocketStatus],
@@ -201,26 +227,25 @@ pub fn status(
         generations: machine
             .generations()
             .map(|g| {
-                // The running main process, whatever the phase (a draining
+                let workers = workers(machine, g, now);
+                // The first running worker, whatever the phase (a draining
                 // generation's too).
-                let running = machine
-                    .procs()
-                    .iter()
-                    .find(|(_, p)| p.gen == g.id() && p.exit.is_none());
+                let running = workers.iter().find(|w| w.pid.is_some());
                 let state = gen_state(g, active);
                 let spec = g.spec();
                 let (role, share) = role_share(plan, g.id());
                 GenerationStatus {
                     number: g.id().0,
                     state,
-                    pid: running.map(|(pid, _)| pid.0),
+                    pid: running.and_then(|w| w.pid),
                     pids: Vec::new(),
                     dir: spec.release.dir.display().to_string(),
                     command: spec.release.argv.clone(),
-                    uptime_ms: running.map(|(_, p)| now.since(p.started).as_millis() as u64),
+                    uptime_ms: running.and_then(|w| w.uptime_ms),
                     status_text: g.status_text().map(str::to_owned),
                     restarts: g.restarts(),
                     last_exit: g.last_exit().map(status_words),
+                    workers,
                     role,
                     share,
                 }
@@ -229,14 +254,49 @@ pub fn status(
     }
 }
 
+/// Each worker of `g`: its state and running process (from the machine's
+/// process groups once the generation no longer restarts workers), as
+/// `baton status` (and the metrics) show them.
+pub fn workers<P: Clone>(machine: &Machine<P>, g: &Generation<P>, now: Time) -> Vec<WorkerStatus> {
+    let running = |i: u32| {
+        machine
+            .procs()
+            .iter()
+            .find(|(_, p)| p.gen == g.id() && p.worker == i && p.exit.is_none())
+    };
+    (0u32..)
+        .zip(g.records())
+        .map(|(i, record)| {
+            let proc = running(i);
+            let state = match (g.phase(), g.workers().and_then(|w| w.get(i as usize))) {
+                (_, Some(Worker::Spawning | Worker::Starting { .. })) => WorkerState::Starting,
+                (_, Some(Worker::Up { .. })) => WorkerState::Ready,
+                (_, Some(Worker::Recycling { .. })) => WorkerState::Draining,
+                (_, Some(Worker::Restarting { .. })) => WorkerState::Restarting,
+                (Phase::Waiting, _) => WorkerState::Waiting,
+                (Phase::Retiring { .. }, _) if proc.is_some_and(|(_, p)| p.kill_at.is_none()) => {
+                    WorkerState::Retiring
+                }
+                _ if proc.is_some() => WorkerState::Draining,
+                _ => WorkerState::Exited,
+            };
+            WorkerStatus {
+                index: i,
+                state,
+                pid: proc.map(|(pid, _)| pid.0),
+                uptime_ms: proc.map(|(_, p)| now.since(p.started).as_millis() as u64),
+                restarts: record.restarts,
+                last_exit: record.last_exit.map(status_words),
+            }
+        })
+        .collect()
+}
+
 /// A generation's state as `baton status` (and the metrics) name it.
 pub fn gen_state<P>(g: &Generation<P>, active: Option<GenId>) -> GenState {
     match g.phase() {
         Phase::Waiting => GenState::Waiting,
-        Phase::Spawning
-        | Phase::Starting { .. }
-        | Phase::Recycling { .. }
-        | Phase::Restarting { .. } => GenState::Starting,
+        Phase::Starting { .. } => GenState::Starting,
         Phase::Retiring { .. } => GenState::Retiring,
         Phase::Serving { .. } if active == Some(g.id()) => GenState::Active,
         Phase::Serving { .. } => GenState::Ready,
@@ -271,11 +331,16 @@ pub fn log_event(ev: &Event) {
         EventKind::UpgradeRequested { trigger } => {
             info!(generation = gen, ?trigger, "generation requested")
         }
-        EventKind::Spawned { pid, dir } => info!(generation = gen, pid, dir, "generation started"),
+        EventKind::Spawned { pid, dir, worker } => {
+            info!(generation = gen, pid, dir, worker, "generation started")
+        }
         EventKind::SpawnFailed { error } => {
             warn!(generation = gen, "generation failed to start: {error}")
         }
         EventKind::Ready { pid, via } => info!(generation = gen, pid, via, "generation ready"),
+        EventKind::WorkerReady { worker, pid, via } => {
+            info!(generation = gen, worker, pid, via, "worker ready again")
+        }
         EventKind::Active { pid } => info!(generation = gen, pid, "generation active"),
         EventKind::Canary { share } => info!(generation = gen, share, "canary started"),
         EventKind::Bake { parked, bake_ms } => {
@@ -305,13 +370,21 @@ pub fn log_event(ev: &Event) {
         EventKind::Killed { pid } => {
             warn!(generation = gen, pid, "drain timeout: generation killed")
         }
-        EventKind::Exited { pid, status } => {
-            info!(generation = gen, pid, status, "generation exited")
+        EventKind::Exited {
+            pid,
+            status,
+            worker,
+        } => {
+            info!(generation = gen, pid, status, worker, "generation exited")
         }
-        EventKind::Restarting { delay_ms, restarts } => {
+        EventKind::Restarting {
+            delay_ms,
+            restarts,
+            worker,
+        } => {
             warn!(
                 generation = gen,
-                delay_ms, restarts, "restarting generation"
+                delay_ms, restarts, worker, "restarting generation"
             )
         }
         EventKind::Status { text } => info!(generation = gen, status = text, "generation status"),

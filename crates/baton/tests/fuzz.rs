@@ -234,6 +234,7 @@ fn near_valid_toml() -> impl Strategy<Value = String> {
         "group",
         "env_inherit",
         "control_allow_uids",
+        "workers",
         "name",
         "address",
         "mode",
@@ -295,6 +296,7 @@ struct ConfigModel {
     env_inherit: Option<Vec<String>>,
     listen: Vec<(String, SocketAddr)>,
     allow_uids: Vec<u32>,
+    workers: Option<u32>,
 }
 
 fn toml_str(s: &str) -> String {
@@ -331,6 +333,9 @@ impl ConfigModel {
         }
         let uids: Vec<String> = self.allow_uids.iter().map(u32::to_string).collect();
         t += &format!("control_allow_uids = [{}]\n", uids.join(", "));
+        if let Some(n) = self.workers {
+            t += &format!("workers = {n}\n");
+        }
         t += "[env]\n";
         for (k, v) in &self.env {
             t += &format!("{} = {}\n", toml_str(k), toml_str(v));
@@ -372,6 +377,7 @@ fn config_model() -> impl Strategy<Value = ConfigModel> {
             prop::option::of(prop::collection::vec("[A-Z_]{1,8}", 0..3)),
             listen,
             prop::collection::vec(any::<u32>(), 0..3),
+            prop::option::of(1..=baton::config::MAX_WORKERS),
         ),
     )
         .prop_filter(
@@ -384,7 +390,7 @@ fn config_model() -> impl Strategy<Value = ConfigModel> {
         .prop_map(
             |(
                 (command, cwd, ready, ready_timeout_ms, drain_signal, drain_timeout_ms),
-                (backlog, env, env_inherit, listen, allow_uids),
+                (backlog, env, env_inherit, listen, allow_uids, workers),
             )| ConfigModel {
                 command,
                 cwd,
@@ -397,6 +403,7 @@ fn config_model() -> impl Strategy<Value = ConfigModel> {
                 env_inherit,
                 listen: listen.into_iter().collect(),
                 allow_uids,
+                workers,
             },
         )
 }
@@ -749,6 +756,7 @@ proptest! {
             .collect();
         prop_assert_eq!(listen, expect);
         prop_assert_eq!(&c.control_allow_uids, &m.allow_uids);
+        prop_assert_eq!(c.workers, m.workers.unwrap_or(1));
     }
 
     #[test]

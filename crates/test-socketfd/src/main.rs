@@ -5,14 +5,17 @@
 //! cwd, argv, env, listen_fds/listen_fdnames/listen_pid, and every open fd with
 //! its readlink target, cloexec flag and socket info). Then it serves HTTP on
 //! every LISTEN_FDS fd (TCP or Unix; only when LISTEN_PID is its own pid):
-//! `GET /` -> `version=.. generation=.. pid=..`, `GET /healthz`, `GET /report`
+//! `GET /` -> `version=.. generation=.. pid=.. worker=..`, `GET /healthz`, `GET /report`
 //! (the start-up report, when TEST_SOCKETFD_REPORT asked for one; else `{}`), `GET /slow`,
 //! `GET /after-drain` (prints `fake: /after-drain waiting for the drain`, answers
 //! `answered after drain` only once the drain signal has arrived; 503 if it
 //! never does within 20 s).
 //!
 //! Environment:
-//! - `TEST_SOCKETFD_REPORT=<path>`: write the report there (atomically, via `<path>.tmp`).
+//! - `TEST_SOCKETFD_REPORT=<path>`: write the report there (atomically, via `<path>.tmp`);
+//!   `{worker}` in it becomes `BATON_WORKER`, so each worker writes its own.
+//! - `FAKE_MISBEHAVE_WORKER=<i>`: the misbehaviours below (`FAKE_EXIT_AT_START`,
+//!   `FAKE_NEVER_READY`, `FAKE_CRASH_AFTER_READY_MS`) apply only to worker `i`.
 //! - `FAKE_VERSION=<v>`: version shown by `GET /` (default `fake`).
 //! - `FAKE_STDERR_LINES=<n>`: print `fake: stderr line i` for i in 1..=n at start.
 //! - `FAKE_EXIT_AT_START=<code>`: exit with `code` right after the report, before serving.
@@ -20,7 +23,8 @@
 //! - `FAKE_SLOW_MS=<ms>`: `GET /slow` sleeps that long, then answers `slow done` (default 0).
 //! - `FAKE_READY_DELAY_MS=<ms>`: wait before sending READY=1 (default 0).
 //! - `FAKE_READY_GATE=<path>`: send READY=1 only once `<path>` exists (checked
-//!   every 10 ms), so a test can hold an upgrade open as long as it needs.
+//!   every 10 ms), so a test can hold an upgrade open as long as it needs;
+//!   `{worker}` in it becomes `BATON_WORKER`, a gate for each worker.
 //! - `FAKE_STATUS=<s>`: STATUS= sent with READY=1 (default `fake serving`).
 //! - `FAKE_NEVER_READY=1`: serve, but never send READY=1.
 //! - `FAKE_CRASH_AFTER_READY_MS=<ms>`: exit(3) that long after READY=1.
@@ -52,11 +56,12 @@
 //!   that long after starting: a slow start, during which connections can
 //!   only wait in the kernel's queue.
 //! - `FAKE_LIFE_LOG=<path>`: append one line per lifecycle moment, each a
-//!   single `O_APPEND` write: `start gen=G pid=P ns=N alive=PIDS` first
-//!   thing in `main` (`alive`: the comma-separated pids of processes that
-//!   logged `start` before and still run, as this process sees them; empty
-//!   when none), `accepting gen=G pid=P ns=N` right before the first
-//!   accept, and `exit gen=G pid=P ns=N` right before exiting (after a
+//!   single `O_APPEND` write: `start gen=G worker=W pid=P ns=N alive=PIDS`
+//!   first thing in `main` (`alive`: the comma-separated pids of processes
+//!   of other generations that logged `start` before and still run, as this
+//!   process sees them; empty when none), `accepting gen=G worker=W pid=P
+//!   ns=N` right before the first accept, and `exit gen=G worker=W pid=P
+//!   ns=N` right before exiting (after a
 //!   drain, or at start with `FAKE_EXIT_AT_START`). `ns` is CLOCK_MONOTONIC, which every process shares.
 //! - `FAKE_UDP_ECHO=1`: answer every datagram received on a datagram
 //!   socket (`SOCK_DGRAM` in LISTEN_FDS) with `<payload> generation=G
@@ -101,6 +106,15 @@ fn env_num<T: FromStr>(key: &str) -> Option<T> {
 
 fn env_flag(key: &str) -> bool {
     env::var(key).is_ok_and(|v| v == "1")
+}
+
+/// Whether the misbehaviour knobs apply to this process: always, or only
+/// to the worker `FAKE_MISBEHAVE_WORKER` names.
+fn misbehaves() -> bool {
+    match env::var("FAKE_MISBEHAVE_WORKER") {
+        Ok(w) => env::var("BATON_WORKER").is_ok_and(|mine| mine == w),
+        Err(_) => true,
+    }
 }
 
 /// Hand-rolled sd_notify: one datagram to NOTIFY_SOCKET ('@' = abstract name).
@@ -256,8 +270,9 @@ fn life(event: &str, extra: &str) {
         return;
     };
     let gen = env::var("BATON_GENERATION").unwrap_or_else(|_| "0".into());
+    let worker = env::var("BATON_WORKER").unwrap_or_else(|_| "0".into());
     let line = format!(
-        "{event} gen={gen} pid={} ns={}{extra}\n",
+        "{event} gen={gen} worker={worker} pid={} ns={}{extra}\n",
         std::process::id(),
         mono_ns()
     );
@@ -272,17 +287,21 @@ fn life(event: &str, extra: &str) {
     }
 }
 
-/// Pids that logged `start` in the life log before and still run (the same
-/// program, not a zombie): what this process sees of other generations.
+/// Pids of other generations that logged `start` in the life log before
+/// and still run (the same program, not a zombie): what this process sees
+/// of other generations. Its own generation's other workers are not
+/// counted.
 fn still_running_predecessors() -> Vec<u32> {
     let Ok(path) = env::var("FAKE_LIFE_LOG") else {
         return Vec::new();
     };
     let me = std::fs::read_link("/proc/self/exe").ok();
+    let own_gen = format!("gen={}", env::var("BATON_GENERATION").unwrap_or_default());
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .filter(|l| l.starts_with("start "))
+        .filter(|l| !l.split_whitespace().any(|f| f == own_gen))
         .filter_map(|l| {
             l.split_whitespace()
                 .find_map(|f| f.strip_prefix("pid="))?
@@ -536,13 +555,14 @@ async fn readiness(
     if env_flag("FAKE_NOTIFY_FORGE") {
         *forger.lock().await = spawn_forger().await;
     }
-    if env_flag("FAKE_NEVER_READY") {
+    if env_flag("FAKE_NEVER_READY") && misbehaves() {
         eprintln!("fake: never sending READY=1");
         return;
     }
     let delay = Duration::from_millis(env_num("FAKE_READY_DELAY_MS").unwrap_or(0));
     tokio::time::sleep(delay).await;
     if let Ok(gate) = env::var("FAKE_READY_GATE") {
+        let gate = gate.replace("{worker}", &env::var("BATON_WORKER").unwrap_or_default());
         eprintln!("fake: waiting for {gate} before READY=1");
         while !std::path::Path::new(&gate).exists() {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -552,7 +572,7 @@ async fn readiness(
     notify(&format!("READY=1\nSTATUS={status}\n"));
     sent_ready.store(true, Ordering::SeqCst);
     eprintln!("fake: ready");
-    if let Some(ms) = env_num("FAKE_CRASH_AFTER_READY_MS") {
+    if let Some(ms) = env_num("FAKE_CRASH_AFTER_READY_MS").filter(|_| misbehaves()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         eprintln!("fake: crashing with exit code 3");
         std::process::exit(3);
@@ -728,6 +748,8 @@ fn main() -> ExitCode {
     // (tens of thousands of TIME_WAIT entries) can take seconds.
     let report = match env::var("TEST_SOCKETFD_REPORT") {
         Ok(path) => {
+            let worker = env::var("BATON_WORKER").unwrap_or_default();
+            let path = path.replace("{worker}", &worker);
             let report = build_report().to_string();
             if let Err(e) = write_atomic(&path, &report) {
                 eprintln!("fake: cannot write report to {path}: {e}");
@@ -739,7 +761,7 @@ fn main() -> ExitCode {
     for i in 1..=env_num::<u32>("FAKE_STDERR_LINES").unwrap_or(0) {
         eprintln!("fake: stderr line {i}");
     }
-    if let Some(code) = env_num::<i32>("FAKE_EXIT_AT_START") {
+    if let Some(code) = env_num::<i32>("FAKE_EXIT_AT_START").filter(|_| misbehaves()) {
         eprintln!("fake: exiting at start with {code}");
         life("exit", "");
         std::process::exit(code);
@@ -748,13 +770,14 @@ fn main() -> ExitCode {
     let pid = std::process::id();
     let version = env::var("FAKE_VERSION").unwrap_or_else(|_| "fake".to_string());
     let generation = env::var("BATON_GENERATION").unwrap_or_else(|_| "0".to_string());
+    let worker = env::var("BATON_WORKER").unwrap_or_else(|_| "-".to_string());
     let health = env_num::<u16>("FAKE_HEALTH_STATUS")
         .and_then(|c| StatusCode::from_u16(c).ok())
         .unwrap_or(StatusCode::OK);
     let (term_seen, term) = watch::channel(false);
     let st = Arc::new(State {
         root: Bytes::from(format!(
-            "version={version} generation={generation} pid={pid}\n"
+            "version={version} generation={generation} pid={pid} worker={worker}\n"
         )),
         report: Bytes::from(report),
         health,

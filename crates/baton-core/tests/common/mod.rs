@@ -25,6 +25,7 @@ pub fn release(name: &str) -> Release {
 
 pub fn settings(readiness: Readiness) -> Settings {
     Settings {
+        workers: 1,
         readiness,
         ready_timeout: Duration::from_secs(3),
         drain_timeout: Duration::from_secs(5),
@@ -127,10 +128,24 @@ impl Driver {
         })
     }
 
+    /// Worker 0 of `gen` runs as `pid`.
     pub fn spawned(&mut self, gen: u64, pid: i32) -> Vec<String> {
+        self.spawned_worker(gen, 0, pid)
+    }
+
+    pub fn spawned_worker(&mut self, gen: u64, worker: u32, pid: i32) -> Vec<String> {
         self.step(Input::Spawned {
             gen: g(gen),
+            worker,
             pid: p(pid),
+        })
+    }
+
+    pub fn spawn_failed(&mut self, gen: u64, worker: u32, error: &str) -> Vec<String> {
+        self.step(Input::SpawnFailed {
+            gen: g(gen),
+            worker,
+            error: error.into(),
         })
     }
 
@@ -194,12 +209,38 @@ impl Driver {
     pub fn phase(&self, gen: u64) -> Phase {
         self.m.generation(g(gen)).unwrap().phase().clone()
     }
+
+    /// The workers of a starting or serving generation.
+    pub fn workers(&self, gen: u64) -> Vec<Worker> {
+        self.m
+            .generation(g(gen))
+            .unwrap()
+            .workers()
+            .unwrap_or_default()
+            .to_vec()
+    }
+}
+
+/// A serving generation whose workers are `pids`, all ready.
+pub fn serving(pids: &[i32]) -> Phase {
+    Phase::Serving {
+        workers: pids.iter().map(|&pid| Worker::Up { pid: p(pid) }).collect(),
+    }
+}
+
+/// ` wN` for workers after the first, so single-worker lists read as before.
+fn w(worker: u32) -> String {
+    if worker == 0 {
+        String::new()
+    } else {
+        format!(" w{worker}")
+    }
 }
 
 /// One effect in a few words.
 pub fn show(e: &Effect) -> String {
     match e {
-        Effect::Spawn { gen } => format!("spawn {gen}"),
+        Effect::Spawn { gen, worker } => format!("spawn {gen}{}", w(*worker)),
         Effect::StartProbe { gen, pid } => format!("probe {gen} {pid}"),
         Effect::StopProbe { gen } => format!("stop-probe {gen}"),
         Effect::StartHealth { gen, pid } => format!("health {gen} {pid}"),
@@ -244,9 +285,12 @@ pub fn show(e: &Effect) -> String {
             let gen = ev.gen;
             match &ev.kind {
                 EventKind::Requested { trigger } => format!("{gen} requested {trigger:?}"),
-                EventKind::Spawned { pid } => format!("{gen} spawned {pid}"),
+                EventKind::Spawned { pid, worker } => format!("{gen} spawned {pid}{}", w(*worker)),
                 EventKind::SpawnFailed { error } => format!("{gen} spawn-failed {error}"),
                 EventKind::Ready { pid, .. } => format!("{gen} ready {pid}"),
+                EventKind::WorkerReady { worker, pid, via } => {
+                    format!("{gen} worker-ready {pid}{} {via:?}", w(*worker))
+                }
                 EventKind::Active { pid } => format!("{gen} active {pid}"),
                 EventKind::CanaryStarted { share } => format!("{gen} canary {share}"),
                 EventKind::BakeStarted { parked, bake } => {
@@ -258,14 +302,27 @@ pub fn show(e: &Effect) -> String {
                 EventKind::Retiring { pid } => format!("{gen} retiring {pid}"),
                 EventKind::Draining { pid } => format!("{gen} draining {pid}"),
                 EventKind::Killed { pid } => format!("{gen} killed {pid}"),
-                EventKind::Exited { pid, .. } => format!("{gen} exited {pid}"),
-                EventKind::Restarting { delay, restarts } => {
-                    format!("{gen} restarting {}ms #{restarts}", delay.as_millis())
+                EventKind::Exited { pid, worker, .. } => {
+                    format!("{gen} exited {pid}{}", w(*worker))
+                }
+                EventKind::Restarting {
+                    worker,
+                    delay,
+                    restarts,
+                } => {
+                    format!(
+                        "{gen} restarting {}ms #{restarts}{}",
+                        delay.as_millis(),
+                        w(*worker)
+                    )
                 }
                 EventKind::Status { text } => format!("{gen} status {text}"),
                 EventKind::Stopping { pid } => format!("{gen} stopping {pid}"),
                 EventKind::UpgradeSucceeded => format!("{gen} succeeded"),
-                EventKind::UpgradeFailed { failure } => format!("{gen} failed {failure:?}"),
+                EventKind::UpgradeFailed { failure, worker } => match worker {
+                    Some(n) if *n > 0 => format!("{gen} failed {failure:?} w{n}"),
+                    _ => format!("{gen} failed {failure:?}"),
+                },
             }
         }
         Effect::Note(n) => match n {

@@ -300,14 +300,25 @@ pub async fn upgrade_self(path: PathBuf) -> Result<u8, CliError> {
     }
 }
 
+/// " (worker N)" where the generation runs more than one.
+fn of_worker(worker: &Option<u32>) -> String {
+    worker.map_or_else(String::new, |w| format!(" (worker {w})"))
+}
+
 fn describe_event(gen: u64, kind: &EventKind) -> String {
     match kind {
         EventKind::UpgradeRequested { trigger } => {
             format!("generation {gen} requested ({trigger:?})").to_lowercase()
         }
-        EventKind::Spawned { pid, dir } => format!("generation {gen} started: pid {pid} in {dir}"),
+        EventKind::Spawned { pid, dir, worker } => format!(
+            "generation {gen} started: pid {pid} in {dir}{}",
+            of_worker(worker)
+        ),
         EventKind::SpawnFailed { error } => format!("generation {gen} could not start: {error}"),
         EventKind::Ready { via, .. } => format!("generation {gen} ready ({via})"),
+        EventKind::WorkerReady { worker, pid, via } => {
+            format!("generation {gen} worker {worker} ready again: pid {pid} ({via})")
+        }
         EventKind::Active { .. } => format!("generation {gen} active"),
         EventKind::Canary { share } => {
             format!("generation {gen} takes {share}% of new connections (canary)")
@@ -348,12 +359,22 @@ fn describe_event(gen: u64, kind: &EventKind) -> String {
         EventKind::Killed { pid } => {
             format!("generation {gen} killed after drain timeout (pid {pid})")
         }
-        EventKind::Exited { pid, status } => {
-            format!("generation {gen} exited: pid {pid}, {status}")
-        }
-        EventKind::Restarting { delay_ms, restarts } => {
-            format!("generation {gen} restarting in {delay_ms}ms (restart {restarts})")
-        }
+        EventKind::Exited {
+            pid,
+            status,
+            worker,
+        } => format!(
+            "generation {gen} exited: pid {pid}, {status}{}",
+            of_worker(worker)
+        ),
+        EventKind::Restarting {
+            delay_ms,
+            restarts,
+            worker,
+        } => format!(
+            "generation {gen} restarting{} in {delay_ms}ms (restart {restarts})",
+            of_worker(worker)
+        ),
         EventKind::Status { text } => format!("generation {gen} status: {text}"),
         EventKind::Stopping { pid } => format!("generation {gen} stopping (pid {pid})"),
         EventKind::UpgradeSucceeded => format!("generation {gen} took over"),
@@ -455,6 +476,24 @@ fn format_status(s: &Status) -> String {
             _ => {}
         }
         out.push('\n');
+        // One line per worker where there are several.
+        if g.workers.len() > 1 {
+            for w in &g.workers {
+                let state = w.state.as_str();
+                let mut line = format!(
+                    "     worker {:<3} {:<10} {:<8} {:<9} {:<9}",
+                    w.index,
+                    state,
+                    w.pid.map_or("-".to_owned(), |p| p.to_string()),
+                    w.uptime_ms.map_or("-".into(), fmt_ms),
+                    w.restarts
+                );
+                if let Some(exit) = &w.last_exit {
+                    let _ = write!(line, " (last: {exit})");
+                }
+                let _ = writeln!(out, "{}", line.trim_end());
+            }
+        }
     }
     if let Some(u) = s.upgrading {
         let _ = writeln!(out, "\nupgrade to generation {u} in progress");

@@ -254,6 +254,10 @@ pub struct RunArgs {
     /// a dark candidate [default: 61000-61999]
     #[arg(long, value_name = "FIRST-LAST")]
     pub probe_ports: Option<config::PortRange>,
+    /// Processes per generation, each given the generation's sockets and
+    /// restarted alone if it crashes [default: 1]
+    #[arg(long, value_name = "N")]
+    pub workers: Option<u32>,
     /// Releases root for `baton deploy`: releases in DIR/releases/NAME,
     /// and the app runs in DIR/current unless --cwd is given
     #[arg(long, value_name = "DIR")]

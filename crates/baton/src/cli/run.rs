@@ -53,6 +53,7 @@ pub async fn supervise(
             health_interval: args.health_interval,
             health_failures: args.health_failures,
             probe_ports: args.probe_ports,
+            workers: args.workers,
             releases_dir: args.releases_dir,
             keep_releases: args.keep_releases,
             overlap: args.overlap,
