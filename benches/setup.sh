@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs what the benchmark's outside reference needs (HAProxy, from Debian)
-# and builds the release binaries the bench drives. Idempotent; needs root
+# Installs what the benchmark's outside reference needs (HAProxy, from Debian),
+# the real servers of `baton-bench servers` (gunicorn and uvicorn, pinned, from
+# PyPI into target/bench-venv; Node.js from Debian if missing) and builds the
+# release binaries the bench drives. Idempotent; needs root
 # (or sudo) for apt-get. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,5 +16,21 @@ fi
 # Debian's package starts a system haproxy on port 80 where systemd runs;
 # the bench never uses it and starts its own instances on free ports.
 haproxy -v | sed -n 1p  # sed reads it all: no SIGPIPE under pipefail
+
+# The real servers: pinned, so a run is repeatable; in a virtualenv of the
+# bench's own, so nothing system-wide changes.
+if ! command -v node >/dev/null; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs
+fi
+node --version
+if [ ! -x target/bench-venv/bin/gunicorn ] || [ ! -x target/bench-venv/bin/uvicorn ]; then
+    python3 -m venv target/bench-venv
+    target/bench-venv/bin/pip install -q "gunicorn==27.0.1" "uvicorn==0.54.0"
+fi
+target/bench-venv/bin/gunicorn --version
+target/bench-venv/bin/uvicorn --version
 
 cargo build --release --workspace

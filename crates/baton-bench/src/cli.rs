@@ -32,6 +32,61 @@ pub enum Cmd {
     /// Upgrades without overlap (`baton run --overlap none`): the pause
     /// clients see while no app process runs, and that no request fails
     NoOverlap(NoOverlapArgs),
+    /// Real servers under baton (gunicorn, uvicorn, Node, the Rust example),
+    /// each upgraded again and again under load with steered traffic
+    Servers(ServersArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServersArgs {
+    /// Print one JSON object on stdout (the readable summary goes to stderr)
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 1 if a request failed, a cutover failed or a server was skipped
+    #[arg(long)]
+    pub strict: bool,
+    /// Directory for logs, servers.json and servers.txt
+    #[arg(long, value_name = "DIR", default_value = "bench-out")]
+    pub out: PathBuf,
+    /// Servers to run, in this order: rust, gunicorn, uvicorn, node
+    #[arg(long, value_delimiter = ',', default_values_t = crate::servers::SERVERS.map(String::from))]
+    pub servers: Vec<String>,
+    /// The baton binary [default: next to baton-bench]
+    #[arg(long, value_name = "PATH")]
+    pub baton: Option<PathBuf>,
+    /// The Rust example app (`hello`) [default: next to baton-bench]
+    #[arg(long, value_name = "PATH")]
+    pub app: Option<PathBuf>,
+    /// The virtualenv with gunicorn and uvicorn [default: target/bench-venv, made by benches/setup.sh]
+    #[arg(long, value_name = "DIR")]
+    pub venv: Option<PathBuf>,
+    /// The node binary [default: found on PATH]
+    #[arg(long, value_name = "PATH")]
+    pub node: Option<PathBuf>,
+    /// Where app.py and server.js are [default: benches/servers in the source tree]
+    #[arg(long, value_name = "DIR")]
+    pub servers_dir: Option<PathBuf>,
+    /// Upgrades per server and connection mode
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub cutovers: u32,
+    /// Time between upgrades
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "500ms")]
+    pub interval: Duration,
+    /// Open-loop rate, requests per second (well below the slowest server's ceiling)
+    #[arg(long, value_name = "N", default_value_t = 500.0)]
+    pub rate: f64,
+    /// Connection modes to measure
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ConnMode::KeepAlive, ConnMode::Close])]
+    pub modes: Vec<ConnMode>,
+    /// Concurrent connections (workers) of the load generator
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub concurrency: usize,
+    /// Per-request timeout
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s")]
+    pub timeout: Duration,
+    /// No live progress line
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, Args)]

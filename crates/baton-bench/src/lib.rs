@@ -22,6 +22,7 @@ pub mod procstat;
 pub mod report;
 pub mod scenario;
 pub mod schedule;
+pub mod servers;
 pub mod stamps;
 pub mod steering;
 pub mod summary;
@@ -29,7 +30,7 @@ pub mod summary;
 use std::io::Write;
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Cmd, LoadArgs, NoOverlapArgs, ScenarioArgs};
+use crate::cli::{Cli, Cmd, LoadArgs, NoOverlapArgs, ScenarioArgs, ServersArgs};
 use crate::load::{LoadSpec, Model};
 use crate::measure::RunSpec;
 use crate::schedule::CutoverPlan;
@@ -69,6 +70,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::Full(args) => scenario_cmd(scenario::Preset::full(), &args),
         Cmd::Load(args) => load_cmd(&args),
         Cmd::NoOverlap(args) => no_overlap_cmd(&args),
+        Cmd::Servers(args) => servers_cmd(&args),
     };
     match res {
         Ok(code) => ExitCode::from(code),
@@ -125,6 +127,18 @@ fn no_overlap_cmd(args: &NoOverlapArgs) -> Result<u8, BenchError> {
     );
     publish(&summary, &text, files, args.json)?;
     Ok(if args.strict && summary.failed > 0 {
+        EXIT_MISSED
+    } else {
+        EXIT_OK
+    })
+}
+
+fn servers_cmd(args: &ServersArgs) -> Result<u8, BenchError> {
+    let summary = servers::run(args)?;
+    let text = servers::text(&summary);
+    let files = (args.out.join("servers.json"), args.out.join("servers.txt"));
+    publish(&summary, &text, files, args.json)?;
+    Ok(if args.strict && !servers::held(&summary) {
         EXIT_MISSED
     } else {
         EXIT_OK
