@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use crate::traffic::TrafficPlan;
-use crate::types::{ExitStatus, GenId, Pid, Report, Signal, Spec, Time, Trigger, UpgradeOptions};
+use crate::types::{
+    CpuPriority, ExitStatus, GenId, Pid, Report, Signal, Spec, Time, Trigger, UpgradeOptions,
+};
 
 /// Identifies a request so its [`Effect::Reply`] reaches the asker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -127,6 +129,15 @@ pub enum Input<P> {
     StderrClosed {
         pid: Pid,
     },
+    /// [`Effect::RestorePriority`] is done: `restored` says whether every
+    /// thread it found got the normal priority back. Not restored is no
+    /// failure of the upgrade (the app runs, only slower): the generation
+    /// takes the traffic either way, and keeps showing its lowered priority.
+    PriorityRestored {
+        gen: GenId,
+        pid: Pid,
+        restored: bool,
+    },
     /// Nothing waits in `gen`'s sockets any more ([`Effect::WatchQueue`]).
     QueueEmpty {
         gen: GenId,
@@ -140,10 +151,19 @@ pub enum Input<P> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Start a process for `gen` from its spec ([`Machine::spec`](crate::Machine::spec)),
-    /// with the generation's own sockets; answer with [`Input::Spawned`]
-    /// or [`Input::SpawnFailed`].
+    /// with the generation's own sockets, at `priority` from its first
+    /// instruction; answer with [`Input::Spawned`] or [`Input::SpawnFailed`].
     Spawn {
         gen: GenId,
+        priority: CpuPriority,
+    },
+    /// Every thread of every process in the group led by `pid` (`gen`'s
+    /// main process) gets the normal CPU priority back: it was started
+    /// lower, is ready, and takes traffic next. Answer with
+    /// [`Input::PriorityRestored`]; the traffic waits for it.
+    RestorePriority {
+        gen: GenId,
+        pid: Pid,
     },
     /// Run `gen`'s readiness check against `pid`; answer with
     /// [`Input::Probe`].

@@ -39,8 +39,8 @@ use crate::io::{
 use crate::state::{Check, Generation, Phase, Proc, Upgrade, UpgradePhase};
 use crate::traffic::{Candidate, TrafficPlan};
 use crate::types::{
-    ExitStatus, GenId, Overlap, Pid, Readiness, Release, Report, Settings, Signal, Spec, Time,
-    TrafficMode, Trigger, UpgradeOptions,
+    CpuPriority, ExitStatus, GenId, Overlap, Pid, Readiness, Release, Report, Settings, Signal,
+    Spec, Time, TrafficMode, Trigger, UpgradeOptions,
 };
 
 /// Finished generations kept for `status`; older ones are forgotten so
@@ -183,6 +183,7 @@ impl<P: Clone> Machine<P> {
             UpgradePhase::Canary { promote_at, .. } => promote_at,
             UpgradePhase::Baking { until, .. } => Some(until),
             UpgradePhase::Starting
+            | UpgradePhase::Raising
             | UpgradePhase::Replacing { .. }
             | UpgradePhase::Restoring { .. } => None,
         });
@@ -210,6 +211,9 @@ impl<P: Clone> Machine<P> {
             Input::Health { gen, pid, result } => self.on_health(gen, pid, result),
             Input::Notify { pid, pgid, reports } => self.on_notify(pid, pgid, reports),
             Input::StderrClosed { pid } => self.on_stderr_closed(pid),
+            Input::PriorityRestored { gen, pid, restored } => {
+                self.on_priority_restored(gen, pid, restored)
+            }
             Input::QueueEmpty { gen } => {
                 if matches!(
                     self.gens.get(&gen).map(|g| &g.phase),
@@ -246,6 +250,27 @@ impl<P: Clone> Machine<P> {
         self.upgrade.as_ref().is_some_and(|u| u.candidate == gen)
     }
 
+    fn spawn(&mut self, gen: GenId, priority: CpuPriority) {
+        if let Some(g) = self.gens.get_mut(&gen) {
+            g.priority = priority;
+        }
+        self.out.push(Effect::Spawn { gen, priority });
+    }
+
+    /// The priority an upgrade's candidate starts at: its setting while
+    /// another generation serves the clients (it would take CPU from
+    /// them), the normal one when none does (it is what they wait for).
+    fn candidate_priority(&self, gen: GenId) -> CpuPriority {
+        let others_serve = self
+            .gens
+            .values()
+            .any(|g| g.id != gen && matches!(g.phase, Phase::Serving { .. }));
+        match self.gens.get(&gen) {
+            Some(g) if others_serve => g.settings().candidate_priority,
+            _ => CpuPriority::Normal,
+        }
+    }
+
     fn new_generation(&mut self, spec: Spec<P>, upgrade: Option<UpgradeRef>) -> GenId {
         let id = GenId(self.next_gen);
         self.next_gen += 1;
@@ -262,6 +287,7 @@ impl<P: Clone> Machine<P> {
                 status_text: None,
                 last_exit: None,
                 owns_sockets: true,
+                priority: CpuPriority::Normal,
             },
         );
         id
@@ -284,7 +310,7 @@ impl<P: Clone> Machine<P> {
         // wait in its queue, and a crash restarts it.
         self.traffic.active = Some(gen);
         self.publish_traffic();
-        self.out.push(Effect::Spawn { gen });
+        self.spawn(gen, CpuPriority::Normal);
     }
 
     fn command(&mut self, id: RequestId, command: Command<P>) {
@@ -328,6 +354,7 @@ impl<P: Clone> Machine<P> {
             Some((
                 id,
                 UpgradePhase::Starting
+                | UpgradePhase::Raising
                 | UpgradePhase::Canary { .. }
                 | UpgradePhase::Replacing { .. },
             )) => {
@@ -487,6 +514,7 @@ impl<P: Clone> Machine<P> {
             self.drain(previous, Some(up_ref));
             return Reply::Upgrading(gen);
         }
+        let priority = self.candidate_priority(gen);
         self.upgrade = Some(Upgrade {
             candidate: gen,
             started,
@@ -495,7 +523,7 @@ impl<P: Clone> Machine<P> {
             phase: UpgradePhase::Starting,
         });
         self.emit(gen, EventKind::Requested { trigger });
-        self.out.push(Effect::Spawn { gen });
+        self.spawn(gen, priority);
         if self.steered() {
             // Dark: only baton's probes reach it until it is ready.
             self.traffic.candidate = Some(Candidate { gen, share: 0 });
@@ -677,7 +705,9 @@ impl<P: Clone> Machine<P> {
         match upgrade_phase {
             // Report once its last stderr lines are in (a bounded wait);
             // the process is gone, so nothing can promote it meanwhile.
-            Some(UpgradePhase::Starting) => self.fail_upgrade(Failure::Exited(status), Some(pid)),
+            Some(UpgradePhase::Starting | UpgradePhase::Raising) => {
+                self.fail_upgrade(Failure::Exited(status), Some(pid))
+            }
             // Without overlap: a start that failed brings the previous
             // release back. One drained on request (its socket was
             // replaced) is restarted, as the active generation it is.
@@ -882,25 +912,19 @@ impl<P: Clone> Machine<P> {
             self.emit(gen, EventKind::Active { pid });
             self.succeed();
         } else if first_ready {
-            let options = self.upgrade.as_ref().map(|u| u.options).unwrap_or_default();
-            match options.canary {
-                Some(share) if self.steered() => {
-                    let promote_at = options.canary_for.map(|d| self.now + d);
-                    if let Some(up) = self.upgrade.as_mut() {
-                        up.phase = UpgradePhase::Canary {
-                            share,
-                            promote_at,
-                            failures: 0,
-                        };
-                    }
-                    self.traffic.candidate = Some(Candidate { gen, share });
-                    self.publish_traffic();
-                    self.emit(gen, EventKind::CanaryStarted { share });
-                    if health {
-                        self.out.push(Effect::StartHealth { gen, pid });
-                    }
+            let lowered = self
+                .gens
+                .get(&gen)
+                .is_some_and(|g| g.priority != CpuPriority::Normal);
+            if lowered {
+                // Back to full speed before the first client reaches it:
+                // the traffic moves once the shell says it is done.
+                if let Some(up) = self.upgrade.as_mut() {
+                    up.phase = UpgradePhase::Raising;
                 }
-                _ => self.cutover(gen, pid),
+                self.out.push(Effect::RestorePriority { gen, pid });
+            } else {
+                self.take_traffic(gen, pid, health);
             }
         } else if self.traffic.active == Some(gen) {
             // First start, or a restart of the active generation.
@@ -912,6 +936,64 @@ impl<P: Clone> Machine<P> {
         } else {
             // Nobody wants it any more.
             self.drain(gen, None);
+        }
+    }
+
+    /// The ready candidate takes traffic: a canary share, or all of it.
+    fn take_traffic(&mut self, gen: GenId, pid: Pid, health: bool) {
+        let options = self.upgrade.as_ref().map(|u| u.options).unwrap_or_default();
+        match options.canary {
+            Some(share) if self.steered() => {
+                let promote_at = options.canary_for.map(|d| self.now + d);
+                if let Some(up) = self.upgrade.as_mut() {
+                    up.phase = UpgradePhase::Canary {
+                        share,
+                        promote_at,
+                        failures: 0,
+                    };
+                }
+                self.traffic.candidate = Some(Candidate { gen, share });
+                self.publish_traffic();
+                self.emit(gen, EventKind::CanaryStarted { share });
+                if health {
+                    self.out.push(Effect::StartHealth { gen, pid });
+                }
+            }
+            _ => self.cutover(gen, pid),
+        }
+    }
+
+    /// The shell has restored (or failed to restore) the CPU priority of
+    /// `gen`'s process `pid`. A candidate waiting for it takes the traffic
+    /// now, restored or not: a slower app beats a failed upgrade.
+    fn on_priority_restored(&mut self, gen: GenId, pid: Pid, restored: bool) {
+        let running = self.running(pid);
+        let Some(g) = self.gens.get_mut(&gen) else {
+            return;
+        };
+        if g.main_pid() != Some(pid) {
+            // A process since replaced: its successor was spawned anew.
+            return;
+        }
+        // Not restored: the shell has logged why, and status keeps showing
+        // the lowered priority.
+        if restored {
+            g.priority = CpuPriority::Normal;
+        }
+        let health = self
+            .gens
+            .get(&gen)
+            .is_some_and(|g| g.settings().health.is_some());
+        let waiting = self
+            .upgrade
+            .as_ref()
+            .is_some_and(|u| u.candidate == gen && u.phase == UpgradePhase::Raising);
+        let serving = matches!(
+            self.gens.get(&gen).map(|g| &g.phase),
+            Some(Phase::Serving { pid: p }) if *p == pid
+        );
+        if waiting && serving && running {
+            self.take_traffic(gen, pid, health);
         }
     }
 
@@ -1101,7 +1183,7 @@ impl<P: Clone> Machine<P> {
                 self.stop_health(gen);
                 true
             }
-            UpgradePhase::Starting => {
+            UpgradePhase::Starting | UpgradePhase::Raising => {
                 if self.traffic.candidate.is_some_and(|c| c.gen == gen) {
                     self.traffic.candidate = None;
                     self.publish_traffic();
@@ -1284,7 +1366,8 @@ impl<P: Clone> Machine<P> {
         if let Some(g) = self.gens.get_mut(&gen) {
             g.phase = Phase::Spawning;
         }
-        self.out.push(Effect::Spawn { gen });
+        // Nothing else runs: nobody to leave the CPU to.
+        self.spawn(gen, CpuPriority::Normal);
     }
 
     fn after_upgrade(&mut self) {
@@ -1527,7 +1610,8 @@ impl<P: Clone> Machine<P> {
                         if let Some(g) = self.gens.get_mut(&gen) {
                             g.phase = Phase::Spawning;
                         }
-                        self.out.push(Effect::Spawn { gen });
+                        // The active generation: clients wait for it.
+                        self.spawn(gen, CpuPriority::Normal);
                     } else {
                         self.drain(gen, None);
                     }

@@ -4,7 +4,9 @@
 
 use crate::backoff::Backoff;
 use crate::io::{Failure, UpgradeRef};
-use crate::types::{ExitStatus, GenId, Pid, Settings, Spec, Time, Trigger, UpgradeOptions};
+use crate::types::{
+    CpuPriority, ExitStatus, GenId, Pid, Settings, Spec, Time, Trigger, UpgradeOptions,
+};
 
 /// What a generation's main process is doing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +84,12 @@ pub struct Generation<P> {
     /// ([`Effect::PassSockets`](crate::Effect::PassSockets)): they are not
     /// its to free.
     pub(crate) owns_sockets: bool,
+    /// The CPU priority its current process was started at, while not
+    /// restored: [`CpuPriority::Normal`] unless it is (or was, if the
+    /// restore failed) an upgrade's candidate started beside a serving
+    /// generation.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub(crate) priority: CpuPriority,
 }
 
 impl<P> Generation<P> {
@@ -105,6 +113,11 @@ impl<P> Generation<P> {
     }
     pub fn upgrade(&self) -> Option<UpgradeRef> {
         self.upgrade
+    }
+    /// The CPU priority its process runs at, as baton set it:
+    /// [`CpuPriority::Normal`] unless started lower and not restored.
+    pub fn priority(&self) -> CpuPriority {
+        self.priority
     }
 
     /// The main process the phase is about, while it runs.
@@ -157,6 +170,11 @@ pub struct Upgrade {
 pub enum UpgradePhase {
     /// The candidate is starting, dark.
     Starting,
+    /// The candidate is ready and was started at a lowered CPU priority:
+    /// it gets the normal one back
+    /// ([`Effect::RestorePriority`](crate::Effect::RestorePriority)) before
+    /// any traffic moves to it.
+    Raising,
     /// The ready candidate takes `share` percent of new connections,
     /// until promoted (by request, or by itself at `promote_at`).
     Canary {

@@ -27,6 +27,8 @@ enum Op {
         health: bool,
         /// The new configuration says the app cannot run twice.
         alone: bool,
+        /// The new configuration starts candidates at idle priority.
+        low: bool,
     },
     Rollback,
     Promote,
@@ -55,6 +57,9 @@ enum Op {
         n: usize,
         ok: bool,
     },
+    /// READY from the upgrade's candidate, if it is starting: the paths
+    /// after a candidate's readiness get visited often.
+    ReadyCandidate,
     Status {
         n: usize,
     },
@@ -70,6 +75,12 @@ enum Op {
         n: usize,
         ok: bool,
     },
+    /// Answer the n-th outstanding priority restore (or, with none
+    /// outstanding, repeat an answer about the n-th process, not lowered).
+    Restored {
+        n: usize,
+        ok: bool,
+    },
     /// A message from a process baton never started.
     Stranger,
     Advance {
@@ -80,7 +91,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let n = 0..8usize;
     prop_oneof![
-        2 => (any::<bool>(), 0..3u8, 0..4u8, any::<bool>(), prop::bool::weighted(0.3)).prop_map(|(signal, readiness, style, health, alone)| Op::Upgrade { signal, readiness, style, health, alone }),
+        2 => (any::<bool>(), 0..3u8, 0..4u8, any::<bool>(), prop::bool::weighted(0.3), any::<bool>()).prop_map(|(signal, readiness, style, health, alone, low)| Op::Upgrade { signal, readiness, style, health, alone, low }),
         1 => Just(Op::Rollback),
         1 => Just(Op::Promote),
         1 => Just(Op::Restart),
@@ -92,8 +103,10 @@ fn op() -> impl Strategy<Value = Op> {
         2 => n.clone().prop_map(|n| Op::GroupEmpty { n }),
         3 => (n.clone(), any::<bool>()).prop_map(|(n, member)| Op::Ready { n, member }),
         2 => (n.clone(), any::<bool>()).prop_map(|(n, ok)| Op::Probe { n, ok }),
+        2 => Just(Op::ReadyCandidate),
         1 => n.clone().prop_map(|n| Op::Status { n }),
         1 => n.clone().prop_map(|n| Op::StderrClosed { n }),
+        2 => (n.clone(), prop::bool::weighted(0.8)).prop_map(|(n, ok)| Op::Restored { n, ok }),
         1 => Just(Op::Stranger),
         3 => prop_oneof![0..50u64, 50..1500u64, 1500..8000u64].prop_map(|ms| Op::Advance { ms }),
     ]
@@ -117,6 +130,16 @@ struct World {
     alone: BTreeMap<GenId, bool>,
     /// Generations whose sockets went to the one replacing them.
     passed: BTreeSet<GenId>,
+    /// Generations whose last spawn asked for a lowered CPU priority.
+    lowered: BTreeSet<GenId>,
+    /// Processes started at a lowered priority and not restored since
+    /// (including those whose restore failed).
+    low: BTreeSet<Pid>,
+    /// Processes started lowered whose restore has not been answered
+    /// (asked for or not): they must take no traffic.
+    unanswered: BTreeSet<Pid>,
+    /// Restores asked for and not answered yet.
+    restoring: Vec<(GenId, Pid)>,
 }
 
 impl World {
@@ -168,6 +191,7 @@ impl Run {
                 style,
                 health,
                 alone,
+                low,
             } => {
                 self.w.versions += 1;
                 let readiness = match readiness {
@@ -190,6 +214,9 @@ impl Run {
                     s.settings.health = health.then_some(Health { failures: 2 });
                     if alone {
                         s.settings.overlap = Overlap::None;
+                    }
+                    if low {
+                        s.settings.candidate_priority = CpuPriority::Idle;
                     }
                     Ok(s)
                 };
@@ -243,6 +270,10 @@ impl Run {
                     let pid = Pid(self.w.next_pid);
                     self.w.next_pid += 1;
                     self.w.started.push((pid, gen));
+                    if self.w.lowered.contains(&gen) {
+                        self.w.low.insert(pid);
+                        self.w.unanswered.insert(pid);
+                    }
                     self.feed(Input::Spawned { gen, pid });
                 } else {
                     self.feed(Input::SpawnFailed {
@@ -286,6 +317,21 @@ impl Run {
                     reports: vec![Report::Ready],
                 });
             }
+            Op::ReadyCandidate => {
+                let starting = self.d.m.upgrade().and_then(|u| {
+                    match self.d.m.generation(u.candidate)?.phase() {
+                        Phase::Starting { pid, .. } => Some(*pid),
+                        _ => None,
+                    }
+                });
+                if let Some(pid) = starting {
+                    self.feed(Input::Notify {
+                        pid,
+                        pgid: Some(pid),
+                        reports: vec![Report::Ready],
+                    });
+                }
+            }
             Op::Probe { n, ok } => {
                 let Some((pid, gen)) = self.nth(n) else {
                     return;
@@ -308,6 +354,32 @@ impl Run {
             Op::StderrClosed { n } => {
                 let Some((pid, _)) = self.nth(n) else { return };
                 self.feed(Input::StderrClosed { pid });
+            }
+            Op::Restored { n, ok } => {
+                if self.w.restoring.is_empty() {
+                    // A stale repeat about a process that is not lowered.
+                    let Some((pid, gen)) = self.nth(n) else {
+                        return;
+                    };
+                    if !self.w.low.contains(&pid) {
+                        self.feed(Input::PriorityRestored {
+                            gen,
+                            pid,
+                            restored: ok,
+                        });
+                    }
+                    return;
+                }
+                let (gen, pid) = self.w.restoring.remove(n % self.w.restoring.len());
+                self.w.unanswered.remove(&pid);
+                if ok {
+                    self.w.low.remove(&pid);
+                }
+                self.feed(Input::PriorityRestored {
+                    gen,
+                    pid,
+                    restored: ok,
+                });
             }
             Op::Stranger => self.feed(Input::Notify {
                 pid: Pid(7),
@@ -365,7 +437,22 @@ impl Run {
 
         for e in &effects {
             match e {
-                Effect::Spawn { gen } => {
+                Effect::Spawn { gen, priority } => {
+                    // Lowered only beside another generation that serves.
+                    if *priority == CpuPriority::Normal {
+                        self.w.lowered.remove(gen);
+                    } else {
+                        let others_serve =
+                            self.d.m.generations().any(|g| {
+                                g.id() != *gen && matches!(g.phase(), Phase::Serving { .. })
+                            });
+                        assert!(
+                            others_serve,
+                            "a lowered spawn with nobody else serving; {}",
+                            ctx()
+                        );
+                        self.w.lowered.insert(*gen);
+                    }
                     // Spawning, or drained since (stop, cutover) with the
                     // spawn still owed an answer.
                     assert!(
@@ -414,6 +501,24 @@ impl Run {
                         ctx()
                     );
                     self.w.passed.insert(*from);
+                }
+                Effect::RestorePriority { gen, pid } => {
+                    assert!(
+                        self.w.unanswered.contains(pid),
+                        "restoring a process that is not lowered: {pid}; {}",
+                        ctx()
+                    );
+                    assert!(
+                        !self.w.restoring.iter().any(|(_, p)| p == pid),
+                        "restoring {pid} twice; {}",
+                        ctx()
+                    );
+                    assert!(
+                        self.w.started.contains(&(*pid, *gen)),
+                        "restoring {pid} for a generation it is not of; {}",
+                        ctx()
+                    );
+                    self.w.restoring.push((*gen, *pid));
                 }
                 Effect::Release { pid } => {
                     assert!(
@@ -475,6 +580,37 @@ impl Run {
                 assert_eq!(m.traffic().active, Some(g.id()), "{}", ctx());
             }
         }
+        // A generation with traffic is never at a lowered CPU priority:
+        // it takes none before its restore is answered (and one whose
+        // restore failed shows it). With shared sockets, taking traffic is
+        // being active (the old generation drained).
+        let plan = m.traffic().clone();
+        for g in m.generations() {
+            if let Phase::Serving { pid } = g.phase() {
+                let id = g.id();
+                let takes_traffic = plan.active == Some(id)
+                    || plan.candidate.is_some_and(|c| c.gen == id && c.share > 0)
+                    || plan.parked == Some(id);
+                assert!(
+                    !(takes_traffic && self.w.unanswered.contains(pid)),
+                    "generation {id} takes traffic at a lowered priority; {}",
+                    ctx()
+                );
+                assert_eq!(
+                    g.priority() != CpuPriority::Normal,
+                    self.w.low.contains(pid),
+                    "generation {id} shows priority {:?}; {}",
+                    g.priority(),
+                    ctx()
+                );
+            }
+        }
+        if let Some(up) = m.upgrade() {
+            if up.phase == UpgradePhase::Raising {
+                let restoring = self.w.restoring.iter().any(|(g, _)| *g == up.candidate);
+                assert!(restoring, "raising with no restore asked for; {}", ctx());
+            }
+        }
         // At most one upgrade, and its candidate exists.
         if let Some(up) = m.upgrade() {
             assert!(m.generation(up.candidate).is_some(), "{}", ctx());
@@ -483,14 +619,19 @@ impl Run {
         // one does.
         // Only generations in the traffic plan serve: the active one, a
         // canary, a parked one. The plan is consistent with the upgrade.
-        let plan = m.traffic().clone();
         let active = plan.active;
         for g in m.generations() {
             let id = g.id();
             if matches!(g.phase(), Phase::Serving { .. }) {
+                // With shared sockets a candidate whose priority is being
+                // restored serves (it is ready) before it is in the plan.
+                let raising = m
+                    .upgrade()
+                    .is_some_and(|u| u.candidate == id && u.phase == UpgradePhase::Raising);
                 let in_plan = active == Some(id)
                     || plan.candidate.is_some_and(|c| c.gen == id)
-                    || plan.parked == Some(id);
+                    || plan.parked == Some(id)
+                    || raising;
                 assert!(
                     in_plan,
                     "generation {id} serves outside the plan; {}",
@@ -651,6 +792,7 @@ impl Run {
             style: 0,
             health: false,
             alone,
+            low: false,
         });
         run
     }

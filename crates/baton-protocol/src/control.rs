@@ -487,6 +487,11 @@ pub struct GenerationStatus {
     /// parked generation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share: Option<u8>,
+    /// The CPU priority its process runs at when baton lowered it (`idle`,
+    /// `batch`, `nice:N`): an upgrade's candidate until it is ready, or
+    /// one whose restore failed. Absent at the normal priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<String>,
 }
 
 /// A generation's part in the traffic plan.

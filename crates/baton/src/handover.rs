@@ -255,6 +255,15 @@ mod tests {
             t(4),
         );
         m.step(ready(200), t(5));
+        // Started at the default, lowered priority: restored, it takes over.
+        m.step(
+            Input::PriorityRestored {
+                gen: GenId(2),
+                pid: Pid(200),
+                restored: true,
+            },
+            t(5),
+        );
         let (sockets, _) = sockets.hand_over();
         State {
             format: FORMAT,

@@ -955,6 +955,7 @@ mod tests {
                 bake: Duration::ZERO,
                 health: None,
                 overlap: baton_core::Overlap::Full,
+                candidate_priority: baton_core::CpuPriority::Normal,
             },
             payload: (),
         }

@@ -208,6 +208,12 @@ enum Internal {
     QueueEmpty {
         gen: GenId,
     },
+    /// A ready candidate's group has its CPU priority back (or not, why).
+    PriorityRestored {
+        gen: GenId,
+        pid: Pid,
+        result: Result<process::Restored, String>,
+    },
     /// The new binary's check of the hand-over document is done.
     SelfChecked {
         exe: PathBuf,
@@ -603,7 +609,10 @@ impl Supervisor {
                 }
                 ids
             }
-            Input::Probe { pid, .. } | Input::Health { pid, .. } => vec![*pid],
+            // An exit always counts before a result that came after it.
+            Input::Probe { pid, .. }
+            | Input::Health { pid, .. }
+            | Input::PriorityRestored { pid, .. } => vec![*pid],
             _ => Vec::new(),
         };
         pids.iter().any(|pid| self.exit_pending(*pid))
@@ -757,6 +766,31 @@ impl Supervisor {
                 self.queue_watches.remove(&gen);
                 self.feed(Input::QueueEmpty { gen });
             }
+            Internal::PriorityRestored { gen, pid, result } => {
+                let restored = match result {
+                    Ok(r) => {
+                        tracing::info!(
+                            generation = gen.0,
+                            pid = pid.0,
+                            threads = r.threads,
+                            processes = r.processes,
+                            left_as_set_by_the_app = r.left,
+                            "CPU priority restored"
+                        );
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            generation = gen.0,
+                            pid = pid.0,
+                            "restoring the CPU priority of the new generation failed: {e}; \
+                             it takes the traffic anyway, and `baton status` shows it lowered"
+                        );
+                        false
+                    }
+                };
+                self.feed_report(Input::PriorityRestored { gen, pid, restored });
+            }
             Internal::Notify(r) => {
                 let reports: Vec<Report> = r
                     .messages
@@ -847,7 +881,8 @@ impl Supervisor {
 
     fn perform(&mut self, effect: Effect) {
         match effect {
-            Effect::Spawn { gen } => self.spawn(gen),
+            Effect::Spawn { gen, priority } => self.spawn(gen, priority),
+            Effect::RestorePriority { gen, pid } => self.restore_priority(gen, pid),
             Effect::StartProbe { gen, pid } => self.start_probe(gen, pid),
             Effect::StopProbe { gen } => {
                 if let Some(task) = self.probes.remove(&gen) {
@@ -914,7 +949,27 @@ impl Supervisor {
         }
     }
 
-    fn spawn(&mut self, gen: GenId) {
+    /// Every thread of every process in the group led by `pid` that runs
+    /// at the priority `gen` was started at gets baton's own back, on a
+    /// blocking task (it reads /proc); the machine hears when it is done
+    /// and only then moves traffic.
+    fn restore_priority(&mut self, gen: GenId, pid: Pid) {
+        let own = process::own_priority();
+        let from = self
+            .machine
+            .generation(gen)
+            .and_then(|g| process::sched_for(g.priority(), own));
+        let tx = self.internal_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = match from {
+                Some(from) => process::restore_group_priority(pid, from, own),
+                None => Ok(process::Restored::default()),
+            };
+            let _ = tx.send(Internal::PriorityRestored { gen, pid, result });
+        });
+    }
+
+    fn spawn(&mut self, gen: GenId, priority: baton_core::CpuPriority) {
         let Some(spec) = self.machine.spec(gen).cloned() else {
             return;
         };
@@ -943,6 +998,7 @@ impl Supervisor {
             probe_listener,
             notify_path: self.notify_path.clone(),
             base_env: self.prep.base_env.clone(),
+            priority: process::sched_for(priority, process::own_priority()),
         };
         match self.spawner.spawn(job, self.process_tx.clone()) {
             Ok(()) => self.spawning += 1,
@@ -1185,7 +1241,9 @@ impl Supervisor {
             Some(u)
                 if matches!(
                     u.phase,
-                    baton_core::UpgradePhase::Starting | baton_core::UpgradePhase::Canary { .. }
+                    baton_core::UpgradePhase::Starting
+                        | baton_core::UpgradePhase::Raising
+                        | baton_core::UpgradePhase::Canary { .. }
                 ) =>
             {
                 Some(Upgrading::Starting(u.candidate.0))

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_core::{
-    EventKind as Core, ExitStatus, Failure, GenId, Generation, Machine, Phase, Time, TrafficMode,
-    TrafficPlan, Via,
+    CpuPriority, EventKind as Core, ExitStatus, Failure, GenId, Generation, Machine, Phase, Time,
+    TrafficMode, TrafficPlan, Via,
 };
 
 use crate::config::Config;
@@ -223,6 +223,8 @@ pub fn status(
                     last_exit: g.last_exit().map(status_words),
                     role,
                     share,
+                    priority: (running.is_some() && g.priority() != CpuPriority::Normal)
+                        .then(|| crate::config::candidate_priority_name(g.priority())),
                 }
             })
             .collect(),

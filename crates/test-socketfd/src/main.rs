@@ -58,6 +58,16 @@
 //!   when none), `accepting gen=G pid=P ns=N` right before the first
 //!   accept, and `exit gen=G pid=P ns=N` right before exiting (after a
 //!   drain, or at start with `FAKE_EXIT_AT_START`). `ns` is CLOCK_MONOTONIC, which every process shares.
+//! - `FAKE_THREADS=<n>`: start n extra threads at start (each parked until
+//!   the process exits), in this process and in every worker.
+//! - `FAKE_WORKERS=<n>`: before READY=1 (and before waiting for a gate),
+//!   start n worker processes (copies of itself, `FAKE_ROLE=worker`) in
+//!   this process's group, as a pre-forking server does; each starts its
+//!   `FAKE_THREADS` threads, prints `up` on its stdout (read by this
+//!   process, which sends READY=1 only once every worker is up), and stays
+//!   until this process drains or dies (at most 60 s). They serve nothing.
+//! - `FAKE_LATE_THREADS=<n>`: start n more threads right before sending
+//!   READY=1 (after any gate), racing whatever the supervisor does on it.
 //! - `FAKE_UDP_ECHO=1`: answer every datagram received on a datagram
 //!   socket (`SOCK_DGRAM` in LISTEN_FDS) with `<payload> generation=G
 //!   pid=P`. Without it such sockets are held and never read, so datagrams
@@ -527,15 +537,94 @@ fn forger_main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Sends READY=1 (after a forger, a delay, a gate) or never, per the
-/// FAKE_* variables. A forger is handed to `forger` so the drain ends it.
+/// How long a worker stays at most.
+const WORKER_CAP: Duration = Duration::from_secs(60);
+
+/// Starts `n` threads that do nothing until the process exits.
+fn start_threads(n: u32, what: &str) {
+    for i in 0..n {
+        let spawned = std::thread::Builder::new()
+            .name(format!("fake-{what}-{i}"))
+            .spawn(|| loop {
+                std::thread::park();
+            });
+        if let Err(e) = spawned {
+            eprintln!("fake: cannot start a thread: {e}");
+        }
+    }
+}
+
+/// Starts `FAKE_WORKERS` copies of itself in this process group and waits
+/// until each says it is up. Returns them, to be killed at drain.
+async fn spawn_workers() -> Vec<tokio::process::Child> {
+    use tokio::io::AsyncBufReadExt;
+    let n = env_num::<u32>("FAKE_WORKERS").unwrap_or(0);
+    let exe = match env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("fake: cannot find own exe: {e}");
+            return Vec::new();
+        }
+    };
+    let mut workers = Vec::new();
+    for _ in 0..n {
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.env("FAKE_ROLE", "worker")
+            .env("FAKE_WORKER_PARENT", std::process::id().to_string())
+            .env_remove("TEST_SOCKETFD_REPORT")
+            .env_remove("FAKE_LIFE_LOG")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("fake: cannot spawn a worker: {e}");
+                continue;
+            }
+        };
+        if let Some(stdout) = child.stdout.take() {
+            let mut line = String::new();
+            let mut reader = tokio::io::BufReader::new(stdout);
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await;
+            if !matches!(read, Ok(Ok(_))) || line.trim() != "up" {
+                eprintln!("fake: a worker did not report up: {read:?} {line:?}");
+            }
+        }
+        eprintln!("fake: worker pid={:?} up", child.id());
+        workers.push(child);
+    }
+    workers
+}
+
+/// A worker's whole life: its threads, `up`, then wait to be ended.
+fn worker_main() -> ExitCode {
+    // Leave with the parent; exit at once if it is already gone.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    if env_num::<i32>("FAKE_WORKER_PARENT") != Some(unistd::getppid().as_raw()) {
+        return ExitCode::FAILURE;
+    }
+    start_threads(env_num("FAKE_THREADS").unwrap_or(0), "worker");
+    println!("up");
+    std::thread::sleep(WORKER_CAP);
+    ExitCode::SUCCESS
+}
+
+/// Sends READY=1 (after a forger, workers, a delay, a gate) or never, per
+/// the FAKE_* variables. A forger and workers are handed over so the drain
+/// ends them.
 async fn readiness(
     sent_ready: Arc<AtomicBool>,
     forger: Arc<tokio::sync::Mutex<Option<tokio::process::Child>>>,
+    workers: Arc<tokio::sync::Mutex<Vec<tokio::process::Child>>>,
 ) {
     if env_flag("FAKE_NOTIFY_FORGE") {
         *forger.lock().await = spawn_forger().await;
     }
+    *workers.lock().await = spawn_workers().await;
     if env_flag("FAKE_NEVER_READY") {
         eprintln!("fake: never sending READY=1");
         return;
@@ -548,6 +637,7 @@ async fn readiness(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+    start_threads(env_num("FAKE_LATE_THREADS").unwrap_or(0), "late");
     let status = env::var("FAKE_STATUS").unwrap_or_else(|_| "fake serving".to_string());
     notify(&format!("READY=1\nSTATUS={status}\n"));
     sent_ready.store(true, Ordering::SeqCst);
@@ -661,9 +751,15 @@ async fn run(
         }
     }
     drop(drain);
+    start_threads(env_num("FAKE_THREADS").unwrap_or(0), "main");
     let sent_ready = Arc::new(AtomicBool::new(false));
     let forger = Arc::default();
-    tokio::spawn(readiness(sent_ready.clone(), Arc::clone(&forger)));
+    let workers = Arc::default();
+    tokio::spawn(readiness(
+        sent_ready.clone(),
+        Arc::clone(&forger),
+        Arc::clone(&workers),
+    ));
 
     loop {
         term.recv().await;
@@ -687,6 +783,9 @@ async fn run(
     let _ = term_seen.send(true);
     if let Some(mut f) = forger.lock().await.take() {
         let _ = f.kill().await;
+    }
+    for mut w in std::mem::take(&mut *workers.lock().await) {
+        let _ = w.kill().await;
     }
     if sent_ready.load(Ordering::SeqCst) {
         notify("STOPPING=1\n");
@@ -714,6 +813,9 @@ async fn run(
 fn main() -> ExitCode {
     if env::var("FAKE_ROLE").is_ok_and(|r| r == "forger") {
         return forger_main();
+    }
+    if env::var("FAKE_ROLE").is_ok_and(|r| r == "worker") {
+        return worker_main();
     }
     if env::var_os("FAKE_LIFE_LOG").is_some() {
         let alive: Vec<String> = still_running_predecessors()

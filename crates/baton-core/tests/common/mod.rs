@@ -32,6 +32,7 @@ pub fn settings(readiness: Readiness) -> Settings {
         bake: Duration::ZERO,
         health: None,
         overlap: Overlap::Full,
+        candidate_priority: CpuPriority::Normal,
     }
 }
 
@@ -146,6 +147,15 @@ impl Driver {
         })
     }
 
+    /// The shell answers [`Effect::RestorePriority`] for `gen`'s `pid`.
+    pub fn restored(&mut self, gen: u64, pid: i32, restored: bool) -> Vec<String> {
+        self.step(Input::PriorityRestored {
+            gen: g(gen),
+            pid: p(pid),
+            restored,
+        })
+    }
+
     pub fn exited(&mut self, pid: i32, code: i32) -> Vec<String> {
         self.step(Input::Exited {
             pid: p(pid),
@@ -199,7 +209,13 @@ impl Driver {
 /// One effect in a few words.
 pub fn show(e: &Effect) -> String {
     match e {
-        Effect::Spawn { gen } => format!("spawn {gen}"),
+        Effect::Spawn { gen, priority } => match priority {
+            CpuPriority::Normal => format!("spawn {gen}"),
+            CpuPriority::Nice(n) => format!("spawn {gen} nice {n}"),
+            CpuPriority::Batch => format!("spawn {gen} batch"),
+            CpuPriority::Idle => format!("spawn {gen} idle"),
+        },
+        Effect::RestorePriority { gen, pid } => format!("restore-priority {gen} {pid}"),
         Effect::StartProbe { gen, pid } => format!("probe {gen} {pid}"),
         Effect::StopProbe { gen } => format!("stop-probe {gen}"),
         Effect::StartHealth { gen, pid } => format!("health {gen} {pid}"),

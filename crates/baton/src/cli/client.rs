@@ -454,6 +454,9 @@ fn format_status(s: &Status) -> String {
             }
             _ => {}
         }
+        if let Some(p) = &g.priority {
+            let _ = write!(out, "  [cpu: {p}]");
+        }
         out.push('\n');
     }
     if let Some(u) = s.upgrading {
