@@ -17,6 +17,7 @@ pub mod load;
 pub mod measure;
 pub mod no_overlap;
 pub mod plot;
+pub mod priority;
 pub mod procs;
 pub mod procstat;
 pub mod report;
@@ -29,7 +30,7 @@ pub mod summary;
 use std::io::Write;
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Cmd, LoadArgs, NoOverlapArgs, ScenarioArgs};
+use crate::cli::{Cli, Cmd, LoadArgs, NoOverlapArgs, PriorityArgs, ScenarioArgs};
 use crate::load::{LoadSpec, Model};
 use crate::measure::RunSpec;
 use crate::schedule::CutoverPlan;
@@ -69,6 +70,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::Full(args) => scenario_cmd(scenario::Preset::full(), &args),
         Cmd::Load(args) => load_cmd(&args),
         Cmd::NoOverlap(args) => no_overlap_cmd(&args),
+        Cmd::Priority(args) => priority_cmd(&args),
     };
     match res {
         Ok(code) => ExitCode::from(code),
@@ -122,6 +124,21 @@ fn no_overlap_cmd(args: &NoOverlapArgs) -> Result<u8, BenchError> {
     let files = (
         args.out.join("no-overlap.json"),
         args.out.join("no-overlap.txt"),
+    );
+    publish(&summary, &text, files, args.json)?;
+    Ok(if args.strict && summary.failed > 0 {
+        EXIT_MISSED
+    } else {
+        EXIT_OK
+    })
+}
+
+fn priority_cmd(args: &PriorityArgs) -> Result<u8, BenchError> {
+    let summary = priority::run(args)?;
+    let text = priority::text(&summary);
+    let files = (
+        args.out.join("priority.json"),
+        args.out.join("priority.txt"),
     );
     publish(&summary, &text, files, args.json)?;
     Ok(if args.strict && summary.failed > 0 {
