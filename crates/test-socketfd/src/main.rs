@@ -483,9 +483,12 @@ async fn accept_loop(l: Listener, drain: Drain, st: Arc<State>) {
 /// How long the forger stays alive at most.
 const FORGER_CAP: Duration = Duration::from_secs(60);
 
-/// Starts the forger (a copy of this program in its own process group) and
-/// waits until it has sent its datagram. Returns it, to be killed at drain.
-async fn spawn_forger() -> Option<tokio::process::Child> {
+/// Starts a copy of this program as `role` (`FAKE_ROLE`, with
+/// `FAKE_PARENT` set to this pid, none of the sockets or the report file),
+/// in its own process group if `own_group`, and waits up to 10 s for its
+/// first line on stdout, which must be `said`. Returns it, to be killed at
+/// drain (or dropped).
+async fn spawn_copy(role: &str, own_group: bool, said: &str) -> Option<tokio::process::Child> {
     use tokio::io::AsyncBufReadExt;
     let exe = match env::current_exe() {
         Ok(p) => p,
@@ -495,39 +498,54 @@ async fn spawn_forger() -> Option<tokio::process::Child> {
         }
     };
     let mut cmd = tokio::process::Command::new(exe);
-    cmd.env("FAKE_ROLE", "forger")
-        .env("FAKE_FORGER_PARENT", std::process::id().to_string())
+    cmd.env("FAKE_ROLE", role)
+        .env("FAKE_PARENT", std::process::id().to_string())
         .env_remove("TEST_SOCKETFD_REPORT")
+        .env_remove("FAKE_LIFE_LOG")
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDNAMES")
         .stdout(std::process::Stdio::piped())
-        .process_group(0)
         .kill_on_drop(true);
+    if own_group {
+        cmd.process_group(0);
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("fake: cannot spawn forger: {e}");
+            eprintln!("fake: cannot spawn a {role}: {e}");
             return None;
         }
     };
-    // The forger prints `sent` once its datagram is in the supervisor's
-    // socket queue; ours, sent after that, queues behind it.
     let stdout = child.stdout.take()?;
     let mut line = String::new();
     let mut reader = tokio::io::BufReader::new(stdout);
     let read = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await;
-    if !matches!(read, Ok(Ok(_))) || line.trim() != "sent" {
-        eprintln!("fake: forger did not report its datagram sent: {read:?} {line:?}");
+    if !matches!(read, Ok(Ok(_))) || line.trim() != said {
+        eprintln!("fake: the {role} did not say {said:?}: {read:?} {line:?}");
     }
     Some(child)
 }
 
-/// The forger's whole life: send READY=1 from this pid, report, linger.
-fn forger_main() -> ExitCode {
+/// Starts the forger (a copy of this program in its own process group) and
+/// waits until it has sent its datagram: it prints `sent` once its
+/// datagram is in the supervisor's socket queue; ours, sent after that,
+/// queues behind it. Returns it, to be killed at drain.
+async fn spawn_forger() -> Option<tokio::process::Child> {
+    spawn_copy("forger", true, "sent").await
+}
+
+/// Whether this copy's parent is still the process that started it (a
+/// copy started by `spawn_copy` leaves with it).
+fn parent_alive() -> bool {
     // Leave with the parent; exit at once if it is already gone.
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-    if env_num::<i32>("FAKE_FORGER_PARENT") != Some(unistd::getppid().as_raw()) {
+    env_num::<i32>("FAKE_PARENT") == Some(unistd::getppid().as_raw())
+}
+
+/// The forger's whole life: send READY=1 from this pid, report, linger.
+fn forger_main() -> ExitCode {
+    if !parent_alive() {
         return ExitCode::FAILURE;
     }
     notify("READY=1\nSTATUS=forged\n");
@@ -557,54 +575,19 @@ fn start_threads(n: u32, what: &str) {
 /// Starts `FAKE_WORKERS` copies of itself in this process group and waits
 /// until each says it is up. Returns them, to be killed at drain.
 async fn spawn_workers() -> Vec<tokio::process::Child> {
-    use tokio::io::AsyncBufReadExt;
-    let n = env_num::<u32>("FAKE_WORKERS").unwrap_or(0);
-    let exe = match env::current_exe() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("fake: cannot find own exe: {e}");
-            return Vec::new();
-        }
-    };
     let mut workers = Vec::new();
-    for _ in 0..n {
-        let mut cmd = tokio::process::Command::new(&exe);
-        cmd.env("FAKE_ROLE", "worker")
-            .env("FAKE_WORKER_PARENT", std::process::id().to_string())
-            .env_remove("TEST_SOCKETFD_REPORT")
-            .env_remove("FAKE_LIFE_LOG")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES")
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("fake: cannot spawn a worker: {e}");
-                continue;
-            }
-        };
-        if let Some(stdout) = child.stdout.take() {
-            let mut line = String::new();
-            let mut reader = tokio::io::BufReader::new(stdout);
-            let read =
-                tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await;
-            if !matches!(read, Ok(Ok(_))) || line.trim() != "up" {
-                eprintln!("fake: a worker did not report up: {read:?} {line:?}");
-            }
+    for _ in 0..env_num::<u32>("FAKE_WORKERS").unwrap_or(0) {
+        if let Some(w) = spawn_copy("worker", false, "up").await {
+            eprintln!("fake: worker pid={:?} up", w.id());
+            workers.push(w);
         }
-        eprintln!("fake: worker pid={:?} up", child.id());
-        workers.push(child);
     }
     workers
 }
 
 /// A worker's whole life: its threads, `up`, then wait to be ended.
 fn worker_main() -> ExitCode {
-    // Leave with the parent; exit at once if it is already gone.
-    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-    if env_num::<i32>("FAKE_WORKER_PARENT") != Some(unistd::getppid().as_raw()) {
+    if !parent_alive() {
         return ExitCode::FAILURE;
     }
     start_threads(env_num("FAKE_THREADS").unwrap_or(0), "worker");
