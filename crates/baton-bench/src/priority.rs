@@ -20,7 +20,7 @@
 //! every other round), so that drift on a shared machine hits each alike.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -29,10 +29,10 @@ use crate::cli::PriorityArgs;
 use crate::cutover::{self, BatonDeploy, Deployer};
 use crate::load::{ConnMode, LoadSpec, Model};
 use crate::measure::{self, RunSpec};
-use crate::procs::{self, Bins};
+use crate::procs::{self, Bins, Scratch};
 use crate::report::{self, stat, Latency, Stat};
 use crate::schedule::CutoverPlan;
-use crate::stamps::{Event, Stamps};
+use crate::stamps::Stamps;
 use crate::summary::{loadavg, machine, Machine};
 use crate::BenchError;
 
@@ -77,15 +77,6 @@ pub struct Summary {
     pub runs: Vec<Run>,
 }
 
-/// Scratch space for the control sockets (Unix socket paths are short).
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 pub fn run(args: &PriorityArgs) -> Result<Summary, BenchError> {
     if args.cutovers == 0 || args.rounds == 0 || args.priorities.is_empty() {
         return Err(BenchError::Usage(
@@ -111,8 +102,7 @@ pub fn run(args: &PriorityArgs) -> Result<Summary, BenchError> {
     };
     std::fs::create_dir_all(&args.out).map_err(BenchError::io("creating the output directory"))?;
     let scratch =
-        Scratch(std::env::temp_dir().join(format!("baton-bench-priority-{}", std::process::id())));
-    std::fs::create_dir_all(&scratch.0).map_err(BenchError::io("creating a scratch directory"))?;
+        Scratch::new("priority").map_err(BenchError::io("creating a scratch directory"))?;
     let mut m = machine();
     m.loadavg_start = loadavg();
     let mut ceilings = BTreeMap::new();
@@ -282,16 +272,7 @@ fn run_one(
                 .collect(),
         )
     };
-    let start_to_ready = stat(
-        ok.iter()
-            .filter_map(|c| {
-                let new = c.new_app?;
-                let start = stamps.find(Event::Start, new.generation, new.pid)?;
-                let ready = stamps.find(Event::Ready, new.generation, new.pid)?;
-                Some((ready.ns as i128 - start.ns as i128) as f64 / 1e6)
-            })
-            .collect(),
-    );
+    let start_to_ready = stat(stamps.start_to_ready_ms(&data.cutovers));
     let steady = rep.latency.steady.p99_ms;
     Ok(Run {
         priority: s.priority.to_owned(),
