@@ -634,7 +634,15 @@ impl<P: Clone> Machine<P> {
                         error: error.clone(),
                     },
                 );
-                let candidate = self.is_candidate(gen);
+                // The new generation during its bake is the active one:
+                // with nothing parked to go back to, a restart that could
+                // not be spawned is retried like any active generation's
+                // (as its crash was), not taken for a failed candidate.
+                let baking = matches!(
+                    self.upgrade.as_ref().map(|u| &u.phase),
+                    Some(UpgradePhase::Baking { .. })
+                );
+                let candidate = self.is_candidate(gen) && !baking;
                 if !candidate && self.traffic.active == Some(gen) && !self.stopping {
                     self.restart_after(gen, Duration::ZERO);
                 } else {
