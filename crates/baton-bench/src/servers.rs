@@ -28,7 +28,7 @@ use crate::cli::ServersArgs;
 use crate::cutover::{self, BatonDeploy, Deployer};
 use crate::load::{ConnMode, LoadSpec, Model};
 use crate::measure::{self, RunSpec};
-use crate::procs::{self, Bins};
+use crate::procs::{self, Bins, Scratch};
 use crate::report::{self, Latency, Stat};
 use crate::schedule::CutoverPlan;
 use crate::summary::{loadavg, machine, Machine};
@@ -85,15 +85,6 @@ pub struct Summary {
     pub skipped: Vec<Skipped>,
 }
 
-/// Scratch space for the control sockets (Unix socket paths are short).
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 pub fn run(args: &ServersArgs) -> Result<Summary, BenchError> {
     if args.cutovers == 0 || !args.rate.is_finite() || args.rate <= 0.0 {
         return Err(BenchError::Usage(
@@ -109,8 +100,7 @@ pub fn run(args: &ServersArgs) -> Result<Summary, BenchError> {
     let baton = procs::sibling("baton", args.baton.as_deref()).map_err(BenchError::Env)?;
     std::fs::create_dir_all(&args.out).map_err(BenchError::io("creating the output directory"))?;
     let scratch =
-        Scratch(std::env::temp_dir().join(format!("baton-bench-servers-{}", std::process::id())));
-    std::fs::create_dir_all(&scratch.0).map_err(BenchError::io("creating a scratch directory"))?;
+        Scratch::new("servers").map_err(BenchError::io("creating a scratch directory"))?;
     let mut m = machine();
     m.loadavg_start = loadavg();
     let (mut runs, mut skipped) = (Vec::new(), Vec::new());
