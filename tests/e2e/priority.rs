@@ -1,9 +1,10 @@
 //! An upgrade's candidate starts at a lower CPU priority and, before it
-//! takes any traffic, every thread of every process of its group gets
-//! baton's own back: read from /proc for the real processes while the
-//! upgrade is held open before READY=1, and after it. The fake app starts
-//! extra threads, worker processes in its group (with threads of their
-//! own) and, right before READY=1, more threads racing the restore.
+//! takes any traffic, every thread of every process of its group (of each
+//! worker's group, with `--workers N`) gets baton's own back: read from
+//! /proc for the real processes while the upgrade is held open before
+//! READY=1, and after it. The fake app starts extra threads, processes in
+//! its group (`FAKE_WORKERS`, with threads of their own) and, right before
+//! READY=1, more threads racing the restore.
 
 use std::process::Stdio;
 
@@ -47,8 +48,29 @@ fn group_threads(pgid: i32) -> Vec<(i32, Vec<Sched>)> {
     pids.into_iter().map(|p| (p, threads(p))).collect()
 }
 
-fn pid_of(baton: &Baton, gen: u64) -> i32 {
-    baton.generation(gen)["pid"].as_i64().unwrap() as i32
+/// The processes of generation `gen`'s workers (baton's `--workers`), by
+/// index, once each runs.
+fn worker_pids(baton: &Baton, gen: u64, workers: usize) -> Vec<i32> {
+    let mut pids = Vec::new();
+    baton.wait_until(&format!("the {workers} workers of {gen}"), WAIT, || {
+        let g = baton.generation(gen);
+        pids = g["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|w| w["pid"].as_i64())
+            .map(|p| p as i32)
+            .collect();
+        pids.len() == workers
+    });
+    pids
+}
+
+/// Every thread of every process in each worker's group, by worker.
+type Groups = Vec<Vec<(i32, Vec<Sched>)>>;
+
+fn groups_threads(pids: &[i32]) -> Groups {
+    pids.iter().map(|&p| group_threads(p)).collect()
 }
 
 /// baton's own main thread: what the apps get back.
@@ -65,26 +87,29 @@ const KNOBS: &str = "FAKE_THREADS = \"3\"\nFAKE_WORKERS = \"2\"\nFAKE_LATE_THREA
 const THREADS: usize = 4;
 const PROCESSES: usize = 3;
 
-/// What [`held_upgrade`] saw.
+/// What [`held_upgrade`] saw, each group by worker.
 struct Seen {
     baton: Baton,
-    /// The first generation's group, once it served.
-    first: Vec<(i32, Vec<Sched>)>,
-    /// The candidate's group while held before READY=1.
-    held: Vec<(i32, Vec<Sched>)>,
-    /// The candidate's `priority` in `status` while held.
+    workers: usize,
+    /// The first generation's groups, once it served.
+    first: Groups,
+    /// The candidate's groups while held before READY=1.
+    held: Groups,
+    /// The candidate's `status` (its `priority`, its workers') while held.
     held_status: serde_json::Value,
-    /// The candidate's group once the upgrade succeeded.
-    active: Vec<(i32, Vec<Sched>)>,
+    /// The candidate's workers, by index.
+    candidate: Vec<i32>,
+    /// The candidate's groups once the upgrade succeeded.
+    active: Groups,
     active_status: serde_json::Value,
     own: Sched,
 }
 
 /// Starts baton (with `top` lines in its configuration, e.g.
-/// `candidate_priority = "batch"`), started by `launcher` if not empty,
-/// upgrades to a candidate held before READY=1, and reads the threads of
-/// both generations' groups.
-fn held_upgrade(top: &str, flags: &[&str], launcher: &[String]) -> Seen {
+/// `candidate_priority = "batch"`, `workers = 3`; `workers` says how many
+/// that is), started by `launcher` if not empty, upgrades to a candidate
+/// held before READY=1, and reads the threads of both generations' groups.
+fn held_upgrade(top: &str, workers: usize, flags: &[&str], launcher: &[String]) -> Seen {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("baton.toml"), fake_config(top, KNOBS)).unwrap();
     let mut args = vec!["--config", "baton.toml"];
@@ -95,11 +120,13 @@ fn held_upgrade(top: &str, flags: &[&str], launcher: &[String]) -> Seen {
         Baton::spawn_under(dir, launcher, &args, &[])
     };
     baton.wait_active(1);
-    let first_pid = pid_of(&baton, 1);
-    baton.wait_until("the first generation's workers", WAIT, || {
-        group_members(first_pid).len() == PROCESSES
+    let first_pids = worker_pids(&baton, 1, workers);
+    baton.wait_until("the first generation's groups", WAIT, || {
+        first_pids
+            .iter()
+            .all(|&p| group_members(p).len() == PROCESSES)
     });
-    let first = group_threads(first_pid);
+    let first = groups_threads(&first_pids);
     let gate = baton.path("gate");
     let held = gated_fake_config("v2", &gate)
         .replace("drain_timeout", &format!("{top}\ndrain_timeout"))
@@ -114,10 +141,11 @@ fn held_upgrade(top: &str, flags: &[&str], launcher: &[String]) -> Seen {
         .stderr(Stdio::piped());
     let cmd = format!("{upgrade:?}");
     let upgrade = upgrade.spawn().unwrap();
-    // Printed once its workers are up and its threads started.
-    baton.stderr.wait_for(&["fake: waiting for"], 1, WAIT);
-    let candidate = pid_of(&baton, 2);
-    let held = group_threads(candidate);
+    // Printed by each of baton's workers once the processes in its group
+    // are up and its threads started.
+    baton.stderr.wait_for(&["fake: waiting for"], workers, WAIT);
+    let candidate = worker_pids(&baton, 2, workers);
+    let held = groups_threads(&candidate);
     let held_status = baton.generation(2);
     std::fs::write(&gate, "").unwrap();
     let out = finish(cmd, upgrade);
@@ -128,42 +156,51 @@ fn held_upgrade(top: &str, flags: &[&str], launcher: &[String]) -> Seen {
         baton.logs()
     );
     assert_eq!(baton.status()["active"], 2, "{}", baton.logs());
-    let active = group_threads(candidate);
+    let active = groups_threads(&candidate);
     let active_status = baton.generation(2);
     let own = own(&baton);
     Seen {
         baton,
+        workers,
         first,
         held,
         held_status,
+        candidate,
         active,
         active_status,
         own,
     }
 }
 
-/// Every thread of every process at `want`, with the group complete.
-fn assert_all(group: &[(i32, Vec<Sched>)], want: Sched, what: &str, logs: &str) {
-    assert_eq!(
-        group.len(),
-        PROCESSES,
-        "{what}: expected the main process and 2 workers, got {group:?}\n{logs}"
-    );
-    for (pid, threads) in group {
-        assert!(
-            threads.len() >= THREADS,
-            "{what}: process {pid} has {} threads, expected at least {THREADS}\n{logs}",
-            threads.len()
+/// Every thread of every process of every worker's group at `want`, with
+/// each group complete.
+fn assert_all(groups: &Groups, want: Sched, what: &str, logs: &str) {
+    for (worker, group) in groups.iter().enumerate() {
+        assert_eq!(
+            group.len(),
+            PROCESSES,
+            "{what}, worker {worker}: expected its process and 2 in its group, got \
+             {group:?}\n{logs}"
         );
-        assert!(
-            threads.iter().all(|t| *t == want),
-            "{what}: expected every thread of process {pid} at {want:?}, got {threads:?}\n{logs}"
-        );
+        for (pid, threads) in group {
+            assert!(
+                threads.len() >= THREADS,
+                "{what}, worker {worker}: process {pid} has {} threads, expected at least \
+                 {THREADS}\n{logs}",
+                threads.len()
+            );
+            assert!(
+                threads.iter().all(|t| *t == want),
+                "{what}, worker {worker}: expected every thread of process {pid} at {want:?}, \
+                 got {threads:?}\n{logs}"
+            );
+        }
     }
 }
 
-/// The restore was done, and said so, before any traffic moved to the
-/// candidate (the plan's `traffic` event) and before it became active.
+/// The restore of every worker was done, and said so, before any traffic
+/// moved to the candidate (the plan's `traffic` event) and before it
+/// became active.
 fn assert_restored_before_traffic(s: &Seen) {
     let lines = s.baton.stderr.all();
     let at = |needles: &[&str]| {
@@ -172,7 +209,16 @@ fn assert_restored_before_traffic(s: &Seen) {
             .position(|l| needles.iter().all(|n| l.contains(n)))
             .unwrap_or_else(|| panic!("no line with {needles:?}\n{}", s.baton.logs()))
     };
-    let restored = at(&["CPU priority restored", "generation=2 "]);
+    let restored = (0..s.workers)
+        .map(|w| {
+            at(&[
+                "CPU priority restored",
+                "generation=2 ",
+                &format!("worker={w} "),
+            ])
+        })
+        .max()
+        .unwrap();
     let active = at(&["generation active", "generation=2 "]);
     assert!(
         restored < active,
@@ -198,16 +244,27 @@ fn check(s: &Seen, lowered: Sched, name: &str) {
     assert_all(&s.held, lowered, "candidate before READY=1", &logs);
     assert_eq!(s.held_status["priority"], name, "{}", s.held_status);
     assert_all(&s.active, s.own, "candidate once active", &logs);
-    let main = &s.active[0].1;
-    assert!(
-        main.len() >= THREADS + 4,
-        "the late threads are missing: {main:?}"
-    );
+    for group in &s.active {
+        let main = &group[0].1;
+        assert!(
+            main.len() >= THREADS + 4,
+            "the late threads are missing: {main:?}"
+        );
+    }
+    // Each worker shows its own lowered priority while held, none after.
+    let held_workers = s.held_status["workers"].as_array().unwrap();
+    assert_eq!(held_workers.len(), s.workers, "{}", s.held_status);
+    for w in held_workers {
+        assert_eq!(w["priority"], name, "{}", s.held_status);
+    }
     assert!(
         s.active_status.get("priority").is_none(),
         "{}",
         s.active_status
     );
+    for w in s.active_status["workers"].as_array().unwrap() {
+        assert!(w.get("priority").is_none(), "{}", s.active_status);
+    }
     assert_restored_before_traffic(s);
 }
 
@@ -218,6 +275,7 @@ fn a_batch_candidate_is_restored_in_every_thread_and_process_before_traffic() {
     for traffic in ["steered", "shared"] {
         let s = held_upgrade(
             "candidate_priority = \"batch\"",
+            1,
             &["--traffic", traffic],
             &[],
         );
@@ -229,6 +287,65 @@ fn a_batch_candidate_is_restored_in_every_thread_and_process_before_traffic() {
     }
 }
 
+/// With `--workers 3`, every thread of every process in each of the
+/// candidate's 3 worker groups is lowered while the candidate is dark, and
+/// every one of them is restored before the traffic moves (steered: the
+/// plan; shared: the old generation's drain). A worker of the new
+/// generation that then crashes is restarted alone at baton's own priority
+/// (while it serves, nothing is lowered).
+#[test]
+fn with_workers_every_thread_of_every_worker_is_lowered_while_dark_and_restored_before_traffic() {
+    for traffic in ["steered", "shared"] {
+        let s = held_upgrade(
+            "candidate_priority = \"batch\"",
+            3,
+            &["--workers", "3", "--traffic", traffic],
+            &[],
+        );
+        let batch = Sched {
+            policy: SCHED_BATCH,
+            nice: s.own.nice,
+        };
+        check(&s, batch, "batch");
+        assert_eq!(s.held_status["priority"], "batch", "{}", s.held_status);
+
+        let crashed = s.candidate[1];
+        kill(crashed);
+        let mut again = Vec::new();
+        s.baton
+            .wait_until("worker 1 restarted and ready", WAIT, || {
+                let g = s.baton.generation(2);
+                let w = &g["workers"][1];
+                let pid = w["pid"].as_i64().map(|p| p as i32);
+                match pid {
+                    Some(p) if p != crashed && w["state"] == "ready" => {
+                        again = vec![p];
+                        group_members(p).len() == PROCESSES
+                    }
+                    _ => false,
+                }
+            });
+        let restarted = groups_threads(&again);
+        assert_all(
+            &restarted,
+            s.own,
+            "worker 1 restarted alone",
+            &s.baton.logs(),
+        );
+        let g = s.baton.generation(2);
+        assert!(g.get("priority").is_none(), "{g}");
+    }
+}
+
+/// SIGKILLs process `pid`.
+fn kill(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
 /// The default, `idle`, where baton may undo it (root has CAP_SYS_NICE).
 #[test]
 #[cfg_attr(
@@ -237,7 +354,7 @@ fn a_batch_candidate_is_restored_in_every_thread_and_process_before_traffic() {
 )]
 fn by_default_the_candidate_runs_idle_until_ready_then_normal_everywhere() {
     assert_root();
-    let s = held_upgrade("", &[], &[]);
+    let s = held_upgrade("", 1, &[], &[]);
     let idle = Sched {
         policy: SCHED_IDLE,
         nice: s.own.nice,
@@ -252,7 +369,7 @@ fn by_default_the_candidate_runs_idle_until_ready_then_normal_everywhere() {
 )]
 fn a_niced_candidate_is_restored_at_activation() {
     assert_root();
-    let s = held_upgrade("candidate_priority = \"nice:7\"", &[], &[]);
+    let s = held_upgrade("candidate_priority = \"nice:7\"", 1, &[], &[]);
     let niced = Sched {
         policy: SCHED_OTHER,
         nice: (s.own.nice + 7).min(19),
@@ -272,7 +389,7 @@ fn without_the_right_to_raise_priorities_the_default_falls_back_to_batch() {
         launcher.extend(["setpriv", "--bounding-set", "-sys_nice", "--"].map(String::from));
     }
     launcher.extend(["prlimit", "--nice=0:0", "--"].map(String::from));
-    let s = held_upgrade("", &[], &launcher);
+    let s = held_upgrade("", 1, &[], &launcher);
     assert!(
         s.baton.stderr.count(&["not the default", "idle"]) > 0,
         "no word of the fallback\n{}",

@@ -41,6 +41,9 @@ enum Op {
         n: usize,
         ok: bool,
     },
+    /// Start every process asked for: a generation's workers all run, so
+    /// the paths after every worker's readiness get visited often.
+    ResolveAll,
     /// The n-th process ever spawned exits (again, if it already did).
     Exit {
         n: usize,
@@ -101,11 +104,12 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (n.clone(), prop::bool::weighted(0.6)).prop_map(|(n, ok)| Op::Health { n, ok }),
         1 => Just(Op::Stop),
         4 => (n.clone(), prop::bool::weighted(0.85)).prop_map(|(n, ok)| Op::Resolve { n, ok }),
+        2 => Just(Op::ResolveAll),
         3 => (n.clone(), any::<bool>(), 0..3i32).prop_map(|(n, group_empty, code)| Op::Exit { n, group_empty, code }),
         2 => n.clone().prop_map(|n| Op::GroupEmpty { n }),
         3 => (n.clone(), any::<bool>()).prop_map(|(n, member)| Op::Ready { n, member }),
         2 => (n.clone(), any::<bool>()).prop_map(|(n, ok)| Op::Probe { n, ok }),
-        2 => Just(Op::ReadyCandidate),
+        3 => Just(Op::ReadyCandidate),
         1 => n.clone().prop_map(|n| Op::Status { n }),
         1 => n.clone().prop_map(|n| Op::StderrClosed { n }),
         2 => (n.clone(), prop::bool::weighted(0.8)).prop_map(|(n, ok)| Op::Restored { n, ok }),
@@ -283,6 +287,14 @@ impl Run {
                     });
                 }
             }
+            Op::ResolveAll => {
+                // Those asked for now; one at a time, each answered spawn
+                // leaving what is owed.
+                for (gen, worker) in self.w.pending.clone() {
+                    self.w.pending.retain(|p| *p != (gen, worker));
+                    self.spawned(gen, worker);
+                }
+            }
             Op::Exit {
                 n,
                 group_empty,
@@ -319,23 +331,33 @@ impl Run {
                 });
             }
             Op::ReadyCandidate => {
-                // Every worker of the candidate that waits for its READY.
-                let starting: Vec<Pid> = self
-                    .d
-                    .m
+                // Every worker of the candidate that waits for its READY,
+                // else of any generation (the first one, a restore).
+                let waiting = |g: &Generation<()>| -> Vec<Pid> {
+                    g.workers()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|w| match *w {
+                            Worker::Starting {
+                                pid,
+                                check: Check::Notify,
+                                ..
+                            } => Some(pid),
+                            _ => None,
+                        })
+                        .collect()
+                };
+                let m = &self.d.m;
+                let candidate = m
                     .upgrade()
-                    .and_then(|u| self.d.m.generation(u.candidate)?.workers())
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|w| match *w {
-                        Worker::Starting {
-                            pid,
-                            check: Check::Notify,
-                            ..
-                        } => Some(pid),
-                        _ => None,
-                    })
-                    .collect();
+                    .and_then(|u| m.generation(u.candidate))
+                    .map(waiting)
+                    .unwrap_or_default();
+                let starting = if candidate.is_empty() {
+                    m.generations().flat_map(waiting).collect()
+                } else {
+                    candidate
+                };
                 for pid in starting {
                     self.feed(Input::Notify {
                         pid,
@@ -929,10 +951,18 @@ proptest! {
         steered in any::<bool>(),
         workers in 1..=3u32,
         alone in prop::bool::weighted(0.3),
+        served in any::<bool>(),
         ops in prop::collection::vec(op(), 1..80),
     ) {
         let mode = if steered { TrafficMode::Steered } else { TrafficMode::Shared };
         let mut run = Run::starting(mode, workers, alone);
+        if served {
+            // Half the cases start from a first generation whose workers
+            // all run and are ready: upgrades beside a serving generation
+            // (a lowered candidate, a canary, a bake) are the common case.
+            run.apply(&Op::ResolveAll);
+            run.apply(&Op::ReadyCandidate);
+        }
         for op in &ops {
             run.apply(op);
         }
