@@ -97,6 +97,8 @@ struct Seen {
     held: Groups,
     /// The candidate's `status` (its `priority`, its workers') while held.
     held_status: serde_json::Value,
+    /// `baton status` (the text) while held.
+    held_text: String,
     /// The candidate's workers, by index.
     candidate: Vec<i32>,
     /// The candidate's groups once the upgrade succeeded.
@@ -147,6 +149,7 @@ fn held_upgrade(top: &str, workers: usize, flags: &[&str], launcher: &[String]) 
     let candidate = worker_pids(&baton, 2, workers);
     let held = groups_threads(&candidate);
     let held_status = baton.generation(2);
+    let held_text = String::from_utf8_lossy(&baton.cli(&["status"]).stdout).into_owned();
     std::fs::write(&gate, "").unwrap();
     let out = finish(cmd, upgrade);
     assert!(
@@ -165,6 +168,7 @@ fn held_upgrade(top: &str, workers: usize, flags: &[&str], launcher: &[String]) 
         first,
         held,
         held_status,
+        held_text,
         candidate,
         active,
         active_status,
@@ -257,6 +261,11 @@ fn check(s: &Seen, lowered: Sched, name: &str) {
     for w in held_workers {
         assert_eq!(w["priority"], name, "{}", s.held_status);
     }
+    // The text: on the generation's line, and on each worker's where
+    // there are several.
+    let shown = s.held_text.matches(&format!("[cpu: {name}]")).count();
+    let lines = if s.workers > 1 { 1 + s.workers } else { 1 };
+    assert_eq!(shown, lines, "{}", s.held_text);
     assert!(
         s.active_status.get("priority").is_none(),
         "{}",

@@ -298,13 +298,6 @@ fn run_one(
     })
 }
 
-fn fmt_stat(s: &Option<Stat>) -> String {
-    match s {
-        Some(s) => format!("{:.2} / {:.2} / {:.2}", s.median, s.p90, s.max),
-        None => "-".into(),
-    }
-}
-
 /// The readable summary: one table row per run.
 pub fn text(s: &Summary) -> String {
     use std::fmt::Write;
@@ -356,9 +349,9 @@ pub fn text(s: &Summary) -> String {
             r.latency_steady.p99_ms,
             r.latency_cutover.p99_ms,
             r.p99_ratio.map_or("-".into(), |x| format!("{x:.2}")),
-            fmt_stat(&r.requested_to_ready_ms),
-            fmt_stat(&r.spawned_to_ready_ms),
-            fmt_stat(&r.start_to_ready_ms),
+            report::fmt_stat(&r.requested_to_ready_ms, 2),
+            report::fmt_stat(&r.spawned_to_ready_ms, 2),
+            report::fmt_stat(&r.start_to_ready_ms, 2),
             r.other_cpu_pct.map_or("-".into(), |p| format!("{p:.0}")),
         );
     }

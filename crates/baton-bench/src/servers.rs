@@ -307,13 +307,6 @@ pub fn held(s: &Summary) -> bool {
     s.failed == 0 && s.skipped.is_empty() && s.runs.iter().all(|r| r.cutovers_ok == r.cutovers)
 }
 
-fn fmt_stat(s: &Option<Stat>) -> String {
-    match s {
-        Some(s) => format!("{:.1} / {:.1} / {:.1}", s.median, s.p90, s.max),
-        None => "-".into(),
-    }
-}
-
 /// The readable summary: a table, one row per server and connection mode.
 pub fn text(s: &Summary) -> String {
     use std::fmt::Write;
@@ -360,7 +353,7 @@ pub fn text(s: &Summary) -> String {
                 "{:.2} / {:.2}",
                 r.latency_steady.p99_ms, r.latency_cutover.p99_ms
             ),
-            fmt_stat(&r.cutover_ms),
+            report::fmt_stat(&r.cutover_ms, 1),
             start
         );
         let causes: BTreeMap<_, _> = r.failed_by_cause.iter().filter(|(_, n)| **n > 0).collect();
