@@ -327,8 +327,22 @@ fn under_systemd_socket_activate_the_first_connection_is_served() {
         0,
         "started on demand only"
     );
-    // The first connection waits in the queue while baton and the app start.
-    let mut conn = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    // The first connection waits in the queue while baton and the app
+    // start. The file appears at bind(), a moment before listen(): until
+    // then a connection is refused (and starts nothing), so retry those.
+    let deadline = Instant::now() + WAIT;
+    let mut conn = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(c) => break c,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("connecting to {}: {e}\n{}", sock.display(), b.logs()),
+        }
+    };
     conn.set_read_timeout(Some(WAIT)).unwrap();
     std::io::Write::write_all(
         &mut conn,

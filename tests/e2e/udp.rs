@@ -65,7 +65,9 @@ fn config(overlap: &str) -> String {
 fn config_echo(overlap: &str, echo: bool) -> String {
     format!(
         r#"command = ["{}"]
-ready_timeout = "3s"
+# Generous: no test here is about the ready timeout, and under heavy load the
+# fake app can take seconds to start.
+ready_timeout = "30s"
 drain_timeout = "5s"
 overlap = "{overlap}"
 
