@@ -5,7 +5,11 @@ Serves HTTP/1.1 on every socket-activation fd it receives (fds 3.. per
 LISTEN_FDS when LISTEN_PID is our pid; TCP or Unix stream), or on
 127.0.0.1:8080 (--listen) when run standalone. Sends READY=1 to NOTIFY_SOCKET.
 On SIGTERM/SIGINT it drains: STOPPING=1, stop accepting, finish in-flight
-requests, close idle keep-alive connections, exit 0 (within ~5 s at worst).
+requests, answer every request from then on with `Connection: close` (a busy
+keep-alive client moves to a new connection after its next response and
+never meets a connection closed under a request), close a keep-alive
+connection only once it has been idle for a short grace (--idle-grace, 0:
+at once), exit 0 (within ~5 s at worst).
 
     GET /        -> version=<v> generation=<BATON_GENERATION or 0> pid=<pid>
     GET /healthz -> ok
@@ -29,6 +33,9 @@ DRAIN_CAP = 4.5
 # first request: its client cannot know we are leaving, so closing it
 # unanswered would be a failed request.
 FIRST_REQUEST_GRACE = 2.0
+# While draining, how long a keep-alive connection must have been idle
+# before it is closed (--idle-grace).
+IDLE_GRACE = 0.5
 
 
 def log(msg):
@@ -97,11 +104,13 @@ class Drain:
     def __init__(self):
         self.cond = threading.Condition()
         self.draining = False
-        self.conns = {}  # connection socket -> NEW (no request yet), BUSY or IDLE
+        self.idle_grace = IDLE_GRACE
+        # connection socket -> [NEW (no request yet), BUSY or IDLE, since when]
+        self.conns = {}
 
     def add(self, conn):
         with self.cond:
-            self.conns[conn] = self.NEW
+            self.conns[conn] = [self.NEW, time.monotonic()]
 
     def remove(self, conn):
         with self.cond:
@@ -109,28 +118,50 @@ class Drain:
             self.cond.notify_all()
 
     def set_state(self, conn, state):
-        """Returns True when the connection must close after this request."""
         with self.cond:
             if conn in self.conns:
-                self.conns[conn] = state
-            return self.draining
+                self.conns[conn] = [state, time.monotonic()]
 
-    def _wake(self, state):
+    def _wake(self, state, idle_for=0.0):
+        """Closes the connections in `state` for at least `idle_for` s.
+        Returns how many in that state are left open."""
         # A blocked read on a shut-down socket sees EOF, so its handler closes it.
+        left = 0
+        now = time.monotonic()
         with self.cond:
-            for conn, s in self.conns.items():
-                if s == state:
-                    try:
-                        conn.shutdown(socket.SHUT_RD)
-                    except OSError:
-                        pass
+            for conn, (s, since) in self.conns.items():
+                if s != state:
+                    continue
+                if now - since < idle_for:
+                    left += 1
+                    continue
+                try:
+                    conn.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+        return left
+
+    def _close_idle(self):
+        """Closes each keep-alive connection once it has been idle for the
+        grace; a busy one ends with the `Connection: close` of its next
+        response instead."""
+        while True:
+            with self.cond:
+                if not self.conns:
+                    return
+            self._wake(self.IDLE, self.idle_grace)
+            time.sleep(min(0.05, self.idle_grace))
 
     def start(self):
-        """Marks draining and closes idle keep-alive connections now; new
-        ones (no request yet) get FIRST_REQUEST_GRACE to send theirs."""
+        """Marks draining; idle keep-alive connections are closed once idle
+        for the grace (at once with a grace of 0); new ones (no request
+        yet) get FIRST_REQUEST_GRACE to send theirs."""
         with self.cond:
             self.draining = True
-        self._wake(self.IDLE)
+        if self.idle_grace <= 0:
+            self._wake(self.IDLE)
+        else:
+            threading.Thread(target=self._close_idle, daemon=True).start()
         timer = threading.Timer(FIRST_REQUEST_GRACE, self._wake, args=(self.NEW,))
         timer.daemon = True
         timer.start()
@@ -158,7 +189,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         super().handle_one_request()
-        if DRAIN.set_state(self.request, Drain.IDLE):
+        # Not closed here even if the drain began meanwhile: the response
+        # just sent may have said keep-alive, and the client may already be
+        # sending its next request. That one is answered with `Connection:
+        # close`; or the connection is closed once idle for the grace.
+        DRAIN.set_state(self.request, Drain.IDLE)
+        if DRAIN.draining and DRAIN.idle_grace <= 0:
+            # The old drain (--idle-grace 0): close right after the request
+            # during which the drain began, even if it was answered
+            # keep-alive, so a client sending its next one meets the close.
             self.close_connection = True
 
     def do_GET(self):
@@ -211,7 +250,15 @@ def main():
     ap.add_argument("--version-tag")
     ap.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT when no fds are passed")
     ap.add_argument("--delay-ready", type=int, default=0, metavar="MS", help="sleep before serving")
+    ap.add_argument(
+        "--idle-grace",
+        type=int,
+        default=int(IDLE_GRACE * 1000),
+        metavar="MS",
+        help="while draining, close a keep-alive connection once idle this long (0: at once)",
+    )
     args = ap.parse_args()
+    DRAIN.idle_grace = args.idle_grace / 1000
 
     # Install handlers first so an early signal drains instead of killing us.
     stop = threading.Event()

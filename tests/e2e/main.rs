@@ -9,6 +9,7 @@ mod hardening;
 mod lifecycle;
 mod observability;
 mod overlap;
+mod priority;
 mod protocol;
 mod regressions;
 mod self_upgrade;

@@ -35,6 +35,10 @@ pub enum Cmd {
     /// Real servers under baton (gunicorn, uvicorn, Node, the Rust example),
     /// each upgraded again and again under load with steered traffic
     Servers(ServersArgs),
+    /// The candidate's CPU priority (`--candidate-priority`), setting
+    /// against setting: p99 in cutover windows vs steady, and the cost,
+    /// its time to ready
+    Priority(PriorityArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -83,6 +87,58 @@ pub struct ServersArgs {
     pub concurrency: usize,
     /// Per-request timeout
     #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s")]
+    pub timeout: Duration,
+    /// No live progress line
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PriorityArgs {
+    /// Print one JSON object on stdout (the readable summary goes to stderr)
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 1 if a request failed
+    #[arg(long)]
+    pub strict: bool,
+    /// Directory for logs, the apps' stamps, priority.json and priority.txt
+    #[arg(long, value_name = "DIR", default_value = "bench-out")]
+    pub out: PathBuf,
+    /// The baton binary [default: next to baton-bench]
+    #[arg(long, value_name = "PATH")]
+    pub baton: Option<PathBuf>,
+    /// The example app binary (`hello`) [default: next to baton-bench]
+    #[arg(long, value_name = "PATH")]
+    pub app: Option<PathBuf>,
+    /// Candidate priorities to compare (`baton run --candidate-priority`)
+    #[arg(long, value_name = "P", value_delimiter = ',', default_values_t = ["normal".to_owned(), "idle".to_owned()])]
+    pub priorities: Vec<String>,
+    /// Traffic modes (`steered`, `shared`)
+    #[arg(long, value_name = "MODE", value_delimiter = ',', default_values_t = ["steered".to_owned(), "shared".to_owned()])]
+    pub traffic: Vec<String>,
+    /// Connection modes to measure
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ConnMode::KeepAlive, ConnMode::Close])]
+    pub modes: Vec<ConnMode>,
+    /// Upgrades per run
+    #[arg(long, value_name = "N", default_value_t = 40)]
+    pub cutovers: u32,
+    /// Time between upgrades
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "500ms")]
+    pub interval: Duration,
+    /// Runs of every setting, in turn (the order reversed every other round)
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub rounds: u32,
+    /// Open-loop rate, requests per second [default: --rate-fraction of the app alone's measured ceiling]
+    #[arg(long, value_name = "N")]
+    pub rate: Option<f64>,
+    /// Open-loop rate as a fraction of the app's measured ceiling
+    #[arg(long, value_name = "F", default_value_t = 0.5)]
+    pub rate_fraction: f64,
+    /// Concurrent connections (workers) of the load generator
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub concurrency: usize,
+    /// Per-request timeout
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "2s")]
     pub timeout: Duration,
     /// No live progress line
     #[arg(long)]

@@ -17,6 +17,7 @@ pub mod load;
 pub mod measure;
 pub mod no_overlap;
 pub mod plot;
+pub mod priority;
 pub mod procs;
 pub mod procstat;
 pub mod report;
@@ -30,7 +31,7 @@ pub mod summary;
 use std::io::Write;
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Cmd, LoadArgs, NoOverlapArgs, ScenarioArgs, ServersArgs};
+use crate::cli::{Cli, Cmd, LoadArgs, NoOverlapArgs, PriorityArgs, ScenarioArgs, ServersArgs};
 use crate::load::{LoadSpec, Model};
 use crate::measure::RunSpec;
 use crate::schedule::CutoverPlan;
@@ -71,6 +72,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::Load(args) => load_cmd(&args),
         Cmd::NoOverlap(args) => no_overlap_cmd(&args),
         Cmd::Servers(args) => servers_cmd(&args),
+        Cmd::Priority(args) => priority_cmd(&args),
     };
     match res {
         Ok(code) => ExitCode::from(code),
@@ -139,6 +141,21 @@ fn servers_cmd(args: &ServersArgs) -> Result<u8, BenchError> {
     let files = (args.out.join("servers.json"), args.out.join("servers.txt"));
     publish(&summary, &text, files, args.json)?;
     Ok(if args.strict && !servers::held(&summary) {
+        EXIT_MISSED
+    } else {
+        EXIT_OK
+    })
+}
+
+fn priority_cmd(args: &PriorityArgs) -> Result<u8, BenchError> {
+    let summary = priority::run(args)?;
+    let text = priority::text(&summary);
+    let files = (
+        args.out.join("priority.json"),
+        args.out.join("priority.txt"),
+    );
+    publish(&summary, &text, files, args.json)?;
+    Ok(if args.strict && summary.failed > 0 {
         EXIT_MISSED
     } else {
         EXIT_OK

@@ -22,7 +22,6 @@
 //! involved. And every request must succeed: none refused, none reset.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -31,7 +30,7 @@ use crate::cli::NoOverlapArgs;
 use crate::cutover::{self, BatonDeploy, Cutover, Deployer};
 use crate::load::{Clock, ConnMode, LoadSpec, Model};
 use crate::measure::{self, RunSpec};
-use crate::procs::{self, Bins};
+use crate::procs::{self, Bins, Scratch};
 use crate::report::{self, stat, Latency, Stat};
 use crate::schedule::CutoverPlan;
 use crate::stamps::{Event, Stamps};
@@ -86,15 +85,6 @@ pub struct Summary {
     pub runs: Vec<Run>,
 }
 
-/// Scratch space for the control sockets (Unix socket paths are short).
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 pub fn run(args: &NoOverlapArgs) -> Result<Summary, BenchError> {
     if args.cutovers == 0 || !args.rate.is_finite() || args.rate <= 0.0 {
         return Err(BenchError::Usage(
@@ -107,10 +97,8 @@ pub fn run(args: &NoOverlapArgs) -> Result<Summary, BenchError> {
         haproxy: None,
     };
     std::fs::create_dir_all(&args.out).map_err(BenchError::io("creating the output directory"))?;
-    let scratch = Scratch(
-        std::env::temp_dir().join(format!("baton-bench-no-overlap-{}", std::process::id())),
-    );
-    std::fs::create_dir_all(&scratch.0).map_err(BenchError::io("creating a scratch directory"))?;
+    let scratch =
+        Scratch::new("no-overlap").map_err(BenchError::io("creating a scratch directory"))?;
     let mut m = machine();
     m.loadavg_start = loadavg();
     let mut runs = Vec::new();
@@ -209,17 +197,7 @@ fn run_mode(
     let over = |f: fn(&PerCutover) -> Option<f64>| {
         stat(per_cutover.iter().filter(|p| p.ok).filter_map(f).collect())
     };
-    let start_to_ready: Vec<f64> = data
-        .cutovers
-        .iter()
-        .filter(|c| c.ok)
-        .filter_map(|c| {
-            let new = c.new_app?;
-            let start = stamps.find(Event::Start, new.generation, new.pid)?;
-            let ready = stamps.find(Event::Ready, new.generation, new.pid)?;
-            Some(ms_between(start.ns, ready.ns))
-        })
-        .collect();
+    let start_to_ready = stamps.start_to_ready_ms(&data.cutovers);
     Ok(Run {
         conn: conn.name(),
         rate: args.rate,

@@ -291,3 +291,27 @@ pub fn spawn_haproxy(haproxy: &Path, cfg: &Path, port: u16, log: &Path) -> Resul
         log.display()
     ))
 }
+
+/// Scratch space for control sockets (a short path: Unix socket paths are
+/// limited to 108 bytes), removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// `$TMPDIR/baton-bench[-what]-PID`, created.
+    pub fn new(what: &str) -> io::Result<Scratch> {
+        let name = if what.is_empty() {
+            format!("baton-bench-{}", std::process::id())
+        } else {
+            format!("baton-bench-{what}-{}", std::process::id())
+        };
+        let dir = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -157,6 +157,21 @@ pub fn stat(mut v: Vec<f64>) -> Option<Stat> {
     })
 }
 
+/// `median / p90 / max` with `decimals` digits after the point, `-` for
+/// none: a table cell.
+pub fn fmt_stat(s: &Option<Stat>, decimals: usize) -> String {
+    match s {
+        Some(s) => format!(
+            "{:.d$} / {:.d$} / {:.d$}",
+            s.median,
+            s.p90,
+            s.max,
+            d = decimals
+        ),
+        None => "-".into(),
+    }
+}
+
 /// A per-cutover figure in µs, over the successful cutovers that have it
 /// (like the phases), in ms.
 pub fn stat_of(cutovers: &[Cutover], f: impl Fn(&Cutover) -> Option<i64>) -> Option<Stat> {

@@ -30,7 +30,7 @@ use crate::cli::ScenarioArgs;
 use crate::cutover::{self, Deployer, Haproxy, Naive};
 use crate::load::{ConnMode, LoadSpec, Model};
 use crate::measure::{self, RunData, RunSpec};
-use crate::procs::{self, Bins, Proc};
+use crate::procs::{self, Bins, Proc, Scratch};
 use crate::procstat::{self, Sample};
 use crate::report::{self, RunReport};
 use crate::schedule::CutoverPlan;
@@ -140,24 +140,6 @@ impl Preset {
             canary_connections: 10_000,
             canary_confirm: 1_000,
         }
-    }
-}
-
-/// Scratch space for the control socket (short path: Unix socket paths
-/// are limited to 108 bytes), removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> std::io::Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("baton-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        Ok(Scratch(dir))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -396,7 +378,7 @@ pub fn run(preset: Preset, args: &ScenarioArgs) -> Result<Summary, BenchError> {
     let out = args.out.clone();
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs).map_err(BenchError::io("creating the output directory"))?;
-    let scratch = Scratch::new().map_err(BenchError::io("creating a scratch directory"))?;
+    let scratch = Scratch::new("").map_err(BenchError::io("creating a scratch directory"))?;
     let mut ctx = Ctx {
         args,
         out,

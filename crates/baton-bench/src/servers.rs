@@ -28,7 +28,7 @@ use crate::cli::ServersArgs;
 use crate::cutover::{self, BatonDeploy, Deployer};
 use crate::load::{ConnMode, LoadSpec, Model};
 use crate::measure::{self, RunSpec};
-use crate::procs::{self, Bins};
+use crate::procs::{self, Bins, Scratch};
 use crate::report::{self, Latency, Stat};
 use crate::schedule::CutoverPlan;
 use crate::summary::{loadavg, machine, Machine};
@@ -85,15 +85,6 @@ pub struct Summary {
     pub skipped: Vec<Skipped>,
 }
 
-/// Scratch space for the control sockets (Unix socket paths are short).
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 pub fn run(args: &ServersArgs) -> Result<Summary, BenchError> {
     if args.cutovers == 0 || !args.rate.is_finite() || args.rate <= 0.0 {
         return Err(BenchError::Usage(
@@ -109,8 +100,7 @@ pub fn run(args: &ServersArgs) -> Result<Summary, BenchError> {
     let baton = procs::sibling("baton", args.baton.as_deref()).map_err(BenchError::Env)?;
     std::fs::create_dir_all(&args.out).map_err(BenchError::io("creating the output directory"))?;
     let scratch =
-        Scratch(std::env::temp_dir().join(format!("baton-bench-servers-{}", std::process::id())));
-    std::fs::create_dir_all(&scratch.0).map_err(BenchError::io("creating a scratch directory"))?;
+        Scratch::new("servers").map_err(BenchError::io("creating a scratch directory"))?;
     let mut m = machine();
     m.loadavg_start = loadavg();
     let (mut runs, mut skipped) = (Vec::new(), Vec::new());
@@ -317,13 +307,6 @@ pub fn held(s: &Summary) -> bool {
     s.failed == 0 && s.skipped.is_empty() && s.runs.iter().all(|r| r.cutovers_ok == r.cutovers)
 }
 
-fn fmt_stat(s: &Option<Stat>) -> String {
-    match s {
-        Some(s) => format!("{:.1} / {:.1} / {:.1}", s.median, s.p90, s.max),
-        None => "-".into(),
-    }
-}
-
 /// The readable summary: a table, one row per server and connection mode.
 pub fn text(s: &Summary) -> String {
     use std::fmt::Write;
@@ -370,7 +353,7 @@ pub fn text(s: &Summary) -> String {
                 "{:.2} / {:.2}",
                 r.latency_steady.p99_ms, r.latency_cutover.p99_ms
             ),
-            fmt_stat(&r.cutover_ms),
+            report::fmt_stat(&r.cutover_ms, 1),
             start
         );
         let causes: BTreeMap<_, _> = r.failed_by_cause.iter().filter(|(_, n)| **n > 0).collect();

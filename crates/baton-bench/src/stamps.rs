@@ -93,6 +93,21 @@ fn parse_line(line: &str) -> Result<Option<Stamp>, ()> {
 }
 
 impl Stamps {
+    /// For each successful cutover whose new app stamped both: its `start`
+    /// → `ready`, in ms.
+    pub fn start_to_ready_ms(&self, cutovers: &[crate::cutover::Cutover]) -> Vec<f64> {
+        cutovers
+            .iter()
+            .filter(|c| c.ok)
+            .filter_map(|c| {
+                let new = c.new_app?;
+                let start = self.find(Event::Start, new.generation, new.pid)?;
+                let ready = self.find(Event::Ready, new.generation, new.pid)?;
+                Some((ready.ns as i128 - start.ns as i128) as f64 / 1e6)
+            })
+            .collect()
+    }
+
     pub fn parse(text: &str) -> Stamps {
         let mut s = Stamps::default();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use crate::traffic::TrafficPlan;
-use crate::types::{ExitStatus, GenId, Pid, Report, Signal, Spec, Time, Trigger, UpgradeOptions};
+use crate::types::{
+    CpuPriority, ExitStatus, GenId, Pid, Report, Signal, Spec, Time, Trigger, UpgradeOptions,
+};
 
 /// Identifies a request so its [`Effect::Reply`] reaches the asker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -129,6 +131,16 @@ pub enum Input<P> {
     StderrClosed {
         pid: Pid,
     },
+    /// [`Effect::RestorePriority`] for the group led by `pid` is done:
+    /// `restored` says whether every thread it found got the normal
+    /// priority back. Not restored is no failure of the upgrade (the app
+    /// runs, only slower): the generation takes the traffic either way, and
+    /// that worker keeps showing its lowered priority.
+    PriorityRestored {
+        gen: GenId,
+        pid: Pid,
+        restored: bool,
+    },
     /// Nothing waits in `gen`'s sockets any more ([`Effect::WatchQueue`]).
     QueueEmpty {
         gen: GenId,
@@ -143,11 +155,24 @@ pub enum Input<P> {
 pub enum Effect {
     /// Start worker `worker` of `gen` from its spec
     /// ([`Machine::spec`](crate::Machine::spec)), in a process group of its
-    /// own, with the generation's own sockets (every worker gets the same);
-    /// answer with [`Input::Spawned`] or [`Input::SpawnFailed`].
+    /// own, with the generation's own sockets (every worker gets the same),
+    /// at `priority` from its first instruction; answer with
+    /// [`Input::Spawned`] or [`Input::SpawnFailed`].
     Spawn {
         gen: GenId,
         worker: u32,
+        priority: CpuPriority,
+    },
+    /// Every thread of every process in the group led by `pid` (worker
+    /// `worker` of `gen`), started at `from`, gets the normal CPU priority
+    /// back: the generation is ready and takes traffic next. Answer with
+    /// [`Input::PriorityRestored`]; the traffic waits for the answer about
+    /// every worker started lower.
+    RestorePriority {
+        gen: GenId,
+        worker: u32,
+        pid: Pid,
+        from: CpuPriority,
     },
     /// Run `gen`'s readiness check (one for the generation, whichever
     /// worker answers it); answer with [`Input::Probe`] carrying `pid`,

@@ -38,6 +38,6 @@ pub use machine::{Machine, FINISHED_KEPT, RELEASES_KEPT, RETIRE_WAIT, STDERR_GRA
 pub use state::{Check, Generation, Phase, Proc, Upgrade, UpgradePhase, Worker, WorkerRecord};
 pub use traffic::{Candidate, TrafficPlan};
 pub use types::{
-    ExitStatus, GenId, Health, Overlap, Pid, Readiness, Release, Report, Settings, Signal, Spec,
-    Time, TrafficMode, Trigger, UpgradeOptions,
+    CpuPriority, ExitStatus, GenId, Health, Overlap, Pid, Readiness, Release, Report, Settings,
+    Signal, Spec, Time, TrafficMode, Trigger, UpgradeOptions,
 };

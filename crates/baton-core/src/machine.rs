@@ -39,8 +39,8 @@ use crate::io::{
 use crate::state::{Check, Generation, Phase, Proc, Upgrade, UpgradePhase, Worker, WorkerRecord};
 use crate::traffic::{Candidate, TrafficPlan};
 use crate::types::{
-    ExitStatus, GenId, Overlap, Pid, Readiness, Release, Report, Settings, Signal, Spec, Time,
-    TrafficMode, Trigger, UpgradeOptions,
+    CpuPriority, ExitStatus, GenId, Overlap, Pid, Readiness, Release, Report, Settings, Signal,
+    Spec, Time, TrafficMode, Trigger, UpgradeOptions,
 };
 
 /// Finished generations kept for `status`; older ones are forgotten so
@@ -185,6 +185,7 @@ impl<P: Clone> Machine<P> {
             UpgradePhase::Canary { promote_at, .. } => promote_at,
             UpgradePhase::Baking { until, .. } => Some(until),
             UpgradePhase::Starting
+            | UpgradePhase::Raising { .. }
             | UpgradePhase::Replacing { .. }
             | UpgradePhase::Restoring { .. } => None,
         });
@@ -212,6 +213,9 @@ impl<P: Clone> Machine<P> {
             Input::Health { gen, pid, result } => self.on_health(gen, pid, result),
             Input::Notify { pid, pgid, reports } => self.on_notify(pid, pgid, reports),
             Input::StderrClosed { pid } => self.on_stderr_closed(pid),
+            Input::PriorityRestored { gen, pid, restored } => {
+                self.on_priority_restored(gen, pid, restored)
+            }
             Input::QueueEmpty { gen } => {
                 if matches!(
                     self.gens.get(&gen).map(|g| &g.phase),
@@ -248,6 +252,37 @@ impl<P: Clone> Machine<P> {
         self.upgrade.as_ref().is_some_and(|u| u.candidate == gen)
     }
 
+    /// Asks for worker `worker` of `gen` at `priority`, which its record
+    /// keeps for the process the answer brings.
+    fn spawn_worker(&mut self, gen: GenId, worker: u32, priority: CpuPriority) {
+        if let Some(r) = self
+            .gens
+            .get_mut(&gen)
+            .and_then(|g| g.records.get_mut(worker as usize))
+        {
+            r.priority = priority;
+        }
+        self.out.push(Effect::Spawn {
+            gen,
+            worker,
+            priority,
+        });
+    }
+
+    /// The priority an upgrade's candidate starts at: its setting while
+    /// another generation serves the clients (it would take CPU from
+    /// them), the normal one when none does (it is what they wait for).
+    fn candidate_priority(&self, gen: GenId) -> CpuPriority {
+        let others_serve = self
+            .gens
+            .values()
+            .any(|g| g.id != gen && matches!(g.phase, Phase::Serving { .. }));
+        match self.gens.get(&gen) {
+            Some(g) if others_serve => g.settings().candidate_priority,
+            _ => CpuPriority::Normal,
+        }
+    }
+
     fn new_generation(&mut self, spec: Spec<P>, upgrade: Option<UpgradeRef>) -> GenId {
         let id = GenId(self.next_gen);
         self.next_gen += 1;
@@ -256,6 +291,7 @@ impl<P: Clone> Machine<P> {
             restarts: 0,
             backoff: Backoff::new(spec.settings.restart_backoff_max),
             last_exit: None,
+            priority: CpuPriority::Normal,
         };
         self.gens.insert(
             id,
@@ -277,11 +313,11 @@ impl<P: Clone> Machine<P> {
         id
     }
 
-    /// Asks for every worker of a new generation.
-    fn spawn_all(&mut self, gen: GenId) {
+    /// Asks for every worker of a new generation, each at `priority`.
+    fn spawn_all(&mut self, gen: GenId, priority: CpuPriority) {
         let n = self.gens.get(&gen).map_or(0, |g| g.records.len() as u32);
         for worker in 0..n {
-            self.out.push(Effect::Spawn { gen, worker });
+            self.spawn_worker(gen, worker, priority);
         }
     }
 
@@ -302,7 +338,7 @@ impl<P: Clone> Machine<P> {
         // wait in its queue, and a crash restarts it.
         self.traffic.active = Some(gen);
         self.publish_traffic();
-        self.spawn_all(gen);
+        self.spawn_all(gen, CpuPriority::Normal);
     }
 
     fn command(&mut self, id: RequestId, command: Command<P>) {
@@ -346,6 +382,7 @@ impl<P: Clone> Machine<P> {
             Some((
                 id,
                 UpgradePhase::Starting
+                | UpgradePhase::Raising { .. }
                 | UpgradePhase::Canary { .. }
                 | UpgradePhase::Replacing { .. },
             )) => {
@@ -502,6 +539,7 @@ impl<P: Clone> Machine<P> {
             self.drain(previous, Some(up_ref));
             return Reply::Upgrading(gen);
         }
+        let priority = self.candidate_priority(gen);
         self.upgrade = Some(Upgrade {
             candidate: gen,
             started,
@@ -510,7 +548,9 @@ impl<P: Clone> Machine<P> {
             phase: UpgradePhase::Starting,
         });
         self.emit(gen, EventKind::Requested { trigger });
-        self.spawn_all(gen);
+        // Every worker at the same priority: the candidate is lowered as
+        // a whole, and gets the normal priority back as a whole.
+        self.spawn_all(gen, priority);
         if self.steered() {
             // Dark: only baton's probes reach it until it is ready.
             self.traffic.candidate = Some(Candidate { gen, share: 0 });
@@ -561,6 +601,12 @@ impl<P: Clone> Machine<P> {
     // ----- processes ---------------------------------------------------------
 
     fn on_spawned(&mut self, gen: GenId, worker: u32, pid: Pid) {
+        // It runs at what its spawn asked for.
+        let priority = self
+            .gens
+            .get(&gen)
+            .and_then(|g| g.records.get(worker as usize))
+            .map_or(CpuPriority::Normal, |r| r.priority);
         self.procs.insert(
             pid,
             Proc {
@@ -570,6 +616,7 @@ impl<P: Clone> Machine<P> {
                 exit: None,
                 kill_at: None,
                 killed: false,
+                priority,
             },
         );
         let now = self.now;
@@ -790,7 +837,9 @@ impl<P: Clone> Machine<P> {
         match upgrade_phase {
             // Report once its last stderr lines are in (a bounded wait);
             // the process is gone, so nothing can promote it meanwhile.
-            Some(UpgradePhase::Starting) => self.fail_upgrade(Failure::Exited(status), dead),
+            Some(UpgradePhase::Starting | UpgradePhase::Raising { .. }) => {
+                self.fail_upgrade(Failure::Exited(status), dead)
+            }
             // Without overlap: a start that failed brings the previous
             // release back. A worker drained on request (its socket was
             // replaced) is restarted, the candidate being the active
@@ -1111,25 +1160,27 @@ impl<P: Clone> Machine<P> {
             self.emit(gen, EventKind::Active { pid });
             self.succeed();
         } else if first_ready {
-            let options = self.upgrade.as_ref().map(|u| u.options).unwrap_or_default();
-            match options.canary {
-                Some(share) if self.steered() => {
-                    let promote_at = options.canary_for.map(|d| self.now + d);
-                    if let Some(up) = self.upgrade.as_mut() {
-                        up.phase = UpgradePhase::Canary {
-                            share,
-                            promote_at,
-                            failures: 0,
-                        };
-                    }
-                    self.traffic.candidate = Some(Candidate { gen, share });
-                    self.publish_traffic();
-                    self.emit(gen, EventKind::CanaryStarted { share });
-                    if health {
-                        self.out.push(Effect::StartHealth { gen, pid });
-                    }
+            let lowered = self.lowered_workers(gen);
+            if lowered.is_empty() {
+                self.take_traffic(gen, pid, health);
+            } else {
+                // Back to full speed, every worker, before the first client
+                // reaches any: the traffic moves once the shell has
+                // answered for each.
+                if let Some(up) = self.upgrade.as_mut() {
+                    up.phase = UpgradePhase::Raising {
+                        pid,
+                        pending: lowered.iter().map(|&(_, p, _)| p).collect(),
+                    };
                 }
-                _ => self.cutover(gen, pid),
+                for (worker, pid, from) in lowered {
+                    self.out.push(Effect::RestorePriority {
+                        gen,
+                        worker,
+                        pid,
+                        from,
+                    });
+                }
             }
         } else if self.traffic.active == Some(gen) {
             // First start, or the active generation whole again.
@@ -1141,6 +1192,96 @@ impl<P: Clone> Machine<P> {
         } else {
             // Nobody wants it any more.
             self.drain(gen, None);
+        }
+    }
+
+    /// The running workers of `gen` at a lowered CPU priority, by index:
+    /// worker, process, and the priority it runs at.
+    fn lowered_workers(&self, gen: GenId) -> Vec<(u32, Pid, CpuPriority)> {
+        let Some(workers) = self.gens.get(&gen).and_then(Generation::workers) else {
+            return Vec::new();
+        };
+        (0..)
+            .zip(workers)
+            .filter_map(|(i, w)| {
+                let pid = w.pid()?;
+                let p = self.procs.get(&pid).filter(|p| p.exit.is_none())?;
+                (p.priority != CpuPriority::Normal).then_some((i, pid, p.priority))
+            })
+            .collect()
+    }
+
+    /// The ready candidate takes traffic: a canary share, or all of it.
+    /// `pid`: the worker that made it ready.
+    fn take_traffic(&mut self, gen: GenId, pid: Pid, health: bool) {
+        let options = self.upgrade.as_ref().map(|u| u.options).unwrap_or_default();
+        match options.canary {
+            Some(share) if self.steered() => {
+                let promote_at = options.canary_for.map(|d| self.now + d);
+                if let Some(up) = self.upgrade.as_mut() {
+                    up.phase = UpgradePhase::Canary {
+                        share,
+                        promote_at,
+                        failures: 0,
+                    };
+                }
+                self.traffic.candidate = Some(Candidate { gen, share });
+                self.publish_traffic();
+                self.emit(gen, EventKind::CanaryStarted { share });
+                if health {
+                    self.out.push(Effect::StartHealth { gen, pid });
+                }
+            }
+            _ => self.cutover(gen, pid),
+        }
+    }
+
+    /// The shell has restored (or failed to restore) the CPU priority of
+    /// the group led by `pid`, a worker of `gen`. A candidate waiting for
+    /// it takes the traffic once it has heard about every worker started
+    /// lower, restored or not: a slower app beats a failed upgrade.
+    fn on_priority_restored(&mut self, gen: GenId, pid: Pid, restored: bool) {
+        let Some(proc) = self.procs.get_mut(&pid).filter(|p| p.gen == gen) else {
+            // Not a process of that generation (or one long gone).
+            return;
+        };
+        // Not restored: the shell has logged why, and status keeps showing
+        // the lowered priority.
+        if restored {
+            proc.priority = CpuPriority::Normal;
+        }
+        let Some(Upgrade {
+            candidate,
+            phase:
+                UpgradePhase::Raising {
+                    pid: ready,
+                    pending,
+                },
+            ..
+        }) = self.upgrade.as_mut()
+        else {
+            return;
+        };
+        if *candidate != gen || !pending.contains(&pid) {
+            return;
+        }
+        pending.retain(|p| *p != pid);
+        if !pending.is_empty() {
+            return;
+        }
+        let ready = *ready;
+        // Every worker still runs (an exit during the restore fails the
+        // upgrade), so the generation still serves; checked all the same.
+        let serving = matches!(
+            self.gens.get(&gen).map(|g| &g.phase),
+            Some(Phase::Serving { .. })
+        );
+        if serving && self.running(ready) {
+            let health = self
+                .gens
+                .get(&gen)
+                .is_some_and(|g| g.settings().health.is_some());
+            self.take_traffic(gen, ready, health);
         }
     }
 
@@ -1371,7 +1512,7 @@ impl<P: Clone> Machine<P> {
                 self.stop_health(gen);
                 true
             }
-            UpgradePhase::Starting => {
+            UpgradePhase::Starting | UpgradePhase::Raising { .. } => {
                 if self.traffic.candidate.is_some_and(|c| c.gen == gen) {
                     self.traffic.candidate = None;
                     self.publish_traffic();
@@ -1575,7 +1716,8 @@ impl<P: Clone> Machine<P> {
                 probe: None,
             };
         }
-        self.spawn_all(gen);
+        // Nothing else runs: nobody to leave the CPU to.
+        self.spawn_all(gen, CpuPriority::Normal);
     }
 
     fn after_upgrade(&mut self) {
@@ -1798,7 +1940,9 @@ impl<P: Clone> Machine<P> {
                         {
                             *slot = Worker::Spawning;
                         }
-                        self.out.push(Effect::Spawn { gen, worker: i });
+                        // The active generation, restarted alone or
+                        // whole: clients wait for it.
+                        self.spawn_worker(gen, i, CpuPriority::Normal);
                     } else {
                         self.drain(gen, None);
                     }

@@ -4,7 +4,9 @@
 
 use crate::backoff::Backoff;
 use crate::io::{Failure, UpgradeRef};
-use crate::types::{ExitStatus, GenId, Pid, Settings, Spec, Time, Trigger, UpgradeOptions};
+use crate::types::{
+    CpuPriority, ExitStatus, GenId, Pid, Settings, Spec, Time, Trigger, UpgradeOptions,
+};
 
 /// What a generation is doing. A generation runs `settings.workers`
 /// processes (its workers), each its own process group, all on the
@@ -112,6 +114,11 @@ pub struct WorkerRecord {
     pub restarts: u32,
     pub backoff: Backoff,
     pub last_exit: Option<ExitStatus>,
+    /// The CPU priority its latest spawn asked for
+    /// ([`Effect::Spawn`](crate::Effect::Spawn)); the process it brings
+    /// starts there ([`Proc::priority`]).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub priority: CpuPriority,
 }
 
 /// One generation: a release, started (and restarted) from one spec.
@@ -219,6 +226,13 @@ pub struct Proc {
     /// never moved.
     pub kill_at: Option<Time>,
     pub killed: bool,
+    /// The CPU priority its processes run at as baton set it: the one it
+    /// was started at ([`CpuPriority::Normal`] unless it is a worker of an
+    /// upgrade's candidate started beside a serving generation), normal
+    /// once restored ([`Input::PriorityRestored`](crate::Input::PriorityRestored)).
+    /// A restore that failed leaves it lowered, for `status` to show.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub priority: CpuPriority,
 }
 
 /// An upgrade in progress (at most one, by construction). It lasts until
@@ -238,6 +252,14 @@ pub struct Upgrade {
 pub enum UpgradePhase {
     /// The candidate is starting, dark.
     Starting,
+    /// Every worker of the candidate is ready, and some were started at a
+    /// lowered CPU priority: each of those gets the normal one back
+    /// ([`Effect::RestorePriority`](crate::Effect::RestorePriority)) before
+    /// any traffic moves to the candidate. `pending`: the workers' processes
+    /// whose restore has not been answered yet; the traffic moves once none
+    /// is left. `pid`: the worker that made the generation ready (its
+    /// `Active` event names it).
+    Raising { pid: Pid, pending: Vec<Pid> },
     /// The ready candidate takes `share` percent of new connections,
     /// until promoted (by request, or by itself at `promote_at`).
     Canary {

@@ -99,6 +99,34 @@ pub struct Settings {
     pub health: Option<Health>,
     /// Whether an upgrade may run the new generation beside the old one.
     pub overlap: Overlap,
+    /// The CPU priority an upgrade's candidate starts with, beside the
+    /// generation serving; it gets the normal priority back once ready.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub candidate_priority: CpuPriority,
+}
+
+/// How much CPU a process may take from the others on the machine, as the
+/// scheduler sees it. An upgrade's candidate starts beside the generation
+/// serving the clients: starting a process (exec, linking, a runtime's
+/// threads, warming caches) is a burst of CPU that, on a small machine,
+/// delays the requests being served. Started at a lower priority, it takes
+/// what the serving processes leave; it is set back to
+/// [`Normal`](CpuPriority::Normal) before it takes any traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum CpuPriority {
+    /// As baton itself runs: nothing is changed.
+    #[default]
+    Normal,
+    /// `nice` raised by this much (1 to 19): a weight of about
+    /// 1.25^-n of a normal process's.
+    Nice(u8),
+    /// `SCHED_BATCH`: the same share of CPU, but it never preempts a
+    /// running process when it wakes up.
+    Batch,
+    /// `SCHED_IDLE`: runs only on CPU that nothing else wants (a weight of
+    /// 3, against 1024 for a normal process).
+    Idle,
 }
 
 /// Whether two generations of the app may run at once.

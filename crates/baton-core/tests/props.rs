@@ -29,6 +29,8 @@ enum Op {
         workers: u32,
         /// The new configuration says the app cannot run twice.
         alone: bool,
+        /// The new configuration starts candidates at idle priority.
+        low: bool,
     },
     Rollback,
     Promote,
@@ -39,6 +41,9 @@ enum Op {
         n: usize,
         ok: bool,
     },
+    /// Start every process asked for: a generation's workers all run, so
+    /// the paths after every worker's readiness get visited often.
+    ResolveAll,
     /// The n-th process ever spawned exits (again, if it already did).
     Exit {
         n: usize,
@@ -57,6 +62,9 @@ enum Op {
         n: usize,
         ok: bool,
     },
+    /// READY from the upgrade's candidate, if it is starting: the paths
+    /// after a candidate's readiness get visited often.
+    ReadyCandidate,
     Status {
         n: usize,
     },
@@ -72,6 +80,12 @@ enum Op {
         n: usize,
         ok: bool,
     },
+    /// Answer the n-th outstanding priority restore (or, with none
+    /// outstanding, repeat an answer about the n-th process, not lowered).
+    Restored {
+        n: usize,
+        ok: bool,
+    },
     /// A message from a process baton never started.
     Stranger,
     Advance {
@@ -82,7 +96,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let n = 0..8usize;
     prop_oneof![
-        2 => (any::<bool>(), 0..3u8, 0..4u8, any::<bool>(), 1..=3u32, prop::bool::weighted(0.3)).prop_map(|(signal, readiness, style, health, workers, alone)| Op::Upgrade { signal, readiness, style, health, workers, alone }),
+        2 => (any::<bool>(), 0..3u8, 0..4u8, any::<bool>(), 1..=3u32, prop::bool::weighted(0.3), any::<bool>()).prop_map(|(signal, readiness, style, health, workers, alone, low)| Op::Upgrade { signal, readiness, style, health, workers, alone, low }),
         1 => Just(Op::Rollback),
         1 => Just(Op::Promote),
         1 => Just(Op::Restart),
@@ -90,12 +104,15 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (n.clone(), prop::bool::weighted(0.6)).prop_map(|(n, ok)| Op::Health { n, ok }),
         1 => Just(Op::Stop),
         4 => (n.clone(), prop::bool::weighted(0.85)).prop_map(|(n, ok)| Op::Resolve { n, ok }),
+        2 => Just(Op::ResolveAll),
         3 => (n.clone(), any::<bool>(), 0..3i32).prop_map(|(n, group_empty, code)| Op::Exit { n, group_empty, code }),
         2 => n.clone().prop_map(|n| Op::GroupEmpty { n }),
         3 => (n.clone(), any::<bool>()).prop_map(|(n, member)| Op::Ready { n, member }),
         2 => (n.clone(), any::<bool>()).prop_map(|(n, ok)| Op::Probe { n, ok }),
+        3 => Just(Op::ReadyCandidate),
         1 => n.clone().prop_map(|n| Op::Status { n }),
         1 => n.clone().prop_map(|n| Op::StderrClosed { n }),
+        2 => (n.clone(), prop::bool::weighted(0.8)).prop_map(|(n, ok)| Op::Restored { n, ok }),
         1 => Just(Op::Stranger),
         3 => prop_oneof![0..50u64, 50..1500u64, 1500..8000u64].prop_map(|ms| Op::Advance { ms }),
     ]
@@ -120,6 +137,16 @@ struct World {
     alone: BTreeMap<GenId, bool>,
     /// Generations whose sockets went to the one replacing them.
     passed: BTreeSet<GenId>,
+    /// Workers whose last spawn asked for a lowered CPU priority.
+    lowered: BTreeSet<(GenId, u32)>,
+    /// Processes started at a lowered priority and not restored since
+    /// (including those whose restore failed).
+    low: BTreeSet<Pid>,
+    /// Processes started lowered whose restore has not been answered
+    /// (asked for or not): they must take no traffic.
+    unanswered: BTreeSet<Pid>,
+    /// Restores asked for and not answered yet.
+    restoring: Vec<(GenId, Pid)>,
 }
 
 impl World {
@@ -174,6 +201,7 @@ impl Run {
                 health,
                 workers,
                 alone,
+                low,
             } => {
                 self.w.versions += 1;
                 let readiness = match readiness {
@@ -197,6 +225,9 @@ impl Run {
                     s.settings.workers = workers;
                     if alone {
                         s.settings.overlap = Overlap::None;
+                    }
+                    if low {
+                        s.settings.candidate_priority = CpuPriority::Idle;
                     }
                     Ok(s)
                 };
@@ -247,16 +278,21 @@ impl Run {
                 }
                 let (gen, worker) = self.w.pending.remove(n % self.w.pending.len());
                 if ok {
-                    let pid = Pid(self.w.next_pid);
-                    self.w.next_pid += 1;
-                    self.w.started.push((pid, gen));
-                    self.feed(Input::Spawned { gen, worker, pid });
+                    self.spawned(gen, worker);
                 } else {
                     self.feed(Input::SpawnFailed {
                         gen,
                         worker,
                         error: "no such file".into(),
                     });
+                }
+            }
+            Op::ResolveAll => {
+                // Those asked for now; one at a time, each answered spawn
+                // leaving what is owed.
+                for (gen, worker) in self.w.pending.clone() {
+                    self.w.pending.retain(|p| *p != (gen, worker));
+                    self.spawned(gen, worker);
                 }
             }
             Op::Exit {
@@ -294,6 +330,42 @@ impl Run {
                     reports: vec![Report::Ready],
                 });
             }
+            Op::ReadyCandidate => {
+                // Every worker of the candidate that waits for its READY,
+                // else of any generation (the first one, a restore).
+                let waiting = |g: &Generation<()>| -> Vec<Pid> {
+                    g.workers()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|w| match *w {
+                            Worker::Starting {
+                                pid,
+                                check: Check::Notify,
+                                ..
+                            } => Some(pid),
+                            _ => None,
+                        })
+                        .collect()
+                };
+                let m = &self.d.m;
+                let candidate = m
+                    .upgrade()
+                    .and_then(|u| m.generation(u.candidate))
+                    .map(waiting)
+                    .unwrap_or_default();
+                let starting = if candidate.is_empty() {
+                    m.generations().flat_map(waiting).collect()
+                } else {
+                    candidate
+                };
+                for pid in starting {
+                    self.feed(Input::Notify {
+                        pid,
+                        pgid: Some(pid),
+                        reports: vec![Report::Ready],
+                    });
+                }
+            }
             Op::Probe { n, ok } => {
                 let Some((pid, gen)) = self.nth(n) else {
                     return;
@@ -317,6 +389,32 @@ impl Run {
                 let Some((pid, _)) = self.nth(n) else { return };
                 self.feed(Input::StderrClosed { pid });
             }
+            Op::Restored { n, ok } => {
+                if self.w.restoring.is_empty() {
+                    // A stale repeat about a process that is not lowered.
+                    let Some((pid, gen)) = self.nth(n) else {
+                        return;
+                    };
+                    if !self.w.low.contains(&pid) {
+                        self.feed(Input::PriorityRestored {
+                            gen,
+                            pid,
+                            restored: ok,
+                        });
+                    }
+                    return;
+                }
+                let (gen, pid) = self.w.restoring.remove(n % self.w.restoring.len());
+                self.w.unanswered.remove(&pid);
+                if ok {
+                    self.w.low.remove(&pid);
+                }
+                self.feed(Input::PriorityRestored {
+                    gen,
+                    pid,
+                    restored: ok,
+                });
+            }
             Op::Stranger => self.feed(Input::Notify {
                 pid: Pid(7),
                 pgid: Some(Pid(7)),
@@ -327,6 +425,19 @@ impl Run {
                 self.feed(Input::Tick);
             }
         }
+    }
+
+    /// The world starts worker `worker` of `gen`, at the priority its
+    /// spawn asked for.
+    fn spawned(&mut self, gen: GenId, worker: u32) {
+        let pid = Pid(self.w.next_pid);
+        self.w.next_pid += 1;
+        self.w.started.push((pid, gen));
+        if self.w.lowered.contains(&(gen, worker)) {
+            self.w.low.insert(pid);
+            self.w.unanswered.insert(pid);
+        }
+        self.feed(Input::Spawned { gen, worker, pid });
     }
 
     fn command(&mut self, command: Command<()>) {
@@ -399,7 +510,40 @@ impl Run {
 
         for e in &effects {
             match e {
-                Effect::Spawn { gen, worker } => {
+                Effect::Spawn {
+                    gen,
+                    worker,
+                    priority,
+                } => {
+                    // Lowered only beside another generation that serves,
+                    // and only as an upgrade's candidate starting: never a
+                    // worker restarted alone, nor one of a generation that
+                    // serves.
+                    if *priority == CpuPriority::Normal {
+                        self.w.lowered.remove(&(*gen, *worker));
+                    } else {
+                        let others_serve =
+                            self.d.m.generations().any(|g| {
+                                g.id() != *gen && matches!(g.phase(), Phase::Serving { .. })
+                            });
+                        assert!(
+                            others_serve,
+                            "a lowered spawn with nobody else serving; {}",
+                            ctx()
+                        );
+                        let starting_candidate = self.d.m.upgrade().is_some_and(|u| {
+                            u.candidate == *gen && u.phase == UpgradePhase::Starting
+                        }) && matches!(
+                            self.d.m.generation(*gen).map(|g| g.phase()),
+                            Some(Phase::Starting { .. })
+                        );
+                        assert!(
+                            starting_candidate,
+                            "a lowered spawn of a generation that is not a starting candidate; {}",
+                            ctx()
+                        );
+                        self.w.lowered.insert((*gen, *worker));
+                    }
                     // Spawning, or drained since (stop, cutover) with the
                     // spawn still owed an answer; never twice at once.
                     assert!(
@@ -447,6 +591,36 @@ impl Run {
                         ctx()
                     );
                     self.w.passed.insert(*from);
+                }
+                Effect::RestorePriority {
+                    gen,
+                    worker,
+                    pid,
+                    from,
+                } => {
+                    assert_eq!(
+                        self.d.m.procs().get(pid).map(|p| (p.worker, p.priority)),
+                        Some((*worker, *from)),
+                        "restoring {pid} as another worker or from another priority; {}",
+                        ctx()
+                    );
+                    assert_eq!(*from, CpuPriority::Idle, "{}", ctx());
+                    assert!(
+                        self.w.unanswered.contains(pid),
+                        "restoring a process that is not lowered: {pid}; {}",
+                        ctx()
+                    );
+                    assert!(
+                        !self.w.restoring.iter().any(|(_, p)| p == pid),
+                        "restoring {pid} twice; {}",
+                        ctx()
+                    );
+                    assert!(
+                        self.w.started.contains(&(*pid, *gen)),
+                        "restoring {pid} for a generation it is not of; {}",
+                        ctx()
+                    );
+                    self.w.restoring.push((*gen, *pid));
                 }
                 Effect::Release { pid } => {
                     assert!(
@@ -522,6 +696,53 @@ impl Run {
                 assert_eq!(m.traffic().active, Some(g.id()), "{}", ctx());
             }
         }
+        // A generation with traffic is never at a lowered CPU priority:
+        // no process of it (any worker) takes traffic before its restore is
+        // answered (and one whose restore failed shows it). With shared
+        // sockets, taking traffic is being active (the old generation
+        // drained).
+        let plan = m.traffic().clone();
+        for (pid, proc) in m.procs() {
+            if proc.exit.is_some() {
+                continue;
+            }
+            let id = proc.gen;
+            let takes_traffic = plan.active == Some(id)
+                || plan.candidate.is_some_and(|c| c.gen == id && c.share > 0)
+                || plan.parked == Some(id);
+            assert!(
+                !(takes_traffic && self.w.unanswered.contains(pid)),
+                "generation {id} takes traffic with worker {} ({pid}) at a lowered priority; {}",
+                proc.worker,
+                ctx()
+            );
+            assert_eq!(
+                proc.priority != CpuPriority::Normal,
+                self.w.low.contains(pid),
+                "process {pid} of generation {id} shows priority {:?}; {}",
+                proc.priority,
+                ctx()
+            );
+        }
+        // Raising: waiting for restores asked for and not answered, and
+        // only for those.
+        if let Some(Upgrade {
+            candidate,
+            phase: UpgradePhase::Raising { pending, .. },
+            ..
+        }) = m.upgrade()
+        {
+            assert!(!pending.is_empty(), "raising for nothing; {}", ctx());
+            let asked: BTreeSet<Pid> = self
+                .w
+                .restoring
+                .iter()
+                .filter(|(g, _)| g == candidate)
+                .map(|(_, p)| *p)
+                .collect();
+            let pending: BTreeSet<Pid> = pending.iter().copied().collect();
+            assert_eq!(pending, asked, "raising for other restores; {}", ctx());
+        }
         // At most one upgrade, and its candidate exists.
         if let Some(up) = m.upgrade() {
             assert!(m.generation(up.candidate).is_some(), "{}", ctx());
@@ -530,14 +751,19 @@ impl Run {
         // one does.
         // Only generations in the traffic plan serve: the active one, a
         // canary, a parked one. The plan is consistent with the upgrade.
-        let plan = m.traffic().clone();
         let active = plan.active;
         for g in m.generations() {
             let id = g.id();
             if matches!(g.phase(), Phase::Serving { .. }) {
+                // With shared sockets a candidate whose priority is being
+                // restored serves (it is ready) before it is in the plan.
+                let raising = m.upgrade().is_some_and(|u| {
+                    u.candidate == id && matches!(u.phase, UpgradePhase::Raising { .. })
+                });
                 let in_plan = active == Some(id)
                     || plan.candidate.is_some_and(|c| c.gen == id)
-                    || plan.parked == Some(id);
+                    || plan.parked == Some(id)
+                    || raising;
                 assert!(
                     in_plan,
                     "generation {id} serves outside the plan; {}",
@@ -692,10 +918,7 @@ impl Run {
                 return;
             }
             while let Some((gen, worker)) = self.w.pending.pop() {
-                let pid = Pid(self.w.next_pid);
-                self.w.next_pid += 1;
-                self.w.started.push((pid, gen));
-                self.feed(Input::Spawned { gen, worker, pid });
+                self.spawned(gen, worker);
             }
             let live: Vec<Pid> = self.d.m.procs().keys().copied().collect();
             for pid in live {
@@ -728,10 +951,18 @@ proptest! {
         steered in any::<bool>(),
         workers in 1..=3u32,
         alone in prop::bool::weighted(0.3),
+        served in any::<bool>(),
         ops in prop::collection::vec(op(), 1..80),
     ) {
         let mode = if steered { TrafficMode::Steered } else { TrafficMode::Shared };
         let mut run = Run::starting(mode, workers, alone);
+        if served {
+            // Half the cases start from a first generation whose workers
+            // all run and are ready: upgrades beside a serving generation
+            // (a lowered candidate, a canary, a bake) are the common case.
+            run.apply(&Op::ResolveAll);
+            run.apply(&Op::ReadyCandidate);
+        }
         for op in &ops {
             run.apply(op);
         }
@@ -744,6 +975,11 @@ impl Run {
     /// ready, then an upgrade requested; both configurations say whether
     /// the app can run twice.
     fn upgrading(workers: u32, alone: bool) -> Run {
+        Self::upgrading_at(workers, alone, false)
+    }
+
+    /// [`Run::upgrading`], the candidate at idle priority if `low`.
+    fn upgrading_at(workers: u32, alone: bool, low: bool) -> Run {
         let mut run = Run::starting(TrafficMode::Steered, workers, alone);
         for _ in 0..workers {
             run.apply(&Op::Resolve { n: 0, ok: true });
@@ -759,6 +995,7 @@ impl Run {
             health: false,
             workers,
             alone,
+            low,
         });
         run
     }
@@ -799,4 +1036,33 @@ fn the_harness_sees_generations_alive_together() {
             run.settle();
         }
     }
+}
+
+/// Positive control for the priority checks: with workers, every worker of
+/// a lowered candidate is known lowered and unanswered once spawned, each
+/// gets its restore asked for once all are ready, and only the last answer
+/// moves the traffic.
+#[test]
+fn the_harness_sees_every_worker_lowered_until_answered() {
+    let mut run = Run::upgrading_at(3, false, true);
+    for _ in 0..3 {
+        run.apply(&Op::Resolve { n: 0, ok: true });
+    }
+    assert_eq!(run.w.unanswered.len(), 3);
+    run.apply(&Op::ReadyCandidate);
+    assert_eq!(run.w.restoring.len(), 3);
+    for left in [2, 1] {
+        run.apply(&Op::Restored {
+            n: 0,
+            ok: left == 2,
+        });
+        assert_eq!(run.w.unanswered.len(), left);
+        assert_eq!(run.d.m.traffic().active, Some(GenId(1)));
+    }
+    run.apply(&Op::Restored { n: 0, ok: true });
+    assert!(run.w.unanswered.is_empty());
+    assert_eq!(run.d.m.traffic().active, Some(GenId(2)));
+    // The one whose restore failed is still known lowered.
+    assert_eq!(run.w.low.len(), 1);
+    run.settle();
 }

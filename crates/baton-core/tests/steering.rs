@@ -227,6 +227,30 @@ fn a_new_generation_that_dies_during_the_bake_is_rolled_back_automatically() {
     assert_eq!(d.m.traffic().active, Some(g(1)));
 }
 
+/// During the bake with nothing parked (it exited), the new generation is
+/// the active one: its crash restarts it, and a restart that cannot be
+/// spawned is retried, not taken for a failed candidate (which drained the
+/// active generation and left nothing serving; found by the property at
+/// 1 000 000 cases).
+#[test]
+fn a_failed_restart_spawn_during_the_bake_is_retried_not_a_failed_upgrade() {
+    let mut d = candidate(bake(60));
+    d.ready(200);
+    d.at(1000);
+    d.exited(100, 0);
+    let out = d.exited(200, 3);
+    assert!(out.iter().any(|e| e.starts_with("2 restarting")), "{out:?}");
+    let out = d.tick_at(2000);
+    assert!(out.contains(&"spawn 2".to_owned()), "{out:?}");
+    let out = d.spawn_failed(2, 0, "no such file");
+    assert!(out.iter().any(|e| e.starts_with("2 restarting")), "{out:?}");
+    assert!(!out.iter().any(|e| e.starts_with("2 failed")), "{out:?}");
+    assert_eq!(d.m.traffic().active, Some(g(2)));
+    // Positive control: the next restart that spawns serves again.
+    let out = d.tick_at(4000);
+    assert!(out.contains(&"spawn 2".to_owned()), "{out:?}");
+}
+
 #[test]
 fn failing_health_checks_during_the_bake_roll_back_after_the_threshold() {
     let mut d = Driver::serving_in(TrafficMode::Steered);

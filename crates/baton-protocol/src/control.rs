@@ -507,6 +507,12 @@ pub struct GenerationStatus {
     /// parked generation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share: Option<u8>,
+    /// The CPU priority its workers run at when baton lowered them (`idle`,
+    /// `batch`, `nice:N`; the first lowered worker's): an upgrade's
+    /// candidate until it is ready, or one with a worker whose restore
+    /// failed. Absent at the normal priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<String>,
 }
 
 /// One worker of a generation: a process (its own process group) on the
@@ -521,6 +527,12 @@ pub struct WorkerStatus {
     pub uptime_ms: Option<u64>,
     pub restarts: u32,
     pub last_exit: Option<String>,
+    /// The CPU priority its process runs at when baton lowered it (`idle`,
+    /// `batch`, `nice:N`): a worker of an upgrade's candidate until the
+    /// candidate is ready, or one whose restore failed. Absent at the
+    /// normal priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -44,6 +44,9 @@ pub struct SpawnPlan<'a> {
     /// Sent to the child if the supervisor dies (`PR_SET_PDEATHSIG`).
     pub parent_death_signal: Option<libc::c_int>,
     pub credentials: Option<&'a Credentials>,
+    /// The CPU priority the child runs at from before `execve` on; `None`
+    /// leaves it as baton's own (inherited across fork).
+    pub priority: Option<SchedPriority>,
     /// Test hook: the parent sends this signal to the child right after
     /// `fork`, to hit the window before the child has reset its signal
     /// dispositions.
@@ -69,6 +72,7 @@ pub enum ChildStage {
     Uid = 6,
     Chdir = 7,
     Exec = 8,
+    Priority = 9,
 }
 
 impl ChildStage {
@@ -81,6 +85,7 @@ impl ChildStage {
             5 => Self::Gid,
             6 => Self::Uid,
             7 => Self::Chdir,
+            9 => Self::Priority,
             _ => Self::Exec,
         }
     }
@@ -95,6 +100,7 @@ impl ChildStage {
             Self::Uid => "setting the user id",
             Self::Chdir => "changing to the working directory",
             Self::Exec => "executing the program",
+            Self::Priority => "lowering the CPU priority",
         }
     }
 }
@@ -174,6 +180,7 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> Result<Spawned, SpawnError> {
             parent_death_signal: plan.parent_death_signal,
             credentials: plan.credentials.map(|c| (c.uid, c.gid)),
             groups,
+            priority: plan.priority,
             err_fd: err_write.as_raw_fd(),
         };
         child_after_fork(ctx);
@@ -226,6 +233,7 @@ struct ChildContext<'a> {
     parent_death_signal: Option<libc::c_int>,
     credentials: Option<(libc::uid_t, libc::gid_t)>,
     groups: &'a [libc::gid_t],
+    priority: Option<SchedPriority>,
     err_fd: RawFd,
 }
 
@@ -307,6 +315,16 @@ fn child_after_fork(ctx: ChildContext<'_>) -> ! {
 
         if libc::chdir(ctx.cwd.as_ptr()) != 0 {
             fail(err_fd, ChildStage::Chdir);
+        }
+
+        // Last before exec, so everything above ran at baton's own
+        // priority; lowering one's own priority needs no privilege (the
+        // kernel only refuses raising it). Threads and processes the app
+        // starts inherit it.
+        if let Some(priority) = ctx.priority {
+            if set_sched(0, priority).is_err() {
+                fail(err_fd, ChildStage::Priority);
+            }
         }
 
         write_decimal(
@@ -413,6 +431,127 @@ fn read_child_report(fd: &OwnedFd) -> Option<(ChildStage, i32)> {
 /// Reaps a child known to have exited or be exiting (failed before exec).
 fn reap_blocking(pid: libc::pid_t) {
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+}
+
+/// A thread's CPU priority as the kernel's fair scheduler knows it: a
+/// policy (`SCHED_OTHER`, `SCHED_BATCH` or `SCHED_IDLE`) and a nice value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedPriority {
+    pub policy: SchedPolicy,
+    /// -20 (most CPU) to 19 (least); ignored by `SCHED_IDLE`.
+    pub nice: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedPolicy {
+    Other,
+    Batch,
+    Idle,
+}
+
+impl SchedPolicy {
+    fn raw(self) -> libc::c_int {
+        match self {
+            Self::Other => libc::SCHED_OTHER,
+            Self::Batch => libc::SCHED_BATCH,
+            Self::Idle => libc::SCHED_IDLE,
+        }
+    }
+
+    fn from_raw(raw: libc::c_int) -> Option<Self> {
+        match raw {
+            libc::SCHED_OTHER => Some(Self::Other),
+            libc::SCHED_BATCH => Some(Self::Batch),
+            libc::SCHED_IDLE => Some(Self::Idle),
+            _ => None,
+        }
+    }
+}
+
+/// Sets thread `tid`'s policy, then its nice value (0: the calling
+/// thread). Async-signal-safe: two plain syscalls, nothing allocated and
+/// no lock taken (the error is read from errno only by the caller, and
+/// `io::Error::last_os_error` allocates nothing), so the child calls it
+/// between fork and exec.
+fn set_sched(tid: libc::pid_t, p: SchedPriority) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler only reads the sched_param, which lives
+    // on this stack frame for the whole call; a priority of 0 is the one
+    // the three normal policies accept.
+    if unsafe { libc::sched_setscheduler(tid, p.policy.raw(), &param) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: setpriority takes plain integers and touches no memory of
+    // ours. On Linux, PRIO_PROCESS with a thread id sets that thread's
+    // nice value alone (nice is per thread).
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, p.nice) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets thread `tid`'s CPU priority (a thread id of any process, as
+/// `/proc/PID/task` lists them). Raising a priority (lower nice, or out of
+/// `SCHED_IDLE`) needs `CAP_SYS_NICE` or a high enough `RLIMIT_NICE`;
+/// another user's thread needs `CAP_SYS_NICE`.
+pub fn set_thread_priority(tid: libc::pid_t, p: SchedPriority) -> io::Result<()> {
+    if tid <= 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    set_sched(tid, p)
+}
+
+/// Thread `tid`'s CPU priority (0: the calling thread).
+pub fn thread_priority(tid: libc::pid_t) -> io::Result<SchedPriority> {
+    // SAFETY: sched_getscheduler takes a plain integer and touches no
+    // memory of ours.
+    let raw = unsafe { libc::sched_getscheduler(tid) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let policy = SchedPolicy::from_raw(raw)
+        .ok_or_else(|| io::Error::other(format!("thread {tid} has a real-time policy ({raw})")))?;
+    // getpriority returns the nice value, which may be -1: errno tells.
+    nix::errno::Errno::clear();
+    // SAFETY: getpriority takes plain integers and touches no memory of
+    // ours.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
+    let err = io::Error::last_os_error();
+    if nice == -1 && err.raw_os_error() != Some(0) {
+        return Err(err);
+    }
+    Ok(SchedPriority { policy, nice })
+}
+
+/// Whether this process may raise a thread of its own user back to
+/// `to.nice` (and out of `SCHED_IDLE`) after lowering it: it has
+/// `CAP_SYS_NICE`, or its `RLIMIT_NICE` allows that nice value (the limit
+/// `r` allows down to `20 - r`).
+pub fn may_raise_to(to: SchedPriority) -> io::Result<bool> {
+    let mut lim: libc::rlimit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`, which we own and
+    // which outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let allowed = lim.rlim_cur == libc::RLIM_INFINITY
+        || i64::from(20 - to.nice) <= i64::try_from(lim.rlim_cur).unwrap_or(i64::MAX);
+    Ok(allowed || has_cap_sys_nice()?)
+}
+
+/// Whether `CAP_SYS_NICE` is in this process's effective set.
+fn has_cap_sys_nice() -> io::Result<bool> {
+    const CAP_SYS_NICE: u32 = 23;
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .ok_or_else(|| io::Error::other("no CapEff in /proc/self/status"))?;
+    Ok(eff & (1 << CAP_SYS_NICE) != 0)
 }
 
 fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -759,6 +898,7 @@ mod tests {
                 },
                 parent_death_signal: None,
                 credentials: None,
+                priority: None,
                 signal_child_after_fork: Some(libc::SIGUSR1),
             };
             let child = spawn(&plan).unwrap_or_else(|e| panic!("spawn: {e}"));
@@ -791,6 +931,76 @@ mod tests {
         assert!(
             foreign.is_empty(),
             "children ran baton's handler: {foreign:?}"
+        );
+    }
+
+    fn own_priority() -> SchedPriority {
+        thread_priority(0).unwrap_or_else(|e| panic!("own priority: {e}"))
+    }
+
+    /// The child runs at the plan's priority from before exec (so `sh`
+    /// itself, not just what it starts, is lowered), and its thread can be
+    /// given the normal one back, as baton does at activation.
+    #[test]
+    fn a_child_starts_at_the_planned_priority_and_can_be_restored() {
+        let own = own_priority();
+        let program = cstr("/bin/sh");
+        let argv = [cstr("sh"), cstr("-c"), cstr("read x")];
+        let env: [CString; 0] = [];
+        let cwd = cstr("/");
+        let (stdin_r, stdin_w) = pipe_cloexec().unwrap_or_else(|e| panic!("pipe: {e}"));
+        let devnull = std::fs::File::open("/dev/null").unwrap_or_else(|e| panic!("{e}"));
+        for wanted in [
+            SchedPriority {
+                policy: SchedPolicy::Idle,
+                nice: own.nice,
+            },
+            SchedPriority {
+                policy: SchedPolicy::Batch,
+                nice: own.nice,
+            },
+            SchedPriority {
+                policy: SchedPolicy::Other,
+                nice: (own.nice + 7).min(19),
+            },
+        ] {
+            let plan = SpawnPlan {
+                program: &program,
+                argv: &argv,
+                env: &env,
+                cwd: &cwd,
+                fds: &[],
+                stdio: Stdio {
+                    stdin: stdin_r.as_fd(),
+                    stdout: None,
+                    stderr: devnull.as_fd(),
+                },
+                parent_death_signal: None,
+                credentials: None,
+                priority: Some(wanted),
+                signal_child_after_fork: None,
+            };
+            let child = spawn(&plan).unwrap_or_else(|e| panic!("spawn: {e}"));
+            let seen = thread_priority(child.pid);
+            // Restoring needs CAP_SYS_NICE (or RLIMIT_NICE) for idle and
+            // nice; batch back to other is allowed to anyone.
+            let may = may_raise_to(own).unwrap_or(false) || wanted.policy == SchedPolicy::Batch;
+            let restored = set_thread_priority(child.pid, own);
+            let after = thread_priority(child.pid);
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(child.pid, libc::SIGKILL) };
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child.pid), None);
+            assert_eq!(seen.unwrap_or_else(|e| panic!("{e}")), wanted);
+            if may {
+                restored.unwrap_or_else(|e| panic!("restoring: {e}"));
+                assert_eq!(after.unwrap_or_else(|e| panic!("{e}")), own);
+            }
+        }
+        drop(stdin_w);
+        assert_eq!(
+            set_thread_priority(0, own).map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EINVAL)),
+            "tid 0 (the caller) is refused: it would restore baton itself"
         );
     }
 

@@ -36,7 +36,13 @@ pub const DEFAULT_PROBE_PORTS: PortRange = PortRange {
 };
 
 pub use crate::steer::program::PortRange;
-pub use baton_core::{Overlap, TrafficMode};
+pub use baton_core::{CpuPriority, Overlap, TrafficMode};
+
+/// The CPU priority an upgrade's candidate starts at unless configured
+/// (see docs/benchmarks.md for the measurement behind it). Where baton
+/// may not raise a priority back (no `CAP_SYS_NICE`, a low
+/// `RLIMIT_NICE`), the default becomes `batch`, which anyone may undo.
+pub const DEFAULT_CANDIDATE_PRIORITY: CpuPriority = CpuPriority::Idle;
 pub use baton_protocol::app::{PROBE_FD_NAME, PROTOCOL_ENV};
 
 #[derive(Debug, thiserror::Error)]
@@ -281,6 +287,38 @@ pub fn parse_overlap(s: &str) -> Result<Overlap, String> {
     }
 }
 
+/// `candidate_priority = "normal" | "batch" | "idle" | "nice:N"` (N 1-19).
+pub fn parse_candidate_priority(s: &str) -> Result<CpuPriority, String> {
+    let bad =
+        || format!("bad candidate priority {s:?}: expected normal, batch, idle or nice:N (N 1-19)");
+    match s.trim() {
+        "normal" => Ok(CpuPriority::Normal),
+        "batch" => Ok(CpuPriority::Batch),
+        "idle" => Ok(CpuPriority::Idle),
+        other => {
+            let n: u8 = other
+                .strip_prefix("nice:")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(bad)?;
+            if (1..=19).contains(&n) {
+                Ok(CpuPriority::Nice(n))
+            } else {
+                Err(bad())
+            }
+        }
+    }
+}
+
+/// The words [`parse_candidate_priority`] reads.
+pub fn candidate_priority_name(p: CpuPriority) -> String {
+    match p {
+        CpuPriority::Normal => "normal".into(),
+        CpuPriority::Batch => "batch".into(),
+        CpuPriority::Idle => "idle".into(),
+        CpuPriority::Nice(n) => format!("nice:{n}"),
+    }
+}
+
 /// `traffic = "steered" | "shared"`.
 pub fn parse_traffic(s: &str) -> Result<TrafficMode, String> {
     match s.trim() {
@@ -429,6 +467,13 @@ fn opt_metrics_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>,
         .map_err(serde::de::Error::custom)
 }
 
+fn opt_priority_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<CpuPriority>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_candidate_priority(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 fn opt_overlap_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Overlap>, D::Error> {
     let s = String::deserialize(d)?;
     parse_overlap(&s)
@@ -516,6 +561,8 @@ pub struct FileConfig {
     keep_releases: Option<u32>,
     #[serde(default, deserialize_with = "opt_overlap_de")]
     overlap: Option<Overlap>,
+    #[serde(default, deserialize_with = "opt_priority_de")]
+    candidate_priority: Option<CpuPriority>,
 }
 
 impl FileConfig {
@@ -588,6 +635,8 @@ pub struct Overrides {
     pub releases_dir: Option<PathBuf>,
     pub keep_releases: Option<u32>,
     pub overlap: Option<Overlap>,
+    #[serde(default)]
+    pub candidate_priority: Option<CpuPriority>,
 }
 
 /// The effective configuration.
@@ -629,6 +678,9 @@ pub struct Config {
     pub keep_releases: u32,
     /// Whether an upgrade may run the new generation beside the old one.
     pub overlap: Overlap,
+    /// The CPU priority an upgrade's candidate starts at, until ready.
+    #[serde(default)]
+    pub candidate_priority: CpuPriority,
 }
 
 impl Config {
@@ -651,6 +703,7 @@ impl Config {
                 failures: self.health_failures,
             }),
             overlap: self.overlap,
+            candidate_priority: self.candidate_priority,
         }
     }
 
@@ -687,11 +740,39 @@ pub struct ConfigSource {
 
 impl ConfigSource {
     pub fn load(&self) -> Result<Config, ConfigError> {
+        self.load_noting().map(|(config, _)| config)
+    }
+
+    /// [`load`](Self::load), and why the default candidate priority fell
+    /// back to another one, if it did (for a log line at start).
+    pub fn load_noting(&self) -> Result<(Config, Option<String>), ConfigError> {
         let file = match &self.file {
             Some(p) => FileConfig::load(p)?,
             None => FileConfig::default(),
         };
-        Config::merge(file, &self.overrides, &self.base_dir)
+        let explicit = self
+            .overrides
+            .candidate_priority
+            .or(file.candidate_priority);
+        let mut config = Config::merge(file, &self.overrides, &self.base_dir)?;
+        let rights = crate::process::NiceRights::of_self(config.user.is_some());
+        config.candidate_priority = crate::process::usable_candidate_priority(explicit, rights)
+            .map_err(ConfigError::Invalid)?;
+        let note = (explicit.is_none() && config.candidate_priority != DEFAULT_CANDIDATE_PRIORITY)
+            .then(|| {
+                format!(
+                    "new generations start at CPU priority \"{}\", not the default \"{}\": \
+                     baton could not give them their priority back ({})",
+                    candidate_priority_name(config.candidate_priority),
+                    candidate_priority_name(DEFAULT_CANDIDATE_PRIORITY),
+                    if rights.other_user {
+                        "the app runs as another user and baton has no CAP_SYS_NICE"
+                    } else {
+                        "no CAP_SYS_NICE and RLIMIT_NICE too low"
+                    }
+                )
+            });
+        Ok((config, note))
     }
 }
 
@@ -876,6 +957,10 @@ impl Config {
             releases_dir,
             keep_releases,
             overlap,
+            candidate_priority: flags
+                .candidate_priority
+                .or(file.candidate_priority)
+                .unwrap_or(DEFAULT_CANDIDATE_PRIORITY),
         })
     }
 }

@@ -265,6 +265,16 @@ mod tests {
         m.step(spawned(2, 1, 201), t(4));
         m.step(ready(200), t(5));
         m.step(ready(201), t(5));
+        // Started at the default, lowered priority, each worker is
+        // restored (worker 0's restore failed: it stays lowered, and its
+        // process says so); then it takes over.
+        let restored = |pid, restored| Input::PriorityRestored {
+            gen: GenId(2),
+            pid: Pid(pid),
+            restored,
+        };
+        m.step(restored(200, false), t(5));
+        m.step(restored(201, true), t(5));
         // Worker 1 of generation 2 crashed and was restarted (its restart
         // count, last exit and backoff are handed over), and is ready again.
         let exited = Input::Exited {

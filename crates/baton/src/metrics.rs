@@ -1000,6 +1000,7 @@ mod tests {
                 bake: Duration::ZERO,
                 health: None,
                 overlap: baton_core::Overlap::Full,
+                candidate_priority: baton_core::CpuPriority::Normal,
             },
             payload: (),
         }

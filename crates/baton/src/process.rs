@@ -193,6 +193,9 @@ pub struct SpawnJob {
     pub probe_listener: Option<OwnedFd>,
     pub notify_path: PathBuf,
     pub base_env: Arc<Vec<(OsString, OsString)>>,
+    /// The CPU priority it runs at from its first instruction (`None`:
+    /// baton's own).
+    pub priority: Option<baton_sys::SchedPriority>,
 }
 
 /// A process that was exec'd.
@@ -439,6 +442,7 @@ fn spawn_now(job: SpawnJob) -> Result<Started, String> {
         },
         parent_death_signal: Some(config.drain_signal.0 as i32),
         credentials: credentials.as_ref(),
+        priority: job.priority,
     };
     let spawned = baton_sys::spawn(&plan).map_err(|e| {
         crate::error_chain(&SpawnFailed {
@@ -623,6 +627,200 @@ pub fn group_members(pgid: Pid) -> Vec<i32> {
         .filter(|p| p.pgrp == pgid.0 && p.state != 'Z')
         .map(|p| p.pid)
         .collect()
+}
+
+/// baton's own CPU priority, which the apps start with unless lowered
+/// and get back when restored. A real-time baton (which baton never sets
+/// itself) counts as the normal policy at its nice value.
+pub fn own_priority() -> baton_sys::SchedPriority {
+    baton_sys::thread_priority(0).unwrap_or(baton_sys::SchedPriority {
+        policy: baton_sys::SchedPolicy::Other,
+        nice: 0,
+    })
+}
+
+/// What `priority` means for a process of baton running at `own`: `None`
+/// for the normal priority (the child inherits baton's own).
+pub fn sched_for(
+    priority: baton_core::CpuPriority,
+    own: baton_sys::SchedPriority,
+) -> Option<baton_sys::SchedPriority> {
+    use baton_core::CpuPriority as P;
+    use baton_sys::{SchedPolicy, SchedPriority};
+    match priority {
+        P::Normal => None,
+        P::Batch => Some(SchedPriority {
+            policy: SchedPolicy::Batch,
+            nice: own.nice,
+        }),
+        P::Idle => Some(SchedPriority {
+            policy: SchedPolicy::Idle,
+            nice: own.nice,
+        }),
+        P::Nice(n) => Some(SchedPriority {
+            policy: own.policy,
+            nice: (own.nice + i32::from(n)).min(19),
+        }),
+    }
+}
+
+/// What baton may do about CPU priorities, as the kernel will judge it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NiceRights {
+    /// It may raise a thread back to its own priority (out of
+    /// `SCHED_IDLE`, to a lower nice value): `CAP_SYS_NICE`, or an
+    /// `RLIMIT_NICE` that allows its own nice value.
+    pub may_raise: bool,
+    /// The apps run as another user (`user = ...`): changing their threads
+    /// at all needs `CAP_SYS_NICE`.
+    pub other_user: bool,
+}
+
+impl NiceRights {
+    /// This process's rights, for apps run as another user or not.
+    pub fn of_self(other_user: bool) -> Self {
+        let own = own_priority();
+        Self {
+            may_raise: baton_sys::may_raise_to(own).unwrap_or(false),
+            other_user,
+        }
+    }
+
+    /// Whether a candidate started at `p` can be given baton's own
+    /// priority back: leaving `SCHED_BATCH` for one's own threads needs
+    /// nothing; leaving `SCHED_IDLE` or lowering a nice value again needs
+    /// [`may_raise`](Self::may_raise), and so does any change to another
+    /// user's threads (with `CAP_SYS_NICE` both hold).
+    pub fn restorable(self, p: baton_core::CpuPriority) -> bool {
+        use baton_core::CpuPriority as P;
+        match p {
+            P::Normal => true,
+            P::Batch => self.may_raise || !self.other_user,
+            P::Idle | P::Nice(_) => self.may_raise,
+        }
+    }
+}
+
+/// The candidate priority baton can keep its promise with: the normal
+/// priority back before the candidate takes traffic. An explicit setting
+/// that cannot be undone is an error; the default falls back to the first
+/// of idle, batch, normal that can.
+pub fn usable_candidate_priority(
+    explicit: Option<baton_core::CpuPriority>,
+    rights: NiceRights,
+) -> Result<baton_core::CpuPriority, String> {
+    use baton_core::CpuPriority as P;
+    match explicit {
+        Some(p) if rights.restorable(p) => Ok(p),
+        Some(p) => Err(format!(
+            "candidate_priority = \"{}\" cannot be undone before the new generation takes \
+             traffic: {}; use {} or \"normal\"",
+            crate::config::candidate_priority_name(p),
+            if rights.other_user {
+                "changing the threads of the app's user needs CAP_SYS_NICE"
+            } else {
+                "raising a priority back needs CAP_SYS_NICE or a high enough RLIMIT_NICE \
+                 (`ulimit -e`, LimitNICE= under systemd)"
+            },
+            if rights.other_user {
+                "CAP_SYS_NICE (AmbientCapabilities=CAP_SYS_NICE)"
+            } else {
+                "\"batch\""
+            },
+        )),
+        None => Ok([crate::config::DEFAULT_CANDIDATE_PRIORITY, P::Batch]
+            .into_iter()
+            .find(|p| rights.restorable(*p))
+            .unwrap_or(P::Normal)),
+    }
+}
+
+/// How often [`restore_group_priority`] goes over a group at most: each
+/// pass after the first only looks for threads and processes started
+/// during the one before.
+const RESTORE_PASSES: usize = 8;
+
+/// What [`restore_group_priority`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    pub processes: usize,
+    pub threads: usize,
+    /// Threads left as they were: not at `from` (the app changed them).
+    pub left: usize,
+}
+
+/// Every thread of every process in group `pgid` (the leader first) that
+/// runs at `from` (the lowered priority baton started it at) gets `to`.
+/// Threads and processes started meanwhile inherit their creator's
+/// priority, which may still be `from`, so the group is gone over again
+/// until a pass finds no thread it had not seen (at most
+/// [`RESTORE_PASSES`]). A thread or process that ended meanwhile is no
+/// error; the first refusal (EPERM) is. Reads /proc: off the decision
+/// loop.
+pub fn restore_group_priority(
+    pgid: Pid,
+    from: baton_sys::SchedPriority,
+    to: baton_sys::SchedPriority,
+) -> Result<Restored, String> {
+    let gone = |e: &std::io::Error| e.raw_os_error() == Some(nix::errno::Errno::ESRCH as i32);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut processes = std::collections::BTreeSet::new();
+    let mut done = Restored::default();
+    let mut first_error = None;
+    for _ in 0..RESTORE_PASSES {
+        let mut pids = vec![pgid.0];
+        pids.extend(group_members(pgid).into_iter().filter(|p| *p != pgid.0));
+        let mut new = 0;
+        for pid in pids {
+            // Gone, or a zombie with no threads left: nothing to restore.
+            let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            let tids: Vec<i32> = dir
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect();
+            for tid in tids {
+                if !seen.insert(tid) {
+                    continue;
+                }
+                new += 1;
+                processes.insert(pid);
+                match baton_sys::thread_priority(tid) {
+                    Ok(now) if now == from => {}
+                    Ok(_) => {
+                        done.left += 1;
+                        continue;
+                    }
+                    Err(e) if gone(&e) => continue,
+                    // A real-time policy the app chose: not ours to undo.
+                    Err(_) => {
+                        done.left += 1;
+                        continue;
+                    }
+                }
+                match baton_sys::set_thread_priority(tid, to) {
+                    Ok(()) => done.threads += 1,
+                    Err(e) if gone(&e) => {}
+                    Err(e) => {
+                        first_error.get_or_insert(format!("thread {tid} of process {pid}: {e}"));
+                    }
+                }
+            }
+        }
+        if new == 0 {
+            done.processes = processes.len();
+            return match first_error {
+                Some(e) => Err(e),
+                None => Ok(done),
+            };
+        }
+    }
+    Err(first_error.unwrap_or_else(|| {
+        format!(
+            "threads kept appearing: {} seen in {RESTORE_PASSES} passes over the group",
+            seen.len()
+        )
+    }))
 }
 
 /// One process as /proc/PID/stat shows it.
@@ -842,5 +1040,50 @@ mod tests {
         assert_eq!(v["pid"], 7);
         assert_eq!(v["level"], "INFO");
         assert_eq!(v["timestamp"], "2023-11-14T22:13:20.123456Z");
+    }
+
+    #[test]
+    fn the_default_priority_falls_back_to_what_can_be_undone() {
+        use baton_core::CpuPriority as P;
+        let rights = |may_raise, other_user| NiceRights {
+            may_raise,
+            other_user,
+        };
+        assert_eq!(
+            usable_candidate_priority(None, rights(true, false)),
+            Ok(P::Idle)
+        );
+        assert_eq!(
+            usable_candidate_priority(None, rights(true, true)),
+            Ok(P::Idle)
+        );
+        // Batch back to normal needs nothing for one's own threads...
+        assert_eq!(
+            usable_candidate_priority(None, rights(false, false)),
+            Ok(P::Batch)
+        );
+        // ...but another user's need CAP_SYS_NICE.
+        assert_eq!(
+            usable_candidate_priority(None, rights(false, true)),
+            Ok(P::Normal)
+        );
+        // An explicit setting is kept or refused, never changed.
+        assert_eq!(
+            usable_candidate_priority(Some(P::Nice(5)), rights(true, false)),
+            Ok(P::Nice(5))
+        );
+        assert_eq!(
+            usable_candidate_priority(Some(P::Batch), rights(false, false)),
+            Ok(P::Batch)
+        );
+        for p in [P::Idle, P::Nice(5)] {
+            let e = usable_candidate_priority(Some(p), rights(false, false)).unwrap_err();
+            assert!(e.contains("cannot be undone"), "{e}");
+        }
+        assert!(usable_candidate_priority(Some(P::Batch), rights(false, true)).is_err());
+        assert_eq!(
+            usable_candidate_priority(Some(P::Normal), rights(false, true)),
+            Ok(P::Normal)
+        );
     }
 }

@@ -216,6 +216,14 @@ enum Internal {
     QueueEmpty {
         gen: GenId,
     },
+    /// A worker of a ready candidate has its group's CPU priority back (or
+    /// not, why).
+    PriorityRestored {
+        gen: GenId,
+        worker: u32,
+        pid: Pid,
+        result: Result<process::Restored, String>,
+    },
     /// The new binary's check of the hand-over document is done.
     SelfChecked {
         exe: PathBuf,
@@ -319,6 +327,9 @@ pub struct Supervisor {
     deferred: Vec<Input<Arc<Config>>>,
     /// Spawns sent to the spawner and not answered yet.
     spawning: usize,
+    /// Priority restores ([`Effect::RestorePriority`]) under way on
+    /// blocking tasks: their answers are fed in; a hand-over waits for them.
+    restoring: usize,
     commands: mpsc::Receiver<Command>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
@@ -439,6 +450,7 @@ impl Supervisor {
             next_request: 1,
             deferred: Vec::new(),
             spawning: 0,
+            restoring: 0,
             commands,
             internal_tx,
             internal_rx,
@@ -621,7 +633,10 @@ impl Supervisor {
                 }
                 ids
             }
-            Input::Probe { pid, .. } | Input::Health { pid, .. } => vec![*pid],
+            // An exit always counts before a result that came after it.
+            Input::Probe { pid, .. }
+            | Input::Health { pid, .. }
+            | Input::PriorityRestored { pid, .. } => vec![*pid],
             _ => Vec::new(),
         };
         pids.iter().any(|pid| self.exit_pending(*pid))
@@ -779,6 +794,40 @@ impl Supervisor {
                 self.queue_watches.remove(&gen);
                 self.feed(Input::QueueEmpty { gen });
             }
+            Internal::PriorityRestored {
+                gen,
+                worker,
+                pid,
+                result,
+            } => {
+                self.restoring -= 1;
+                let restored = match result {
+                    Ok(r) => {
+                        tracing::info!(
+                            generation = gen.0,
+                            worker,
+                            pid = pid.0,
+                            threads = r.threads,
+                            processes = r.processes,
+                            left_as_set_by_the_app = r.left,
+                            "CPU priority restored"
+                        );
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            generation = gen.0,
+                            worker,
+                            pid = pid.0,
+                            "restoring the CPU priority of the new generation's worker \
+                             failed: {e}; it takes the traffic anyway, and `baton status` \
+                             shows it lowered"
+                        );
+                        false
+                    }
+                };
+                self.feed_report(Input::PriorityRestored { gen, pid, restored });
+            }
             Internal::Notify(r) => {
                 let reports: Vec<Report> = r
                     .messages
@@ -873,7 +922,17 @@ impl Supervisor {
 
     fn perform(&mut self, effect: Effect) {
         match effect {
-            Effect::Spawn { gen, worker } => self.spawn(gen, worker),
+            Effect::Spawn {
+                gen,
+                worker,
+                priority,
+            } => self.spawn(gen, worker, priority),
+            Effect::RestorePriority {
+                gen,
+                worker,
+                pid,
+                from,
+            } => self.restore_priority(gen, worker, pid, from),
             Effect::StartProbe { gen, pid } => self.start_probe(gen, pid),
             Effect::StopProbe { gen } => {
                 if let Some(task) = self.probes.remove(&gen) {
@@ -936,7 +995,37 @@ impl Supervisor {
         }
     }
 
-    fn spawn(&mut self, gen: GenId, worker: u32) {
+    /// Every thread of every process in the group led by `pid` (worker
+    /// `worker` of `gen`) that runs at `from`, the priority it was started
+    /// at, gets baton's own back, on a blocking task (it reads /proc); the
+    /// machine hears when it is done and moves traffic once it has heard
+    /// about every worker. The workers' groups are restored side by side.
+    fn restore_priority(
+        &mut self,
+        gen: GenId,
+        worker: u32,
+        pid: Pid,
+        from: baton_core::CpuPriority,
+    ) {
+        let own = process::own_priority();
+        let from = process::sched_for(from, own);
+        let tx = self.internal_tx.clone();
+        self.restoring += 1;
+        tokio::task::spawn_blocking(move || {
+            let result = match from {
+                Some(from) => process::restore_group_priority(pid, from, own),
+                None => Ok(process::Restored::default()),
+            };
+            let _ = tx.send(Internal::PriorityRestored {
+                gen,
+                worker,
+                pid,
+                result,
+            });
+        });
+    }
+
+    fn spawn(&mut self, gen: GenId, worker: u32, priority: baton_core::CpuPriority) {
         let Some(spec) = self.machine.spec(gen).cloned() else {
             return;
         };
@@ -967,6 +1056,7 @@ impl Supervisor {
             probe_listener,
             notify_path: self.notify_path.clone(),
             base_env: self.prep.base_env.clone(),
+            priority: process::sched_for(priority, process::own_priority()),
         };
         match self.spawner.spawn(job, self.process_tx.clone()) {
             Ok(()) => self.spawning += 1,
@@ -1225,7 +1315,9 @@ impl Supervisor {
             Some(u)
                 if matches!(
                     u.phase,
-                    baton_core::UpgradePhase::Starting | baton_core::UpgradePhase::Canary { .. }
+                    baton_core::UpgradePhase::Starting
+                        | baton_core::UpgradePhase::Raising { .. }
+                        | baton_core::UpgradePhase::Canary { .. }
                 ) =>
             {
                 Some(Upgrading::Starting(u.candidate.0))

@@ -146,6 +146,9 @@ impl Supervisor {
         if self.spawning > 0 || !self.deferred.is_empty() || !self.probes.is_empty() {
             return Some("a process is starting; try again".into());
         }
+        if self.restoring > 0 {
+            return Some("a CPU priority is being restored; try again".into());
+        }
         if self.self_checking {
             return Some("a self-upgrade is already being checked".into());
         }

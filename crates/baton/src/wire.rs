@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_core::{
-    EventKind as Core, ExitStatus, Failure, GenId, Generation, Machine, Phase, Time, TrafficMode,
-    TrafficPlan, Via, Worker,
+    CpuPriority, EventKind as Core, ExitStatus, Failure, GenId, Generation, Machine, Phase, Time,
+    TrafficMode, TrafficPlan, Via, Worker,
 };
 
 use crate::config::Config;
@@ -234,6 +234,7 @@ pub fn status(
                 let state = gen_state(g, active);
                 let spec = g.spec();
                 let (role, share) = role_share(plan, g.id());
+                let priority = workers.iter().find_map(|w| w.priority.clone());
                 GenerationStatus {
                     number: g.id().0,
                     state,
@@ -248,6 +249,7 @@ pub fn status(
                     workers,
                     role,
                     share,
+                    priority,
                 }
             })
             .collect(),
@@ -287,6 +289,10 @@ pub fn workers<P: Clone>(machine: &Machine<P>, g: &Generation<P>, now: Time) -> 
                 uptime_ms: proc.map(|(_, p)| now.since(p.started).as_millis() as u64),
                 restarts: record.restarts,
                 last_exit: record.last_exit.map(status_words),
+                priority: proc
+                    .map(|(_, p)| p.priority)
+                    .filter(|p| *p != CpuPriority::Normal)
+                    .map(crate::config::candidate_priority_name),
             }
         })
         .collect()

@@ -63,6 +63,16 @@
 //!   ns=N` right before the first accept, and `exit gen=G worker=W pid=P
 //!   ns=N` right before exiting (after a
 //!   drain, or at start with `FAKE_EXIT_AT_START`). `ns` is CLOCK_MONOTONIC, which every process shares.
+//! - `FAKE_THREADS=<n>`: start n extra threads at start (each parked until
+//!   the process exits), in this process and in every worker.
+//! - `FAKE_WORKERS=<n>`: before READY=1 (and before waiting for a gate),
+//!   start n worker processes (copies of itself, `FAKE_ROLE=worker`) in
+//!   this process's group, as a pre-forking server does; each starts its
+//!   `FAKE_THREADS` threads, prints `up` on its stdout (read by this
+//!   process, which sends READY=1 only once every worker is up), and stays
+//!   until this process drains or dies (at most 60 s). They serve nothing.
+//! - `FAKE_LATE_THREADS=<n>`: start n more threads right before sending
+//!   READY=1 (after any gate), racing whatever the supervisor does on it.
 //! - `FAKE_UDP_ECHO=1`: answer every datagram received on a datagram
 //!   socket (`SOCK_DGRAM` in LISTEN_FDS) with `<payload> generation=G
 //!   pid=P`. Without it such sockets are held and never read, so datagrams
@@ -492,9 +502,12 @@ async fn accept_loop(l: Listener, drain: Drain, st: Arc<State>) {
 /// How long the forger stays alive at most.
 const FORGER_CAP: Duration = Duration::from_secs(60);
 
-/// Starts the forger (a copy of this program in its own process group) and
-/// waits until it has sent its datagram. Returns it, to be killed at drain.
-async fn spawn_forger() -> Option<tokio::process::Child> {
+/// Starts a copy of this program as `role` (`FAKE_ROLE`, with
+/// `FAKE_PARENT` set to this pid, none of the sockets or the report file),
+/// in its own process group if `own_group`, and waits up to 10 s for its
+/// first line on stdout, which must be `said`. Returns it, to be killed at
+/// drain (or dropped).
+async fn spawn_copy(role: &str, own_group: bool, said: &str) -> Option<tokio::process::Child> {
     use tokio::io::AsyncBufReadExt;
     let exe = match env::current_exe() {
         Ok(p) => p,
@@ -504,39 +517,54 @@ async fn spawn_forger() -> Option<tokio::process::Child> {
         }
     };
     let mut cmd = tokio::process::Command::new(exe);
-    cmd.env("FAKE_ROLE", "forger")
-        .env("FAKE_FORGER_PARENT", std::process::id().to_string())
+    cmd.env("FAKE_ROLE", role)
+        .env("FAKE_PARENT", std::process::id().to_string())
         .env_remove("TEST_SOCKETFD_REPORT")
+        .env_remove("FAKE_LIFE_LOG")
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDNAMES")
         .stdout(std::process::Stdio::piped())
-        .process_group(0)
         .kill_on_drop(true);
+    if own_group {
+        cmd.process_group(0);
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("fake: cannot spawn forger: {e}");
+            eprintln!("fake: cannot spawn a {role}: {e}");
             return None;
         }
     };
-    // The forger prints `sent` once its datagram is in the supervisor's
-    // socket queue; ours, sent after that, queues behind it.
     let stdout = child.stdout.take()?;
     let mut line = String::new();
     let mut reader = tokio::io::BufReader::new(stdout);
     let read = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await;
-    if !matches!(read, Ok(Ok(_))) || line.trim() != "sent" {
-        eprintln!("fake: forger did not report its datagram sent: {read:?} {line:?}");
+    if !matches!(read, Ok(Ok(_))) || line.trim() != said {
+        eprintln!("fake: the {role} did not say {said:?}: {read:?} {line:?}");
     }
     Some(child)
 }
 
-/// The forger's whole life: send READY=1 from this pid, report, linger.
-fn forger_main() -> ExitCode {
+/// Starts the forger (a copy of this program in its own process group) and
+/// waits until it has sent its datagram: it prints `sent` once its
+/// datagram is in the supervisor's socket queue; ours, sent after that,
+/// queues behind it. Returns it, to be killed at drain.
+async fn spawn_forger() -> Option<tokio::process::Child> {
+    spawn_copy("forger", true, "sent").await
+}
+
+/// Whether this copy's parent is still the process that started it (a
+/// copy started by `spawn_copy` leaves with it).
+fn parent_alive() -> bool {
     // Leave with the parent; exit at once if it is already gone.
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-    if env_num::<i32>("FAKE_FORGER_PARENT") != Some(unistd::getppid().as_raw()) {
+    env_num::<i32>("FAKE_PARENT") == Some(unistd::getppid().as_raw())
+}
+
+/// The forger's whole life: send READY=1 from this pid, report, linger.
+fn forger_main() -> ExitCode {
+    if !parent_alive() {
         return ExitCode::FAILURE;
     }
     notify("READY=1\nSTATUS=forged\n");
@@ -546,15 +574,59 @@ fn forger_main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Sends READY=1 (after a forger, a delay, a gate) or never, per the
-/// FAKE_* variables. A forger is handed to `forger` so the drain ends it.
+/// How long a worker stays at most.
+const WORKER_CAP: Duration = Duration::from_secs(60);
+
+/// Starts `n` threads that do nothing until the process exits.
+fn start_threads(n: u32, what: &str) {
+    for i in 0..n {
+        let spawned = std::thread::Builder::new()
+            .name(format!("fake-{what}-{i}"))
+            .spawn(|| loop {
+                std::thread::park();
+            });
+        if let Err(e) = spawned {
+            eprintln!("fake: cannot start a thread: {e}");
+        }
+    }
+}
+
+/// Starts `FAKE_WORKERS` copies of itself in this process group and waits
+/// until each says it is up. Returns them, to be killed at drain.
+async fn spawn_workers() -> Vec<tokio::process::Child> {
+    let mut workers = Vec::new();
+    for _ in 0..env_num::<u32>("FAKE_WORKERS").unwrap_or(0) {
+        if let Some(w) = spawn_copy("worker", false, "up").await {
+            eprintln!("fake: worker pid={:?} up", w.id());
+            workers.push(w);
+        }
+    }
+    workers
+}
+
+/// A worker's whole life: its threads, `up`, then wait to be ended.
+fn worker_main() -> ExitCode {
+    if !parent_alive() {
+        return ExitCode::FAILURE;
+    }
+    start_threads(env_num("FAKE_THREADS").unwrap_or(0), "worker");
+    println!("up");
+    std::thread::sleep(WORKER_CAP);
+    ExitCode::SUCCESS
+}
+
+/// Sends READY=1 (after a forger, workers, a delay, a gate) or never, per
+/// the FAKE_* variables. A forger and workers are handed over so the drain
+/// ends them.
 async fn readiness(
     sent_ready: Arc<AtomicBool>,
     forger: Arc<tokio::sync::Mutex<Option<tokio::process::Child>>>,
+    workers: Arc<tokio::sync::Mutex<Vec<tokio::process::Child>>>,
 ) {
     if env_flag("FAKE_NOTIFY_FORGE") {
         *forger.lock().await = spawn_forger().await;
     }
+    *workers.lock().await = spawn_workers().await;
     if env_flag("FAKE_NEVER_READY") && misbehaves() {
         eprintln!("fake: never sending READY=1");
         return;
@@ -568,6 +640,7 @@ async fn readiness(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+    start_threads(env_num("FAKE_LATE_THREADS").unwrap_or(0), "late");
     let status = env::var("FAKE_STATUS").unwrap_or_else(|_| "fake serving".to_string());
     notify(&format!("READY=1\nSTATUS={status}\n"));
     sent_ready.store(true, Ordering::SeqCst);
@@ -681,9 +754,15 @@ async fn run(
         }
     }
     drop(drain);
+    start_threads(env_num("FAKE_THREADS").unwrap_or(0), "main");
     let sent_ready = Arc::new(AtomicBool::new(false));
     let forger = Arc::default();
-    tokio::spawn(readiness(sent_ready.clone(), Arc::clone(&forger)));
+    let workers = Arc::default();
+    tokio::spawn(readiness(
+        sent_ready.clone(),
+        Arc::clone(&forger),
+        Arc::clone(&workers),
+    ));
 
     loop {
         term.recv().await;
@@ -707,6 +786,9 @@ async fn run(
     let _ = term_seen.send(true);
     if let Some(mut f) = forger.lock().await.take() {
         let _ = f.kill().await;
+    }
+    for mut w in std::mem::take(&mut *workers.lock().await) {
+        let _ = w.kill().await;
     }
     if sent_ready.load(Ordering::SeqCst) {
         notify("STOPPING=1\n");
@@ -734,6 +816,9 @@ async fn run(
 fn main() -> ExitCode {
     if env::var("FAKE_ROLE").is_ok_and(|r| r == "forger") {
         return forger_main();
+    }
+    if env::var("FAKE_ROLE").is_ok_and(|r| r == "worker") {
+        return worker_main();
     }
     if env::var_os("FAKE_LIFE_LOG").is_some() {
         let alive: Vec<String> = still_running_predecessors()

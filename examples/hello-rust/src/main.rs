@@ -3,12 +3,19 @@
 //! Serves HTTP/1.1 on every socket-activation fd it receives (fds 3.. per
 //! LISTEN_FDS, TCP or Unix stream), reports READY=1 on NOTIFY_SOCKET, and on
 //! SIGTERM/SIGINT drains: stops accepting, answers the first request of any
-//! connection accepted just before the signal, closes idle keep-alive
-//! connections, lets in-flight requests finish, exits 0.
+//! connection accepted just before the signal, answers every request from
+//! then on with `Connection: close` (so a busy keep-alive client moves to a
+//! new connection after its next response, and never sees a connection
+//! closed under a request), closes a keep-alive connection only once it has
+//! been idle for a short grace, lets in-flight requests finish, exits 0.
 //!
-//! Usage: `hello [--version-tag TAG] [--listen ADDR] [--delay-ready MS]`
+//! Usage: `hello [--version-tag TAG] [--listen ADDR] [--delay-ready MS] [--idle-grace MS]`
 //! - `--listen` is only used when no fds were passed (default 127.0.0.1:8080).
 //! - `--delay-ready` sleeps before serving and sending READY=1 (slow start).
+//! - `--idle-grace` (default 500): while draining, how long a keep-alive
+//!   connection must have been idle before it is closed. 0 closes idle
+//!   connections at once (the old behaviour: a client that sends just then
+//!   meets the close and must retry).
 //!
 //! Endpoints: `GET /` -> `version=.. generation=.. pid=..`, `GET /healthz` -> `ok`.
 //!
@@ -37,7 +44,7 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -55,6 +62,9 @@ const DRAIN_CAP: Duration = Duration::from_secs(60);
 /// its first request. Its client cannot know we are leaving: closing it
 /// unanswered would be a failed request, not a keep-alive race.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+/// While draining, how long a keep-alive connection must have been idle
+/// before it is closed (`--idle-grace`).
+const IDLE_GRACE: Duration = Duration::from_millis(500);
 
 /// What every connection task holds: the drain flag, and a sender whose
 /// drop tells the main task this connection is finished.
@@ -68,6 +78,7 @@ struct Args {
     version_tag: Option<String>,
     listen: String,
     delay_ready: Duration,
+    idle_grace: Duration,
 }
 
 /// Where `HELLO_STAMPS` asked for lifecycle stamps (see the crate docs).
@@ -129,6 +140,7 @@ fn parse_args() -> Result<Args, String> {
         version_tag: None,
         listen: "127.0.0.1:8080".to_string(),
         delay_ready: Duration::ZERO,
+        idle_grace: IDLE_GRACE,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -142,6 +154,11 @@ fn parse_args() -> Result<Args, String> {
                     .parse()
                     .map_err(|_| format!("bad --delay-ready {ms:?}"))?;
                 args.delay_ready = Duration::from_millis(ms);
+            }
+            "--idle-grace" => {
+                let ms = value()?;
+                let ms: u64 = ms.parse().map_err(|_| format!("bad --idle-grace {ms:?}"))?;
+                args.idle_grace = Duration::from_millis(ms);
             }
             _ => return Err(format!("unknown argument {flag:?}")),
         }
@@ -221,18 +238,27 @@ fn respond(req: &Request<Incoming>, root: &Bytes) -> Response<Full<Bytes>> {
     resp
 }
 
-fn serve_conn<S>(stream: S, drain: Drain, root: Bytes)
+fn serve_conn<S>(stream: S, drain: Drain, root: Bytes, idle_grace: Duration)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // Set (and notified) when the first request arrives.
-    let started = Arc::new(Notify::new());
+    // Notified at every request: the first one, and activity while draining.
+    let request = Arc::new(Notify::new());
     let mut seen_request = false;
     let svc = {
-        let started = started.clone();
+        let request = request.clone();
+        let draining = drain.draining.clone();
         service_fn(move |req| {
-            started.notify_one();
-            ready(Ok::<_, Infallible>(respond(&req, &root)))
+            request.notify_one();
+            let mut resp = respond(&req, &root);
+            if *draining.borrow() {
+                // The client learns from this response that the connection
+                // ends, and takes a new one for its next request: it never
+                // meets a close under a request it has sent.
+                resp.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            ready(Ok::<_, Infallible>(resp))
         })
     };
     // keep-alive is on by default; the timer enables hyper's header read timeout.
@@ -249,15 +275,25 @@ where
         loop {
             tokio::select! {
                 _ = conn.as_mut() => return,
-                _ = started.notified(), if !seen_request => seen_request = true,
+                _ = request.notified(), if !seen_request => seen_request = true,
                 _ = drain.draining.wait_for(|d| *d) => break,
             }
         }
         if !seen_request {
             tokio::select! {
                 _ = conn.as_mut() => return,
-                _ = started.notified() => {}
+                _ = request.notified() => {}
                 _ = tokio::time::sleep(FIRST_REQUEST_GRACE) => {}
+            }
+        } else if !idle_grace.is_zero() {
+            // A busy connection ends with the `Connection: close` response
+            // to its next request; one idle for the grace is closed here.
+            loop {
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = request.notified() => {}
+                    _ = tokio::time::sleep(idle_grace) => break,
+                }
             }
         }
         // Finishes an in-flight request (with `Connection: close`), or
@@ -267,17 +303,17 @@ where
     });
 }
 
-async fn accept_loop(listener: Listener, drain: Drain, root: Bytes) {
+async fn accept_loop(listener: Listener, drain: Drain, root: Bytes, idle_grace: Duration) {
     loop {
         let res = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
                 let _ = s.set_nodelay(true); // small responses: don't wait on Nagle
-                serve_conn(s, drain.clone(), root.clone());
+                serve_conn(s, drain.clone(), root.clone(), idle_grace);
             }),
             Listener::Unix(l) => l
                 .accept()
                 .await
-                .map(|(s, _)| serve_conn(s, drain.clone(), root.clone())),
+                .map(|(s, _)| serve_conn(s, drain.clone(), root.clone(), idle_grace)),
         };
         if let Err(e) = res {
             // e.g. EMFILE: back off instead of spinning.
@@ -327,6 +363,7 @@ async fn run(
             to_tokio(l)?,
             drain.clone(),
             root.clone(),
+            args.idle_grace,
         )));
     }
     drop(drain);

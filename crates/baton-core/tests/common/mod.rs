@@ -33,6 +33,7 @@ pub fn settings(readiness: Readiness) -> Settings {
         bake: Duration::ZERO,
         health: None,
         overlap: Overlap::Full,
+        candidate_priority: CpuPriority::Normal,
     }
 }
 
@@ -161,6 +162,15 @@ impl Driver {
         })
     }
 
+    /// The shell answers [`Effect::RestorePriority`] for `gen`'s `pid`.
+    pub fn restored(&mut self, gen: u64, pid: i32, restored: bool) -> Vec<String> {
+        self.step(Input::PriorityRestored {
+            gen: g(gen),
+            pid: p(pid),
+            restored,
+        })
+    }
+
     pub fn exited(&mut self, pid: i32, code: i32) -> Vec<String> {
         self.step(Input::Exited {
             pid: p(pid),
@@ -237,10 +247,35 @@ fn w(worker: u32) -> String {
     }
 }
 
+/// ` idle`, ` batch`, ` nice N` for a lowered priority; nothing for the
+/// normal one.
+fn lowered(priority: CpuPriority) -> String {
+    match priority {
+        CpuPriority::Normal => String::new(),
+        CpuPriority::Nice(n) => format!(" nice {n}"),
+        CpuPriority::Batch => " batch".into(),
+        CpuPriority::Idle => " idle".into(),
+    }
+}
+
 /// One effect in a few words.
 pub fn show(e: &Effect) -> String {
     match e {
-        Effect::Spawn { gen, worker } => format!("spawn {gen}{}", w(*worker)),
+        Effect::Spawn {
+            gen,
+            worker,
+            priority,
+        } => format!("spawn {gen}{}{}", w(*worker), lowered(*priority)),
+        Effect::RestorePriority {
+            gen,
+            worker,
+            pid,
+            from,
+        } => format!(
+            "restore-priority {gen} {pid}{}{}",
+            w(*worker),
+            lowered(*from)
+        ),
         Effect::StartProbe { gen, pid } => format!("probe {gen} {pid}"),
         Effect::StopProbe { gen } => format!("stop-probe {gen}"),
         Effect::StartHealth { gen, pid } => format!("health {gen} {pid}"),

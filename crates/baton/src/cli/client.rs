@@ -475,6 +475,9 @@ fn format_status(s: &Status) -> String {
             }
             _ => {}
         }
+        if let Some(p) = &g.priority {
+            let _ = write!(out, "  [cpu: {p}]");
+        }
         out.push('\n');
         // One line per worker where there are several.
         if g.workers.len() > 1 {
@@ -490,6 +493,9 @@ fn format_status(s: &Status) -> String {
                 );
                 if let Some(exit) = &w.last_exit {
                     let _ = write!(line, " (last: {exit})");
+                }
+                if let Some(p) = &w.priority {
+                    let _ = write!(line, " [cpu: {p}]");
                 }
                 let _ = writeln!(out, "{}", line.trim_end());
             }

@@ -57,11 +57,15 @@ pub async fn supervise(
             releases_dir: args.releases_dir,
             keep_releases: args.keep_releases,
             overlap: args.overlap,
+            candidate_priority: args.candidate_priority,
         },
         base_dir,
     };
-    let config = source.load()?;
+    let (config, priority_note) = source.load_noting()?;
     let _logs = super::init_tracing(config.log_format);
+    if let Some(note) = priority_note {
+        tracing::warn!("{note}");
+    }
     // Before the first deploy there is no `current` to run in: say so
     // rather than that the program is missing.
     if let Some(root) = &config.releases_dir {
