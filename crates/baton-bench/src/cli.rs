@@ -35,6 +35,54 @@ pub enum Cmd {
     /// Real servers under baton (gunicorn, uvicorn, Node, the Rust example),
     /// each upgraded again and again under load with steered traffic
     Servers(ServersArgs),
+    /// The soak: 1 000 cutovers of one baton under keep-alive load (over a
+    /// million requests): nothing may fail or be retried, and baton's RSS,
+    /// descriptors and CPU per cutover must stay flat
+    Soak(SoakArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SoakArgs {
+    /// Print one JSON object on stdout (the readable summary goes to stderr)
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 1 unless it held: every cutover ok, 0 failed, 0 retried, baton flat
+    #[arg(long)]
+    pub strict: bool,
+    /// Directory for the log, soak.json, soak.txt and the timelines
+    #[arg(long, value_name = "DIR", default_value = "bench-out")]
+    pub out: PathBuf,
+    /// Also draw baton's RSS, descriptors and CPU over the soak here (e.g. docs/bench-soak.svg)
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// The baton binary [default: next to baton-bench]
+    #[arg(long, value_name = "PATH")]
+    pub baton: Option<PathBuf>,
+    /// The example app binary (`hello`) [default: next to baton-bench]
+    #[arg(long, value_name = "PATH")]
+    pub app: Option<PathBuf>,
+    /// Cutovers
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub cutovers: u32,
+    /// Time between upgrades (from one's start to the next, or right after
+    /// the previous one if it took longer)
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "500ms")]
+    pub interval: Duration,
+    /// Open-loop rate, requests per second
+    #[arg(long, value_name = "N", default_value_t = 2500.0)]
+    pub rate: f64,
+    /// Connection mode
+    #[arg(long, value_enum, default_value_t = ConnMode::KeepAlive)]
+    pub conn: ConnMode,
+    /// Concurrent connections (workers) of the load generator
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub concurrency: usize,
+    /// Per-request timeout
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s")]
+    pub timeout: Duration,
+    /// No live progress line
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, Args)]

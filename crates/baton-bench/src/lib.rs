@@ -23,6 +23,7 @@ pub mod report;
 pub mod scenario;
 pub mod schedule;
 pub mod servers;
+pub mod soak;
 pub mod stamps;
 pub mod steering;
 pub mod summary;
@@ -30,7 +31,7 @@ pub mod summary;
 use std::io::Write;
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Cmd, LoadArgs, NoOverlapArgs, ScenarioArgs, ServersArgs};
+use crate::cli::{Cli, Cmd, LoadArgs, NoOverlapArgs, ScenarioArgs, ServersArgs, SoakArgs};
 use crate::load::{LoadSpec, Model};
 use crate::measure::RunSpec;
 use crate::schedule::CutoverPlan;
@@ -71,6 +72,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::Load(args) => load_cmd(&args),
         Cmd::NoOverlap(args) => no_overlap_cmd(&args),
         Cmd::Servers(args) => servers_cmd(&args),
+        Cmd::Soak(args) => soak_cmd(&args),
     };
     match res {
         Ok(code) => ExitCode::from(code),
@@ -139,6 +141,18 @@ fn servers_cmd(args: &ServersArgs) -> Result<u8, BenchError> {
     let files = (args.out.join("servers.json"), args.out.join("servers.txt"));
     publish(&summary, &text, files, args.json)?;
     Ok(if args.strict && !servers::held(&summary) {
+        EXIT_MISSED
+    } else {
+        EXIT_OK
+    })
+}
+
+fn soak_cmd(args: &SoakArgs) -> Result<u8, BenchError> {
+    let summary = soak::run(args)?;
+    let text = soak::text(&summary);
+    let files = (args.out.join("soak.json"), args.out.join("soak.txt"));
+    publish(&summary, &text, files, args.json)?;
+    Ok(if args.strict && !soak::held(&summary) {
         EXIT_MISSED
     } else {
         EXIT_OK
