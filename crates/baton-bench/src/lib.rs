@@ -27,11 +27,14 @@ pub mod soak;
 pub mod stamps;
 pub mod steering;
 pub mod summary;
+pub mod tools;
 
 use std::io::Write;
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Cmd, LoadArgs, NoOverlapArgs, ScenarioArgs, ServersArgs, SoakArgs};
+use crate::cli::{
+    Cli, Cmd, LoadArgs, NoOverlapArgs, ScenarioArgs, ServersArgs, SoakArgs, ToolsArgs,
+};
 use crate::load::{LoadSpec, Model};
 use crate::measure::RunSpec;
 use crate::schedule::CutoverPlan;
@@ -73,6 +76,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::NoOverlap(args) => no_overlap_cmd(&args),
         Cmd::Servers(args) => servers_cmd(&args),
         Cmd::Soak(args) => soak_cmd(&args),
+        Cmd::Tools(args) => tools_cmd(&args),
     };
     match res {
         Ok(code) => ExitCode::from(code),
@@ -153,6 +157,18 @@ fn soak_cmd(args: &SoakArgs) -> Result<u8, BenchError> {
     let files = (args.out.join("soak.json"), args.out.join("soak.txt"));
     publish(&summary, &text, files, args.json)?;
     Ok(if args.strict && !soak::held(&summary) {
+        EXIT_MISSED
+    } else {
+        EXIT_OK
+    })
+}
+
+fn tools_cmd(args: &ToolsArgs) -> Result<u8, BenchError> {
+    let summary = tools::run(args)?;
+    let text = tools::text(&summary);
+    let files = (args.out.join("tools.json"), args.out.join("tools.txt"));
+    publish(&summary, &text, files, args.json)?;
+    Ok(if args.strict && !tools::complete(&summary) {
         EXIT_MISSED
     } else {
         EXIT_OK
