@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the benchmark's outside reference needs (HAProxy, from Debian),
-# the real servers of `baton-bench servers` (gunicorn and uvicorn, pinned, from
-# PyPI into target/bench-venv; Node.js from Debian if missing) and builds the
+# the real servers of `baton-bench servers` and `tools` (gunicorn and uvicorn,
+# pinned, from PyPI into target/bench-venv; PM2, pinned, from npm into
+# target/bench-node; Node.js from Debian if missing) and builds the
 # release binaries the bench drives. Idempotent; needs root
 # (or sudo) for apt-get. Safe to re-run.
 set -euo pipefail
@@ -32,5 +33,11 @@ if [ ! -x target/bench-venv/bin/gunicorn ] || [ ! -x target/bench-venv/bin/uvico
 fi
 target/bench-venv/bin/gunicorn --version
 target/bench-venv/bin/uvicorn --version
+# PM2 for `baton-bench tools` (its cluster-mode reload), pinned, from npm.
+if [ ! -x target/bench-node/node_modules/.bin/pm2 ]; then
+    npm install --silent --no-audit --no-fund --prefix target/bench-node "pm2@5.4.3"
+fi
+# (Its version from the package: `pm2 --version` would start its daemon.)
+echo "pm2 $(node -p "require('./target/bench-node/node_modules/pm2/package.json').version")"
 
 cargo build --release --workspace

@@ -39,6 +39,109 @@ pub enum Cmd {
     /// against setting: p99 in cutover windows vs steady, and the cost,
     /// its time to ready
     Priority(PriorityArgs),
+    /// The soak: 1 000 cutovers of one baton under keep-alive load (over a
+    /// million requests): nothing may fail or be retried, and baton's RSS,
+    /// descriptors and CPU per cutover must stay flat
+    Soak(SoakArgs),
+    /// Each server's own reload (gunicorn's SIGHUP, PM2's cluster reload)
+    /// against the same app under baton, steered and shared
+    Tools(ToolsArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ToolsArgs {
+    /// Print one JSON object on stdout (the readable summary goes to stderr)
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 1 if a contender was skipped or a deploy did not complete
+    #[arg(long)]
+    pub strict: bool,
+    /// Directory for logs, tools.json and tools.txt
+    #[arg(long, value_name = "DIR", default_value = "bench-out")]
+    pub out: PathBuf,
+    /// Contenders to run, in this order: gunicorn-hup, baton-gunicorn, baton-gunicorn-shared, pm2-reload, baton-node, baton-node-shared
+    #[arg(long, value_delimiter = ',', default_values_t = crate::tools::TOOLS.map(String::from))]
+    pub tools: Vec<String>,
+    /// The baton binary [default: next to baton-bench]
+    #[arg(long, value_name = "PATH")]
+    pub baton: Option<PathBuf>,
+    /// The virtualenv with gunicorn [default: target/bench-venv, made by benches/setup.sh]
+    #[arg(long, value_name = "DIR")]
+    pub venv: Option<PathBuf>,
+    /// The node binary [default: found on PATH]
+    #[arg(long, value_name = "PATH")]
+    pub node: Option<PathBuf>,
+    /// The pm2 binary [default: target/bench-node/node_modules/.bin/pm2, made by benches/setup.sh]
+    #[arg(long, value_name = "PATH")]
+    pub pm2: Option<PathBuf>,
+    /// Where app.py and server.js are [default: benches/servers in the source tree]
+    #[arg(long, value_name = "DIR")]
+    pub servers_dir: Option<PathBuf>,
+    /// Deploys per contender and connection mode
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub deploys: u32,
+    /// Time between deploys
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "1s")]
+    pub interval: Duration,
+    /// Open-loop rate, requests per second (well below every contender's ceiling)
+    #[arg(long, value_name = "N", default_value_t = 500.0)]
+    pub rate: f64,
+    /// Connection modes to measure
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ConnMode::KeepAlive, ConnMode::Close])]
+    pub modes: Vec<ConnMode>,
+    /// Concurrent connections (workers) of the load generator
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub concurrency: usize,
+    /// Per-request timeout
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s")]
+    pub timeout: Duration,
+    /// No live progress line
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SoakArgs {
+    /// Print one JSON object on stdout (the readable summary goes to stderr)
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 1 unless it held: every cutover ok, 0 failed, 0 retried, baton flat
+    #[arg(long)]
+    pub strict: bool,
+    /// Directory for the log, soak.json, soak.txt and the timelines
+    #[arg(long, value_name = "DIR", default_value = "bench-out")]
+    pub out: PathBuf,
+    /// Also draw baton's RSS, descriptors and CPU over the soak here (e.g. docs/bench-soak.svg)
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// The baton binary [default: next to baton-bench]
+    #[arg(long, value_name = "PATH")]
+    pub baton: Option<PathBuf>,
+    /// The example app binary (`hello`) [default: next to baton-bench]
+    #[arg(long, value_name = "PATH")]
+    pub app: Option<PathBuf>,
+    /// Cutovers
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub cutovers: u32,
+    /// Time between upgrades (from one's start to the next, or right after
+    /// the previous one if it took longer)
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "500ms")]
+    pub interval: Duration,
+    /// Open-loop rate, requests per second
+    #[arg(long, value_name = "N", default_value_t = 2500.0)]
+    pub rate: f64,
+    /// Connection mode
+    #[arg(long, value_enum, default_value_t = ConnMode::KeepAlive)]
+    pub conn: ConnMode,
+    /// Concurrent connections (workers) of the load generator
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub concurrency: usize,
+    /// Per-request timeout
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s")]
+    pub timeout: Duration,
+    /// No live progress line
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, Args)]

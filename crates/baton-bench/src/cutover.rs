@@ -316,6 +316,13 @@ pub enum Deployer {
     /// bake, then roll back, measuring from outside how soon new
     /// connections reach the old processes again ([`crate::steering`]).
     Rollback(crate::steering::RollbackDeploy),
+    /// A server's own reload signal to its master (gunicorn's SIGHUP
+    /// starts new workers and retires the old ones gracefully): done once
+    /// every old worker has gone and as many new ones run.
+    Signal(SignalReload),
+    /// A tool's own reload command (`pm2 reload NAME`): done when it
+    /// exits 0.
+    Command(CommandReload),
 }
 
 impl Deployer {
@@ -327,6 +334,8 @@ impl Deployer {
             Deployer::Haproxy(h) => h.cutover(index, clock),
             Deployer::SpawnOnly(s) => s.cutover(index, clock),
             Deployer::Rollback(r) => r.cutover(index, clock),
+            Deployer::Signal(h) => h.cutover(index, clock),
+            Deployer::Command(r) => r.cutover(index, clock),
         }
     }
 
@@ -337,6 +346,8 @@ impl Deployer {
             Deployer::Haproxy(_) => "haproxy",
             Deployer::SpawnOnly(_) => "spawn-only",
             Deployer::Rollback(_) => "rollback",
+            Deployer::Signal(_) => "signal",
+            Deployer::Command(_) => "command",
         }
     }
 }
@@ -457,6 +468,84 @@ impl Naive {
                 }
             }
             Err(e) => c.fail(format!("starting the new app: {e}")),
+        }
+        c
+    }
+}
+
+/// A reload by signal to a master process that forks its workers.
+pub struct SignalReload {
+    pub master: Proc,
+    pub signal: Signal,
+    /// Workers the master runs once the reload is done.
+    pub workers: usize,
+}
+
+impl SignalReload {
+    fn cutover(&mut self, index: u32, clock: &Clock) -> Cutover {
+        let now = || clock.now_us() as i64;
+        let mut c = Cutover::new(index, now());
+        c.mark("requested", c.start_us);
+        let old = crate::procstat::children(self.master.pid());
+        if let Err(e) = self.master.signal(self.signal) {
+            c.fail(format!("signalling {}: {e}", self.master.name));
+            return c;
+        }
+        c.mark("signalled", now());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut new_seen = false;
+        loop {
+            let kids = crate::procstat::children(self.master.pid());
+            let new = kids.iter().filter(|k| !old.contains(k)).count();
+            if !new_seen && new > 0 {
+                new_seen = true;
+                c.mark("new_worker", now());
+            }
+            if new >= self.workers && !kids.iter().any(|k| old.contains(k)) {
+                c.mark("old_workers_exited", now());
+                return c;
+            }
+            if self.master.try_wait().is_some() {
+                c.fail(format!("{} exited", self.master.name));
+                return c;
+            }
+            if Instant::now() >= deadline {
+                c.fail("the reload did not complete within 30s");
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// A reload by running a tool's command.
+pub struct CommandReload {
+    pub argv: Vec<std::ffi::OsString>,
+    pub env: Vec<(String, std::ffi::OsString)>,
+    pub log: PathBuf,
+}
+
+impl CommandReload {
+    /// Runs the command to its end (at most 60 s).
+    pub fn run_once(&self) -> Result<(), String> {
+        let (program, args) = self.argv.split_first().ok_or("no command")?;
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args).envs(self.env.iter().map(|(k, v)| (k, v)));
+        let mut p = Proc::spawn(cmd, "command", &self.log).map_err(|e| e.to_string())?;
+        match p.wait_for(Duration::from_secs(60)) {
+            Some(s) if s.success() => Ok(()),
+            Some(s) => Err(format!("{s}")),
+            None => Err("did not finish within 60s".into()),
+        }
+    }
+
+    fn cutover(&mut self, index: u32, clock: &Clock) -> Cutover {
+        let now = || clock.now_us() as i64;
+        let mut c = Cutover::new(index, now());
+        c.mark("requested", c.start_us);
+        match self.run_once() {
+            Ok(()) => c.mark("reloaded", now()),
+            Err(e) => c.fail(format!("the reload command: {e}")),
         }
         c
     }

@@ -24,14 +24,18 @@ pub mod report;
 pub mod scenario;
 pub mod schedule;
 pub mod servers;
+pub mod soak;
 pub mod stamps;
 pub mod steering;
 pub mod summary;
+pub mod tools;
 
 use std::io::Write;
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Cmd, LoadArgs, NoOverlapArgs, PriorityArgs, ScenarioArgs, ServersArgs};
+use crate::cli::{
+    Cli, Cmd, LoadArgs, NoOverlapArgs, PriorityArgs, ScenarioArgs, ServersArgs, SoakArgs, ToolsArgs,
+};
 use crate::load::{LoadSpec, Model};
 use crate::measure::RunSpec;
 use crate::schedule::CutoverPlan;
@@ -73,6 +77,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::NoOverlap(args) => no_overlap_cmd(&args),
         Cmd::Servers(args) => servers_cmd(&args),
         Cmd::Priority(args) => priority_cmd(&args),
+        Cmd::Soak(args) => soak_cmd(&args),
+        Cmd::Tools(args) => tools_cmd(&args),
     };
     match res {
         Ok(code) => ExitCode::from(code),
@@ -156,6 +162,30 @@ fn priority_cmd(args: &PriorityArgs) -> Result<u8, BenchError> {
     );
     publish(&summary, &text, files, args.json)?;
     Ok(if args.strict && summary.failed > 0 {
+        EXIT_MISSED
+    } else {
+        EXIT_OK
+    })
+}
+
+fn soak_cmd(args: &SoakArgs) -> Result<u8, BenchError> {
+    let summary = soak::run(args)?;
+    let text = soak::text(&summary);
+    let files = (args.out.join("soak.json"), args.out.join("soak.txt"));
+    publish(&summary, &text, files, args.json)?;
+    Ok(if args.strict && !soak::held(&summary) {
+        EXIT_MISSED
+    } else {
+        EXIT_OK
+    })
+}
+
+fn tools_cmd(args: &ToolsArgs) -> Result<u8, BenchError> {
+    let summary = tools::run(args)?;
+    let text = tools::text(&summary);
+    let files = (args.out.join("tools.json"), args.out.join("tools.txt"));
+    publish(&summary, &text, files, args.json)?;
+    Ok(if args.strict && !tools::complete(&summary) {
         EXIT_MISSED
     } else {
         EXIT_OK

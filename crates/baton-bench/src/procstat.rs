@@ -16,6 +16,8 @@ pub struct Sample {
     pub cpu_ticks: u64,
     /// Sum of the threads' on-CPU time in ns, if schedstat is available.
     pub cpu_ns: Option<u64>,
+    /// Open file descriptors (entries of /proc/PID/fd), if readable.
+    pub fds: Option<u64>,
 }
 
 /// Clock ticks per second for /proc times.
@@ -103,6 +105,9 @@ pub fn sample(pid: i32, t_us: u64) -> Option<Sample> {
         rss_kb: parse_rss_kb(&status)?,
         cpu_ticks: parse_cpu_ticks(&stat)?,
         cpu_ns: schedstat_ns(pid),
+        fds: std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()
+            .map(|d| d.count() as u64),
     })
 }
 
@@ -200,6 +205,7 @@ mod tests {
         let me = std::process::id() as i32;
         let s = sample(me, 0).expect("own /proc entry");
         assert!(s.rss_kb > 0);
+        assert!(s.fds.is_some_and(|n| n >= 3), "{s:?}");
         assert_eq!(parse_schedstat_ns("123 456 7\n"), Some(123));
     }
 
@@ -210,12 +216,14 @@ mod tests {
             rss_kb: 1,
             cpu_ticks: 10,
             cpu_ns: Some(1_000_000),
+            fds: None,
         };
         let b = Sample {
             t_us: 2_000_000,
             rss_kb: 1,
             cpu_ticks: 12,
             cpu_ns: Some(21_000_000),
+            fds: None,
         };
         let p = cpu_percent(&a, &b, 100).expect("percent");
         assert!((p - 1.0).abs() < 1e-9, "{p}");

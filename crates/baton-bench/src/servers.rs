@@ -39,11 +39,11 @@ pub const SERVERS: [&str; 4] = ["rust", "gunicorn", "uvicorn", "node"];
 
 /// How baton runs one server.
 #[derive(Debug, Clone)]
-struct Launch {
-    program: PathBuf,
-    args: Vec<String>,
+pub(crate) struct Launch {
+    pub program: PathBuf,
+    pub args: Vec<String>,
     /// `baton run` flags beyond the listener and control socket.
-    run_flags: Vec<String>,
+    pub run_flags: Vec<String>,
 }
 
 /// One server in one connection mode.
@@ -139,7 +139,7 @@ pub fn run(args: &ServersArgs) -> Result<Summary, BenchError> {
 }
 
 /// Where this scenario's apps live: `benches/servers` in the source tree.
-fn servers_dir(args: &ServersArgs) -> PathBuf {
+pub(crate) fn servers_dir(args: &ServersArgs) -> PathBuf {
     args.servers_dir
         .clone()
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/servers"))
@@ -147,7 +147,7 @@ fn servers_dir(args: &ServersArgs) -> PathBuf {
 
 /// The virtualenv `benches/setup.sh` makes: `target/bench-venv`, beside
 /// the directory this executable is in.
-fn venv(args: &ServersArgs) -> Option<PathBuf> {
+pub(crate) fn venv(args: &ServersArgs) -> Option<PathBuf> {
     if let Some(v) = &args.venv {
         return Some(v.clone());
     }
@@ -162,7 +162,7 @@ fn on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn launch(server: &str, args: &ServersArgs) -> Result<Launch, String> {
+pub(crate) fn launch(server: &str, args: &ServersArgs) -> Result<Launch, String> {
     let dir = servers_dir(args);
     let dir_s = dir.to_string_lossy().into_owned();
     let in_venv = |name: &str| -> Result<PathBuf, String> {

@@ -1,0 +1,472 @@
+//! baton side by side with the reload each server ships with, on the same
+//! app, the same load and the same machine, in one run:
+//!
+//! - **gunicorn's own reload** (`SIGHUP` to its master: new workers start,
+//!   the old ones finish their requests and exit) against gunicorn under
+//!   baton, steered and shared;
+//! - **PM2's cluster-mode reload** (`pm2 reload`: one worker at a time is
+//!   replaced, the old one told with SIGINT) of the Node app against the
+//!   same app under baton, steered and shared.
+//!
+//! The apps are `benches/servers/` ([`crate::servers`]); PM2 is pinned and
+//! installed by `benches/setup.sh` into `target/bench-node`. A deploy under
+//! baton is `upgrade` over its control socket; gunicorn's ends when every
+//! old worker has exited and as many new ones run; PM2's when its command
+//! returns. Every request is timed and classified by the client, as in the
+//! rest of the bench.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde::Serialize;
+
+use crate::cli::{ServersArgs, ToolsArgs};
+use crate::cutover::{self, BatonDeploy, CommandReload, Deployer, SignalReload};
+use crate::load::{ConnMode, LoadSpec, Model};
+use crate::measure::{self, RunSpec};
+use crate::procs::{self, Bins, Proc};
+use crate::report::{self, Latency, Stat};
+use crate::schedule::CutoverPlan;
+use crate::summary::{loadavg, machine, Machine};
+use crate::BenchError;
+
+/// The contenders, in the order they run.
+pub const TOOLS: [&str; 6] = [
+    "gunicorn-hup",
+    "baton-gunicorn",
+    "baton-gunicorn-shared",
+    "pm2-reload",
+    "baton-node",
+    "baton-node-shared",
+];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub tool: String,
+    pub conn: &'static str,
+    pub rate: f64,
+    pub deploys: usize,
+    pub deploys_ok: usize,
+    pub requests: u64,
+    pub failed: u64,
+    pub failed_by_cause: BTreeMap<&'static str, u64>,
+    pub retried: u64,
+    pub latency_steady: Latency,
+    pub latency_cutover: Latency,
+    /// A deploy, from its start to its end as the tool defines it.
+    pub deploy_ms: Option<Stat>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub tool: String,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub machine: Machine,
+    pub deploys_per_run: u32,
+    pub runs: Vec<Run>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// The [`ServersArgs`] the shared launch code reads.
+fn servers_args(args: &ToolsArgs) -> ServersArgs {
+    ServersArgs {
+        json: false,
+        strict: false,
+        out: args.out.clone(),
+        servers: Vec::new(),
+        baton: args.baton.clone(),
+        app: None,
+        venv: args.venv.clone(),
+        node: args.node.clone(),
+        servers_dir: args.servers_dir.clone(),
+        cutovers: args.deploys,
+        interval: args.interval,
+        rate: args.rate,
+        modes: args.modes.clone(),
+        concurrency: args.concurrency,
+        timeout: args.timeout,
+        quiet: args.quiet,
+    }
+}
+
+/// PM2 from `target/bench-node` (made by `benches/setup.sh`).
+fn pm2(args: &ToolsArgs) -> Result<PathBuf, String> {
+    if let Some(p) = &args.pm2 {
+        return Ok(p.clone());
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| {
+            Some(
+                e.parent()?
+                    .parent()?
+                    .join("bench-node/node_modules/.bin/pm2"),
+            )
+        })
+        .filter(|p| p.is_file())
+        .ok_or_else(|| "pm2 is not installed (run benches/setup.sh, or pass --pm2)".into())
+}
+
+pub fn run(args: &ToolsArgs) -> Result<Summary, BenchError> {
+    if args.deploys == 0 || !args.rate.is_finite() || args.rate <= 0.0 {
+        return Err(BenchError::Usage(
+            "--deploys and --rate must be more than zero".into(),
+        ));
+    }
+    if let Some(bad) = args.tools.iter().find(|t| !TOOLS.contains(&t.as_str())) {
+        return Err(BenchError::Usage(format!(
+            "unknown tool {bad:?}: expected one of {}",
+            TOOLS.join(", ")
+        )));
+    }
+    let baton = procs::sibling("baton", args.baton.as_deref()).map_err(BenchError::Env)?;
+    std::fs::create_dir_all(&args.out).map_err(BenchError::io("creating the output directory"))?;
+    let scratch =
+        procs::Scratch::new("tools").map_err(BenchError::io("creating a scratch directory"))?;
+    let sa = servers_args(args);
+    let mut m = machine();
+    m.loadavg_start = loadavg();
+    let (mut runs, mut skipped) = (Vec::new(), Vec::new());
+    for tool in TOOLS.iter().filter(|t| args.tools.iter().any(|a| a == *t)) {
+        for &conn in &args.modes {
+            match run_one(args, &sa, &baton, &scratch.0, tool, conn) {
+                Ok(r) => runs.push(r),
+                Err(Skip(why)) => {
+                    eprintln!("baton-bench: skipping {tool}: {why}");
+                    skipped.push(Skipped {
+                        tool: (*tool).into(),
+                        why,
+                    });
+                    break;
+                }
+            }
+        }
+    }
+    m.loadavg_end = loadavg();
+    Ok(Summary {
+        machine: m,
+        deploys_per_run: args.deploys,
+        runs,
+        skipped,
+    })
+}
+
+struct Skip(String);
+
+/// What runs the app for one contender: the process to stop at the end
+/// (if any), the command that stops it otherwise, and the deployer.
+struct Setup {
+    keep: Vec<Proc>,
+    control: Option<PathBuf>,
+    teardown: Option<CommandReload>,
+    deployer: Deployer,
+    sample_pid: Option<i32>,
+}
+
+fn setup(
+    args: &ToolsArgs,
+    sa: &ServersArgs,
+    baton: &std::path::Path,
+    scratch: &std::path::Path,
+    tool: &str,
+    conn: ConnMode,
+    port: u16,
+) -> Result<Setup, Skip> {
+    let name = format!("{tool}-{}", conn.name());
+    let log = args.out.join(format!("tools-{name}.log"));
+    let dir = crate::servers::servers_dir(sa);
+    match tool {
+        "gunicorn-hup" => {
+            let l = crate::servers::launch("gunicorn", sa).map_err(Skip)?;
+            let mut cmd = std::process::Command::new(&l.program);
+            // The same gunicorn command as under baton, binding the port
+            // itself instead of taking baton's socket.
+            cmd.args(["--bind", &procs::loopback(port).to_string()])
+                .args(&l.args)
+                .env_remove("LISTEN_FDS")
+                .env_remove("LISTEN_PID");
+            let master = Proc::spawn(cmd, "gunicorn", &log).map_err(|e| Skip(e.to_string()))?;
+            if !procs::wait_accepting(procs::loopback(port), Duration::from_secs(20)) {
+                return Err(Skip(format!(
+                    "gunicorn did not accept; see {}",
+                    log.display()
+                )));
+            }
+            let pid = master.pid();
+            Ok(Setup {
+                keep: Vec::new(),
+                control: None,
+                teardown: None,
+                deployer: Deployer::Signal(SignalReload {
+                    master,
+                    signal: Signal::SIGHUP,
+                    workers: 2,
+                }),
+                sample_pid: Some(pid),
+            })
+        }
+        "pm2-reload" => {
+            let pm2 = pm2(args).map_err(Skip)?;
+            let home = scratch.join(format!("pm2-{}", conn.name()));
+            let env = vec![
+                ("PM2_HOME".to_owned(), home.clone().into_os_string()),
+                ("PORT".to_owned(), port.to_string().into()),
+            ];
+            let script = dir.join("server.js");
+            let start = CommandReload {
+                argv: [
+                    pm2.as_os_str(),
+                    "start".as_ref(),
+                    script.as_os_str(),
+                    "-i".as_ref(),
+                    "2".as_ref(),
+                    "--name".as_ref(),
+                    "bench".as_ref(),
+                    "--wait-ready".as_ref(),
+                    "--listen-timeout".as_ref(),
+                    "10000".as_ref(),
+                    "--kill-timeout".as_ref(),
+                    "10000".as_ref(),
+                ]
+                .map(Into::into)
+                .to_vec(),
+                env: env.clone(),
+                log: log.clone(),
+            };
+            let started = start.run_once();
+            if let Err(e) = started {
+                return Err(Skip(format!("pm2 start: {e}; see {}", log.display())));
+            }
+            if !procs::wait_accepting(procs::loopback(port), Duration::from_secs(20)) {
+                return Err(Skip(format!(
+                    "pm2's app did not accept; see {}",
+                    log.display()
+                )));
+            }
+            let cmd = |verb: &str| CommandReload {
+                argv: vec![pm2.clone().into_os_string(), verb.into(), "bench".into()],
+                env: env.clone(),
+                log: log.clone(),
+            };
+            let mut teardown = cmd("delete");
+            teardown.argv = vec![pm2.clone().into_os_string(), "kill".into()];
+            Ok(Setup {
+                keep: Vec::new(),
+                control: None,
+                teardown: Some(teardown),
+                deployer: Deployer::Command(cmd("reload")),
+                sample_pid: None,
+            })
+        }
+        baton_tool => {
+            let (server, shared) = match baton_tool {
+                "baton-gunicorn" => ("gunicorn", false),
+                "baton-gunicorn-shared" => ("gunicorn", true),
+                "baton-node" => ("node", false),
+                _ => ("node", true),
+            };
+            let l = crate::servers::launch(server, sa).map_err(Skip)?;
+            let bins = Bins {
+                baton: baton.to_owned(),
+                app: l.program.clone(),
+                haproxy: None,
+            };
+            let mut flags = l.run_flags.clone();
+            if shared {
+                flags.extend(["--traffic".to_owned(), "shared".to_owned()]);
+            }
+            let control = scratch.join(format!("{name}.sock"));
+            let proc = procs::spawn_baton_with(&bins, port, &control, None, &log, &flags, &l.args)
+                .map_err(Skip)?;
+            let deployer = Deployer::Baton(
+                BatonDeploy::new(control.clone()).map_err(|e| Skip(e.to_string()))?,
+            );
+            let pid = proc.pid();
+            Ok(Setup {
+                keep: vec![proc],
+                control: Some(control),
+                teardown: None,
+                deployer,
+                sample_pid: Some(pid),
+            })
+        }
+    }
+}
+
+fn run_one(
+    args: &ToolsArgs,
+    sa: &ServersArgs,
+    baton: &std::path::Path,
+    scratch: &std::path::Path,
+    tool: &str,
+    conn: ConnMode,
+) -> Result<Run, Skip> {
+    let port = procs::free_port().map_err(|e| Skip(format!("no free port: {e}")))?;
+    let Setup {
+        mut keep,
+        control,
+        teardown,
+        deployer,
+        sample_pid,
+    } = setup(args, sa, baton, scratch, tool, conn, port)?;
+    let spec = RunSpec {
+        name: format!("tools-{tool}-{}", conn.name()),
+        target: tool.into(),
+        addr: procs::loopback(port),
+        load: LoadSpec {
+            model: Model::Open { rate: args.rate },
+            conn,
+            concurrency: args.concurrency.max(1),
+            timeout: args.timeout,
+            threads: 1,
+        },
+        duration: Duration::ZERO,
+        plan: Some(CutoverPlan {
+            lead: Duration::from_secs(1),
+            interval: args.interval,
+            count: args.deploys,
+            tail: Duration::from_secs(1),
+        }),
+        sample_pid,
+        tree_pid: None,
+        stamps: None,
+        quiet: args.quiet,
+    };
+    let measured = measure::measure(spec, Some(deployer));
+    if let (Some(control), Some(p)) = (control, keep.pop()) {
+        cutover::stop_baton(&control, p);
+    }
+    if let Some(t) = teardown {
+        let _ = t.run_once();
+    }
+    let (data, _) = measured.map_err(|e| Skip(format!("running the load: {e}")))?;
+    let (rep, _) = report::analyze(&data);
+    Ok(Run {
+        tool: tool.into(),
+        conn: conn.name(),
+        rate: args.rate,
+        deploys: rep.cutover_count,
+        deploys_ok: rep.cutovers_ok,
+        requests: rep.sent,
+        failed: rep.failed,
+        failed_by_cause: rep.failed_by_cause.clone(),
+        retried: rep.retried,
+        latency_steady: rep.latency.steady,
+        latency_cutover: rep.latency.cutover,
+        deploy_ms: rep.phases_ms.get("total").cloned(),
+    })
+}
+
+/// Whether every contender asked for ran and every deploy completed.
+pub fn complete(s: &Summary) -> bool {
+    s.skipped.is_empty() && s.runs.iter().all(|r| r.deploys_ok == r.deploys)
+}
+
+/// The readable summary: one row per contender and connection mode.
+pub fn text(s: &Summary) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let m = &s.machine;
+    let _ = writeln!(
+        out,
+        "baton-bench tools: each server's own reload against baton, {} deploys per run",
+        s.deploys_per_run
+    );
+    let _ = writeln!(
+        out,
+        "machine: {} x {}, kernel {}, {} MB; load average {} -> {}",
+        m.nproc, m.cpu_model, m.kernel, m.mem_total_mb, m.loadavg_start, m.loadavg_end
+    );
+    let _ = writeln!(
+        out,
+        "{:<22} {:<10} {:>8} {:>9} {:>7} {:>8} {:>10} {:>10} {:>16}",
+        "tool",
+        "conn",
+        "deploys",
+        "requests",
+        "failed",
+        "retried",
+        "p99 steady",
+        "p99 deploy",
+        "deploy ms (med)"
+    );
+    for r in &s.runs {
+        let _ = writeln!(
+            out,
+            "{:<22} {:<10} {:>8} {:>9} {:>7} {:>8} {:>10.2} {:>10.2} {:>16}",
+            r.tool,
+            r.conn,
+            format!("{}/{}", r.deploys_ok, r.deploys),
+            r.requests,
+            r.failed,
+            r.retried,
+            r.latency_steady.p99_ms,
+            r.latency_cutover.p99_ms,
+            r.deploy_ms
+                .as_ref()
+                .map_or("-".into(), |d| format!("{:.1}", d.median))
+        );
+        let causes: BTreeMap<_, _> = r.failed_by_cause.iter().filter(|(_, n)| **n > 0).collect();
+        if !causes.is_empty() {
+            let _ = writeln!(out, "  failed by cause: {causes:?}");
+        }
+    }
+    for k in &s.skipped {
+        let _ = writeln!(out, "{:<22} skipped: {}", k.tool, k.why);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Cmd};
+
+    fn args(extra: &[&str]) -> ToolsArgs {
+        let mut argv = vec!["baton-bench", "tools"];
+        argv.extend_from_slice(extra);
+        match Cli::parse_from(argv).command {
+            Cmd::Tools(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_contender_runs_by_default_and_an_unknown_one_is_a_usage_error() {
+        assert_eq!(args(&[]).tools, TOOLS);
+        let err = run(&args(&["--tools", "pm2-reload,nginx"])).unwrap_err();
+        assert!(
+            matches!(&err, BenchError::Usage(m) if m.contains("\"nginx\"")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_pm2_says_how_to_install_it() {
+        let why = pm2(&args(&["--pm2", "/nonexistent/pm2"])).unwrap();
+        assert_eq!(why, PathBuf::from("/nonexistent/pm2"));
+        let complete_with = |skipped: usize| {
+            complete(&Summary {
+                machine: machine(),
+                deploys_per_run: 1,
+                runs: Vec::new(),
+                skipped: (0..skipped)
+                    .map(|_| Skipped {
+                        tool: "pm2-reload".into(),
+                        why: "pm2 is not installed".into(),
+                    })
+                    .collect(),
+            })
+        };
+        assert!(complete_with(0));
+        assert!(!complete_with(1));
+    }
+}
