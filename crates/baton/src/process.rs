@@ -1043,29 +1043,24 @@ mod tests {
     }
 
     #[test]
-    fn the_default_priority_falls_back_to_what_can_be_undone() {
+    fn the_default_is_normal_and_an_explicit_setting_is_kept_or_refused() {
         use baton_core::CpuPriority as P;
         let rights = |may_raise, other_user| NiceRights {
             may_raise,
             other_user,
         };
+        // The default needs no right at all.
+        for (may_raise, other_user) in [(true, false), (true, true), (false, false), (false, true)]
+        {
+            assert_eq!(
+                usable_candidate_priority(None, rights(may_raise, other_user)),
+                Ok(P::Normal)
+            );
+        }
+        // Batch back to normal needs nothing for one's own threads.
         assert_eq!(
-            usable_candidate_priority(None, rights(true, false)),
-            Ok(P::Idle)
-        );
-        assert_eq!(
-            usable_candidate_priority(None, rights(true, true)),
-            Ok(P::Idle)
-        );
-        // Batch back to normal needs nothing for one's own threads...
-        assert_eq!(
-            usable_candidate_priority(None, rights(false, false)),
+            usable_candidate_priority(Some(P::Batch), rights(false, false)),
             Ok(P::Batch)
-        );
-        // ...but another user's need CAP_SYS_NICE.
-        assert_eq!(
-            usable_candidate_priority(None, rights(false, true)),
-            Ok(P::Normal)
         );
         // An explicit setting is kept or refused, never changed.
         assert_eq!(

@@ -272,10 +272,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "MODE", value_parser = config::parse_overlap)]
     pub overlap: Option<config::Overlap>,
     /// CPU priority of an upgrade's new generation until it is ready:
-    /// idle (SCHED_IDLE), batch (SCHED_BATCH), nice:N or normal; it gets
-    /// baton's own priority back before it takes traffic, so starting it
-    /// does not slow the generation serving [default: idle, or batch where
-    /// baton may not raise priorities (no CAP_SYS_NICE)]
+    /// idle (SCHED_IDLE), batch (SCHED_BATCH), nice:N or normal; a lowered
+    /// one gets baton's own priority back before it takes traffic
+    /// [default: normal]
     #[arg(long, value_name = "PRIORITY", value_parser = config::parse_candidate_priority)]
     pub candidate_priority: Option<config::CpuPriority>,
     /// The app's command; `{fd:NAME}` becomes that listener's fd number
