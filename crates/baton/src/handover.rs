@@ -211,6 +211,8 @@ mod tests {
             listen: vec!["http=127.0.0.1:0".parse().unwrap()],
             workers: Some(2),
             control: Some("/run/baton/control.sock".into()),
+            // A lowered candidate, so the document carries a priority.
+            candidate_priority: Some(baton_core::CpuPriority::Idle),
             ..Default::default()
         };
         let config = Config::merge(FileConfig::default(), &overrides, Path::new("/srv")).unwrap();
@@ -265,7 +267,7 @@ mod tests {
         m.step(spawned(2, 1, 201), t(4));
         m.step(ready(200), t(5));
         m.step(ready(201), t(5));
-        // Started at the default, lowered priority, each worker is
+        // Started at the idle priority, each worker is
         // restored (worker 0's restore failed: it stays lowered, and its
         // process says so); then it takes over.
         let restored = |pid, restored| Input::PriorityRestored {
