@@ -140,6 +140,20 @@ pub struct LoadSpec {
     pub threads: usize,
 }
 
+impl LoadSpec {
+    /// Open-loop load at `rate` from a current-thread client, with at
+    /// least one worker.
+    pub fn open(rate: f64, conn: ConnMode, concurrency: usize, timeout: Duration) -> LoadSpec {
+        LoadSpec {
+            model: Model::Open { rate },
+            conn,
+            concurrency: concurrency.max(1),
+            timeout,
+            threads: 1,
+        }
+    }
+}
+
 /// One request as it happened. Times are µs since the run's start; for
 /// closed-loop load, `sched_us == start_us`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -61,6 +61,24 @@ pub struct RunData {
     pub other_cpu_pct: Option<f64>,
 }
 
+/// Runs `spec` while upgrading the baton behind `control` as its plan
+/// says, then stops that baton (which is also stopped, by dropping it, if
+/// the run cannot start).
+pub fn under_baton(
+    spec: RunSpec,
+    control: &std::path::Path,
+    baton: crate::procs::Proc,
+) -> Result<RunData, crate::BenchError> {
+    use crate::BenchError;
+    let deployer = Deployer::Baton(
+        crate::cutover::BatonDeploy::new(control.to_owned())
+            .map_err(BenchError::io("starting a runtime"))?,
+    );
+    let (data, _) = measure(spec, Some(deployer)).map_err(BenchError::io("running the load"))?;
+    crate::cutover::stop_baton(control, baton);
+    Ok(data)
+}
+
 /// Sleeps until `at` (µs on the run's clock), waking early if the run stops.
 fn sleep_until(shared: &Shared, at_us: u64) {
     loop {

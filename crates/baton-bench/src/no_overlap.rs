@@ -27,8 +27,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cli::NoOverlapArgs;
-use crate::cutover::{self, BatonDeploy, Cutover, Deployer};
-use crate::load::{Clock, ConnMode, LoadSpec, Model};
+use crate::cutover::Cutover;
+use crate::load::{Clock, ConnMode, LoadSpec};
 use crate::measure::{self, RunSpec};
 use crate::procs::{self, Bins, Scratch};
 use crate::report::{self, stat, Latency, Stat};
@@ -146,13 +146,7 @@ fn run_mode(
         name,
         target: "baton".into(),
         addr: procs::loopback(port),
-        load: LoadSpec {
-            model: Model::Open { rate: args.rate },
-            conn,
-            concurrency: args.concurrency.max(1),
-            timeout: args.timeout,
-            threads: 1,
-        },
+        load: LoadSpec::open(args.rate, conn, args.concurrency, args.timeout),
         duration: Duration::ZERO,
         plan: Some(CutoverPlan {
             lead: Duration::from_secs(1),
@@ -165,12 +159,7 @@ fn run_mode(
         stamps: Some(stamps.clone()),
         quiet: args.quiet,
     };
-    let deployer = Deployer::Baton(
-        BatonDeploy::new(control.clone()).map_err(BenchError::io("starting a runtime"))?,
-    );
-    let (data, _) =
-        measure::measure(spec, Some(deployer)).map_err(BenchError::io("running the load"))?;
-    cutover::stop_baton(&control, baton);
+    let data = measure::under_baton(spec, &control, baton)?;
     let (rep, _) = report::analyze(&data);
     let stamps = Stamps::read(&stamps).map_err(BenchError::io("reading the stamps"))?;
     let per_cutover: Vec<PerCutover> = rep

@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cli::PriorityArgs;
-use crate::cutover::{self, BatonDeploy, Deployer};
+use crate::cutover::{self};
 use crate::load::{ConnMode, LoadSpec, Model};
 use crate::measure::{self, RunSpec};
 use crate::procs::{self, Bins, Scratch};
@@ -237,13 +237,7 @@ fn run_one(
         name,
         target: format!("baton-{}", s.traffic),
         addr: procs::loopback(port),
-        load: LoadSpec {
-            model: Model::Open { rate: s.rate },
-            conn: s.conn,
-            concurrency: args.concurrency.max(1),
-            timeout: args.timeout,
-            threads: 1,
-        },
+        load: LoadSpec::open(s.rate, s.conn, args.concurrency, args.timeout),
         duration: Duration::ZERO,
         plan: Some(CutoverPlan {
             lead: Duration::from_secs(1),
@@ -256,12 +250,7 @@ fn run_one(
         stamps: Some(stamps.clone()),
         quiet: args.quiet,
     };
-    let deployer = Deployer::Baton(
-        BatonDeploy::new(control.clone()).map_err(BenchError::io("starting a runtime"))?,
-    );
-    let (data, _) =
-        measure::measure(spec, Some(deployer)).map_err(BenchError::io("running the load"))?;
-    cutover::stop_baton(&control, baton);
+    let data = measure::under_baton(spec, &control, baton)?;
     let (rep, _) = report::analyze(&data);
     let stamps = Stamps::read(&stamps).map_err(BenchError::io("reading the stamps"))?;
     let ok: Vec<&cutover::Cutover> = data.cutovers.iter().filter(|c| c.ok).collect();

@@ -25,8 +25,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cli::ServersArgs;
-use crate::cutover::{self, BatonDeploy, Deployer};
-use crate::load::{ConnMode, LoadSpec, Model};
+use crate::load::{ConnMode, LoadSpec};
 use crate::measure::{self, RunSpec};
 use crate::procs::{self, Bins, Scratch};
 use crate::report::{self, Latency, Stat};
@@ -254,13 +253,7 @@ fn run_one(
         name,
         target: format!("baton-{server}"),
         addr: procs::loopback(port),
-        load: LoadSpec {
-            model: Model::Open { rate: args.rate },
-            conn,
-            concurrency: args.concurrency.max(1),
-            timeout: args.timeout,
-            threads: 1,
-        },
+        load: LoadSpec::open(args.rate, conn, args.concurrency, args.timeout),
         duration: Duration::ZERO,
         plan: Some(CutoverPlan {
             lead: Duration::from_secs(1),
@@ -273,12 +266,7 @@ fn run_one(
         stamps: None,
         quiet: args.quiet,
     };
-    let deployer = Deployer::Baton(
-        BatonDeploy::new(control.clone()).map_err(BenchError::io("starting a runtime"))?,
-    );
-    let (data, _) =
-        measure::measure(spec, Some(deployer)).map_err(BenchError::io("running the load"))?;
-    cutover::stop_baton(&control, proc);
+    let data = measure::under_baton(spec, &control, proc)?;
     let (rep, _) = report::analyze(&data);
     let mut command = vec![launch.program.to_string_lossy().into_owned()];
     command.extend(launch.args.iter().cloned());

@@ -17,8 +17,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cli::SoakArgs;
-use crate::cutover::{self, BatonDeploy, Cutover, Deployer};
-use crate::load::{LoadSpec, Model};
+use crate::cutover::Cutover;
+use crate::load::LoadSpec;
 use crate::measure::{self, RunSpec};
 use crate::procs::{self, Bins};
 use crate::procstat::{self, Sample};
@@ -102,13 +102,7 @@ pub fn run(args: &SoakArgs) -> Result<Summary, BenchError> {
         name: "soak".into(),
         target: "baton".into(),
         addr: procs::loopback(port),
-        load: LoadSpec {
-            model: Model::Open { rate: args.rate },
-            conn: args.conn,
-            concurrency: args.concurrency.max(1),
-            timeout: args.timeout,
-            threads: 1,
-        },
+        load: LoadSpec::open(args.rate, args.conn, args.concurrency, args.timeout),
         duration: Duration::ZERO,
         plan: Some(CutoverPlan {
             lead: Duration::from_secs(2),
@@ -121,12 +115,7 @@ pub fn run(args: &SoakArgs) -> Result<Summary, BenchError> {
         stamps: None,
         quiet: args.quiet,
     };
-    let deployer = Deployer::Baton(
-        BatonDeploy::new(control.clone()).map_err(BenchError::io("starting a runtime"))?,
-    );
-    let (data, _) =
-        measure::measure(spec, Some(deployer)).map_err(BenchError::io("running the load"))?;
-    cutover::stop_baton(&control, baton);
+    let data = measure::under_baton(spec, &control, baton)?;
     m.loadavg_end = loadavg();
     let (rep, _) = report::analyze(&data);
     let blocks = blocks(

@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::cli::{ServersArgs, ToolsArgs};
 use crate::cutover::{self, BatonDeploy, CommandReload, Deployer, SignalReload};
-use crate::load::{ConnMode, LoadSpec, Model};
+use crate::load::{ConnMode, LoadSpec};
 use crate::measure::{self, RunSpec};
 use crate::procs::{self, Bins, Proc};
 use crate::report::{self, Latency, Stat};
@@ -319,13 +319,7 @@ fn run_one(
         name: format!("tools-{tool}-{}", conn.name()),
         target: tool.into(),
         addr: procs::loopback(port),
-        load: LoadSpec {
-            model: Model::Open { rate: args.rate },
-            conn,
-            concurrency: args.concurrency.max(1),
-            timeout: args.timeout,
-            threads: 1,
-        },
+        load: LoadSpec::open(args.rate, conn, args.concurrency, args.timeout),
         duration: Duration::ZERO,
         plan: Some(CutoverPlan {
             lead: Duration::from_secs(1),
