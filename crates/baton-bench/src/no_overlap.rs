@@ -270,11 +270,7 @@ pub fn text(s: &Summary) -> String {
         "baton-bench no-overlap: upgrades with `baton run --overlap none`, app start delay {} ms",
         s.delay_ready_ms
     );
-    let _ = writeln!(
-        out,
-        "machine: {} x {}, kernel {}, {} MB; load average {} -> {}",
-        m.nproc, m.cpu_model, m.kernel, m.mem_total_mb, m.loadavg_start, m.loadavg_end
-    );
+    let _ = writeln!(out, "{m}");
     for r in &s.runs {
         let _ = writeln!(
             out,

@@ -296,11 +296,7 @@ pub fn text(s: &Summary) -> String {
         out,
         "baton-bench priority: the candidate's CPU priority, setting against setting"
     );
-    let _ = writeln!(
-        out,
-        "machine: {} x {}, kernel {}, {} MB; load average {} -> {}",
-        m.nproc, m.cpu_model, m.kernel, m.mem_total_mb, m.loadavg_start, m.loadavg_end
-    );
+    let _ = writeln!(out, "{m}");
     for (conn, c) in &s.ceilings {
         let _ = writeln!(out, "the app alone, {conn}: {c:.0} req/s");
     }

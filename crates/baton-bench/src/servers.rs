@@ -305,11 +305,7 @@ pub fn text(s: &Summary) -> String {
         "baton-bench servers: real servers under baton (steered traffic), {} cutovers per run",
         s.cutovers_per_run
     );
-    let _ = writeln!(
-        out,
-        "machine: {} x {}, kernel {}, {} MB; load average {} -> {}",
-        m.nproc, m.cpu_model, m.kernel, m.mem_total_mb, m.loadavg_start, m.loadavg_end
-    );
+    let _ = writeln!(out, "{m}");
     let _ = writeln!(
         out,
         "{:<9} {:<10} {:>9} {:>9} {:>7} {:>8} {:>17} {:>24} {:>20}",

@@ -320,11 +320,7 @@ pub fn text(s: &Summary) -> String {
         "baton-bench soak: {} of {} cutovers ok in {:.0} s, {} load at {:.0} req/s",
         s.cutovers_ok, s.cutovers, s.duration_s, s.conn, s.rate
     );
-    let _ = writeln!(
-        out,
-        "machine: {} x {}, kernel {}, {} MB; load average {} -> {}",
-        m.nproc, m.cpu_model, m.kernel, m.mem_total_mb, m.loadavg_start, m.loadavg_end
-    );
+    let _ = writeln!(out, "{m}");
     let _ = writeln!(
         out,
         "requests {}, failed {}, retried {}; p99 steady {:.3} ms, in cutover windows {:.3} ms",

@@ -30,6 +30,22 @@ pub struct Machine {
     pub loadavg_end: String,
 }
 
+impl std::fmt::Display for Machine {
+    /// One line for a scenario's summary: what ran it, and how busy it was.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "machine: {} x {}, kernel {}, {} MB; load average {} -> {}",
+            self.nproc,
+            self.cpu_model,
+            self.kernel,
+            self.mem_total_mb,
+            self.loadavg_start,
+            self.loadavg_end
+        )
+    }
+}
+
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))

@@ -372,11 +372,7 @@ pub fn text(s: &Summary) -> String {
         "baton-bench tools: each server's own reload against baton, {} deploys per run",
         s.deploys_per_run
     );
-    let _ = writeln!(
-        out,
-        "machine: {} x {}, kernel {}, {} MB; load average {} -> {}",
-        m.nproc, m.cpu_model, m.kernel, m.mem_total_mb, m.loadavg_start, m.loadavg_end
-    );
+    let _ = writeln!(out, "{m}");
     let _ = writeln!(
         out,
         "{:<22} {:<10} {:>8} {:>9} {:>7} {:>8} {:>10} {:>10} {:>16}",
