@@ -956,23 +956,27 @@ mod tests {
             })
             .collect();
         assert_eq!(s.slot_count(), 3);
-        let check = |s: &mut Sockets, p: TrafficPlan, want: u64| {
-            s.apply(&p);
-            for _ in 0..5 {
-                let _c = TcpStream::connect(addr).unwrap();
-                // The handshake is done by the kernel; the queue shows where.
-                let mut got = Vec::new();
-                for _ in 0..200 {
-                    got = landed(&fds);
-                    if !got.is_empty() {
-                        break;
+        // Five new connections under plan `p` all land in `want`'s socket
+        // (of those in `fds`).
+        let check_in =
+            |fds: &[(GenId, OwnedFd)], s: &mut Sockets, p: TrafficPlan, want: u64, when: &str| {
+                s.apply(&p);
+                for _ in 0..5 {
+                    let _c = TcpStream::connect(addr).unwrap();
+                    // The handshake is done by the kernel; the queue shows where.
+                    let mut got = Vec::new();
+                    for _ in 0..200 {
+                        got = landed(fds);
+                        if !got.is_empty() {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(1));
                     }
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    assert_eq!(got, vec![GenId(want)], "{when}plan {p:?}");
+                    drain_queues(fds);
                 }
-                assert_eq!(got, vec![GenId(want)], "plan {p:?}");
-                drain_queues(&fds);
-            }
-        };
+            };
+        let check = |s: &mut Sockets, p, want| check_in(&fds, s, p, want, "");
         check(&mut s, plan(3, None), 3);
         check(&mut s, plan(1, None), 1);
         // Generation 1's app shuts its socket down: the kernel takes it out
@@ -990,22 +994,8 @@ mod tests {
             .iter()
             .map(|(g, fd)| (*g, fd.as_fd().try_clone_to_owned().unwrap()))
             .collect();
-        let check_now = |s: &mut Sockets, p: TrafficPlan, want: u64| {
-            s.apply(&p);
-            for _ in 0..5 {
-                let _c = TcpStream::connect(addr).unwrap();
-                let mut got = Vec::new();
-                for _ in 0..200 {
-                    got = landed(&fds_now);
-                    if !got.is_empty() {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                assert_eq!(got, vec![GenId(want)], "after recovery, plan {p:?}");
-                drain_queues(&fds_now);
-            }
-        };
+        let check_now =
+            |s: &mut Sockets, p, want| check_in(&fds_now, s, p, want, "after recovery, ");
         check_now(&mut s, plan(3, None), 3);
         check_now(&mut s, plan(2, None), 2);
         // A 100% canary is the candidate's too.
