@@ -741,13 +741,9 @@ pub struct ConfigSource {
 }
 
 impl ConfigSource {
+    /// The effective configuration; a candidate priority baton could not
+    /// undo is an error.
     pub fn load(&self) -> Result<Config, ConfigError> {
-        self.load_noting().map(|(config, _)| config)
-    }
-
-    /// [`load`](Self::load), and why the default candidate priority fell
-    /// back to another one, if it did (for a log line at start).
-    pub fn load_noting(&self) -> Result<(Config, Option<String>), ConfigError> {
         let file = match &self.file {
             Some(p) => FileConfig::load(p)?,
             None => FileConfig::default(),
@@ -760,21 +756,7 @@ impl ConfigSource {
         let rights = crate::process::NiceRights::of_self(config.user.is_some());
         config.candidate_priority = crate::process::usable_candidate_priority(explicit, rights)
             .map_err(ConfigError::Invalid)?;
-        let note = (explicit.is_none() && config.candidate_priority != DEFAULT_CANDIDATE_PRIORITY)
-            .then(|| {
-                format!(
-                    "new generations start at CPU priority \"{}\", not the default \"{}\": \
-                     baton could not give them their priority back ({})",
-                    candidate_priority_name(config.candidate_priority),
-                    candidate_priority_name(DEFAULT_CANDIDATE_PRIORITY),
-                    if rights.other_user {
-                        "the app runs as another user and baton has no CAP_SYS_NICE"
-                    } else {
-                        "no CAP_SYS_NICE and RLIMIT_NICE too low"
-                    }
-                )
-            });
-        Ok((config, note))
+        Ok(config)
     }
 }
 

@@ -703,13 +703,12 @@ impl NiceRights {
 
 /// The candidate priority baton can keep its promise with: the normal
 /// priority back before the candidate takes traffic. An explicit setting
-/// that cannot be undone is an error; the default falls back to the first
-/// of idle, batch, normal that can.
+/// that cannot be undone is an error; the default, `normal`, needs no
+/// right.
 pub fn usable_candidate_priority(
     explicit: Option<baton_core::CpuPriority>,
     rights: NiceRights,
 ) -> Result<baton_core::CpuPriority, String> {
-    use baton_core::CpuPriority as P;
     match explicit {
         Some(p) if rights.restorable(p) => Ok(p),
         Some(p) => Err(format!(
@@ -728,10 +727,7 @@ pub fn usable_candidate_priority(
                 "\"batch\""
             },
         )),
-        None => Ok([crate::config::DEFAULT_CANDIDATE_PRIORITY, P::Batch]
-            .into_iter()
-            .find(|p| rights.restorable(*p))
-            .unwrap_or(P::Normal)),
+        None => Ok(crate::config::DEFAULT_CANDIDATE_PRIORITY),
     }
 }
 

@@ -61,11 +61,8 @@ pub async fn supervise(
         },
         base_dir,
     };
-    let (config, priority_note) = source.load_noting()?;
+    let config = source.load()?;
     let _logs = super::init_tracing(config.log_format);
-    if let Some(note) = priority_note {
-        tracing::warn!("{note}");
-    }
     // Before the first deploy there is no `current` to run in: say so
     // rather than that the program is missing.
     if let Some(root) = &config.releases_dir {
