@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the benchmark's outside reference needs (HAProxy, from Debian),
-# the real servers of `baton-bench servers` and `tools` (gunicorn and uvicorn,
+# Installs what the benchmark's outside references need (HAProxy and nginx,
+# from Debian), the real servers of `baton-bench servers` and `tools` (gunicorn and uvicorn,
 # pinned, from PyPI into target/bench-venv; PM2, pinned, from npm into
 # target/bench-node; Node.js from Debian if missing) and builds the
 # release binaries the bench drives. Idempotent; needs root
@@ -8,15 +8,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v haproxy >/dev/null; then
+missing=()
+command -v haproxy >/dev/null || missing+=(haproxy)
+# nginx is in /usr/sbin, which a non-root PATH may lack.
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing+=(nginx)
+if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends haproxy
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-# Debian's package starts a system haproxy on port 80 where systemd runs;
-# the bench never uses it and starts its own instances on free ports.
+# Debian's packages start a system haproxy and nginx on port 80 where
+# systemd runs; the bench never uses them and starts its own instances on
+# free loopback ports.
 haproxy -v | sed -n 1p  # sed reads it all: no SIGPIPE under pipefail
+PATH="$PATH:/usr/sbin" nginx -v
 
 # The real servers: pinned, so a run is repeatable; in a virtualenv of the
 # bench's own, so nothing system-wide changes.

@@ -59,12 +59,24 @@ pub struct ToolsArgs {
     /// Directory for logs, tools.json and tools.txt
     #[arg(long, value_name = "DIR", default_value = "bench-out")]
     pub out: PathBuf,
-    /// Contenders to run, in this order: gunicorn-hup, baton-gunicorn, baton-gunicorn-shared, pm2-reload, baton-node, baton-node-shared
+    /// Contenders to run, in this order: naive, haproxy-reload, nginx-reload, baton-rust, baton-rust-shared, gunicorn-hup, baton-gunicorn, baton-gunicorn-shared, pm2-reload, baton-node, baton-node-shared
     #[arg(long, value_delimiter = ',', default_values_t = crate::tools::TOOLS.map(String::from))]
     pub tools: Vec<String>,
     /// The baton binary [default: next to baton-bench]
     #[arg(long, value_name = "PATH")]
     pub baton: Option<PathBuf>,
+    /// The example app (hello) [default: next to baton-bench]
+    #[arg(long, value_name = "PATH")]
+    pub app: Option<PathBuf>,
+    /// The haproxy binary [default: found on PATH]
+    #[arg(long, value_name = "PATH")]
+    pub haproxy: Option<PathBuf>,
+    /// The nginx binary [default: found on PATH]
+    #[arg(long, value_name = "PATH")]
+    pub nginx: Option<PathBuf>,
+    /// HAProxy threads and nginx worker processes
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub proxy_workers: usize,
     /// The virtualenv with gunicorn [default: target/bench-venv, made by benches/setup.sh]
     #[arg(long, value_name = "DIR")]
     pub venv: Option<PathBuf>,

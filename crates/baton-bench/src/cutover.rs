@@ -304,9 +304,10 @@ pub enum Deployer {
     /// Stop the old process (SIGTERM, wait for exit), then start the new
     /// one on the same port: what a deploy script without baton does.
     Naive(Naive),
-    /// Start the new app on the other port, point HAProxy at it, reload
-    /// HAProxy seamlessly, wait for the old worker to leave, stop the old app.
-    Haproxy(Haproxy),
+    /// Start the new app on the other port, point the proxy (HAProxy or
+    /// nginx) at it, reload the proxy, wait for its old workers to leave,
+    /// stop the old app.
+    Proxy(ProxySwap),
     /// A control experiment, no deploy at all: start an app instance on a
     /// port nobody loads, wait until it serves, stop it. The same process
     /// start-up and exit a cutover costs the machine, with no traffic moved:
@@ -331,7 +332,7 @@ impl Deployer {
         match self {
             Deployer::Baton(b) => b.cutover(index, clock),
             Deployer::Naive(n) => n.cutover(index, clock),
-            Deployer::Haproxy(h) => h.cutover(index, clock),
+            Deployer::Proxy(p) => p.cutover(index, clock),
             Deployer::SpawnOnly(s) => s.cutover(index, clock),
             Deployer::Rollback(r) => r.cutover(index, clock),
             Deployer::Signal(h) => h.cutover(index, clock),
@@ -343,7 +344,7 @@ impl Deployer {
         match self {
             Deployer::Baton(_) => "baton",
             Deployer::Naive(_) => "naive",
-            Deployer::Haproxy(_) => "haproxy",
+            Deployer::Proxy(p) => p.proxy.name(),
             Deployer::SpawnOnly(_) => "spawn-only",
             Deployer::Rollback(_) => "rollback",
             Deployer::Signal(_) => "signal",
@@ -551,22 +552,68 @@ impl CommandReload {
     }
 }
 
-/// The HAProxy deploy's state.
-pub struct Haproxy {
+/// The proxy in front of the two app instances, and how it reloads.
+pub enum Proxy {
+    /// HAProxy in master-worker mode: `SIGUSR2` to the master; the new
+    /// worker takes the listeners over the stats socket (seamless reload).
+    Haproxy { threads: usize },
+    /// nginx: `nginx -s reload` (its master starts new workers on the
+    /// listeners it holds and retires the old ones gracefully).
+    Nginx { nginx: PathBuf, workers: usize },
+}
+
+impl Proxy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Proxy::Haproxy { .. } => "haproxy",
+            Proxy::Nginx { .. } => "nginx",
+        }
+    }
+
+    /// The configuration: listen on `port`, send everything to `app_port`.
+    pub fn config(&self, port: u16, app_port: u16, dir: &Path) -> String {
+        match self {
+            Proxy::Haproxy { threads } => procs::haproxy_config(port, app_port, dir, *threads),
+            Proxy::Nginx { workers, .. } => procs::nginx_config(port, app_port, dir, *workers),
+        }
+    }
+
+    /// Tells the running proxy to re-read its configuration.
+    fn reload(&self, master: &Proc, cfg: &Path, dir: &Path, log: &Path) -> Result<(), String> {
+        match self {
+            Proxy::Haproxy { .. } => master
+                .signal(Signal::SIGUSR2)
+                .map_err(|e| format!("signalling haproxy: {e}")),
+            // The command operators type: it signals the master whose pid
+            // the configuration's pid file holds.
+            Proxy::Nginx { nginx, .. } => CommandReload {
+                argv: procs::nginx_args(nginx, cfg, dir, &["-s", "reload"]),
+                env: Vec::new(),
+                log: log.to_owned(),
+            }
+            .run_once()
+            .map_err(|e| format!("nginx -s reload: {e}")),
+        }
+    }
+}
+
+/// A deploy behind a proxy: its state.
+pub struct ProxySwap {
+    pub proxy: Proxy,
     pub master: Proc,
     pub cfg: PathBuf,
     pub dir: PathBuf,
+    pub log: PathBuf,
     pub port: u16,
-    pub threads: usize,
     pub app: PathBuf,
     pub app_log: PathBuf,
     pub app_ports: [u16; 2],
     pub apps: [Option<Proc>; 2],
-    /// Index of the app instance HAProxy points at.
+    /// Index of the app instance the proxy points at.
     pub active: usize,
 }
 
-impl Haproxy {
+impl ProxySwap {
     fn cutover(&mut self, index: u32, clock: &Clock) -> Cutover {
         let now = || clock.now_us() as i64;
         let mut c = Cutover::new(index, now());
@@ -586,16 +633,20 @@ impl Haproxy {
         }
         c.mark("new_app_serving", now());
         let old_workers = crate::procstat::children(self.master.pid());
-        let cfg = procs::haproxy_config(self.port, next_port, &self.dir, self.threads);
+        let cfg = self.proxy.config(self.port, next_port, &self.dir);
         if let Err(e) = procs::write_atomic(&self.cfg, &cfg) {
             c.fail(format!("writing the config: {e}"));
             return c;
         }
-        if let Err(e) = self.master.signal(Signal::SIGUSR2) {
-            c.fail(format!("signalling haproxy: {e}"));
+        if let Err(e) = self
+            .proxy
+            .reload(&self.master, &self.cfg, &self.dir, &self.log)
+        {
+            c.fail(e);
             return c;
         }
         c.mark("reload", now());
+        let name = self.proxy.name();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut new_seen = false;
         loop {
@@ -609,11 +660,11 @@ impl Haproxy {
                 break;
             }
             if self.master.try_wait().is_some() {
-                c.fail("haproxy master exited");
+                c.fail(format!("{name} master exited"));
                 return c;
             }
             if Instant::now() >= deadline {
-                c.fail("haproxy reload did not complete within 10s");
+                c.fail(format!("{name} reload did not complete within 10s"));
                 return c;
             }
             std::thread::sleep(Duration::from_millis(1));

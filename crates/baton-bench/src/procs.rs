@@ -3,6 +3,7 @@
 //! by its [`Proc`] guard (SIGTERM, then SIGKILL), even on an early return,
 //! so a failed bench leaves nothing behind holding a port.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -266,16 +267,58 @@ pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
+/// The nginx configuration: one server on `port` proxying to the app
+/// instance of the moment on `app_port`, with kept-alive upstream
+/// connections (as HAProxy keeps them), its pid file, temp paths and log
+/// in `dir`.
+pub fn nginx_config(port: u16, app_port: u16, dir: &Path, workers: usize) -> String {
+    let template = include_str!("../../../benches/nginx.conf.in");
+    template
+        .replace("@DIR@", &dir.display().to_string())
+        .replace("@WORKERS@", &workers.to_string())
+        .replace("@FRONTEND@", &loopback(port).to_string())
+        .replace("@BACKEND@", &loopback(app_port).to_string())
+}
+
+/// `nginx` with the bench's configuration and prefix, and `extra` (e.g.
+/// `-s reload`); `-e stderr` so that it never opens the system's log.
+pub fn nginx_args(nginx: &Path, cfg: &Path, dir: &Path, extra: &[&str]) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = vec![nginx.into(), "-e".into(), "stderr".into()];
+    argv.extend(["-p".into(), dir.into(), "-c".into(), cfg.into()]);
+    argv.extend(extra.iter().map(OsString::from));
+    argv
+}
+
 /// Starts HAProxy in master-worker mode (`-W`) in the foreground.
 pub fn spawn_haproxy(haproxy: &Path, cfg: &Path, port: u16, log: &Path) -> Result<Proc, String> {
     let mut cmd = Command::new(haproxy);
     cmd.arg("-W").arg("-f").arg(cfg);
-    let mut p = Proc::spawn(cmd, "haproxy", log).map_err(|e| e.to_string())?;
+    spawn_proxy(cmd, "haproxy", port, log)
+}
+
+/// Starts nginx's master in the foreground (`daemon off` in the config).
+pub fn spawn_nginx(
+    nginx: &Path,
+    cfg: &Path,
+    dir: &Path,
+    port: u16,
+    log: &Path,
+) -> Result<Proc, String> {
+    let argv = nginx_args(nginx, cfg, dir, &[]);
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    spawn_proxy(cmd, "nginx", port, log)
+}
+
+/// Starts a proxy's master and waits until it has a worker and the port
+/// accepts.
+fn spawn_proxy(cmd: Command, name: &'static str, port: u16, log: &Path) -> Result<Proc, String> {
+    let mut p = Proc::spawn(cmd, name, log).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Some(s) = p.try_wait() {
             return Err(format!(
-                "haproxy exited at start ({s}); see {}",
+                "{name} exited at start ({s}); see {}",
                 log.display()
             ));
         }
@@ -287,7 +330,7 @@ pub fn spawn_haproxy(haproxy: &Path, cfg: &Path, port: u16, log: &Path) -> Resul
         std::thread::sleep(Duration::from_millis(20));
     }
     Err(format!(
-        "haproxy did not start in 10s; see {}",
+        "{name} did not start in 10s; see {}",
         log.display()
     ))
 }

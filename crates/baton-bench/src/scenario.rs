@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hdrhistogram::Histogram;
 
 use crate::cli::ScenarioArgs;
-use crate::cutover::{self, Deployer, Haproxy, Naive};
+use crate::cutover::{self, Deployer, Naive, Proxy, ProxySwap};
 use crate::load::{ConnMode, LoadSpec, Model};
 use crate::measure::{self, RunData, RunSpec};
 use crate::procs::{self, Bins, Proc, Scratch};
@@ -1007,17 +1007,20 @@ fn run_haproxy(
     let dir = scratch.join("haproxy");
     std::fs::create_dir_all(&dir).map_err(BenchError::io("creating the HAProxy directory"))?;
     let cfg = dir.join("haproxy.cfg");
-    let threads = ctx.args.haproxy_threads.max(1);
-    procs::write_atomic(&cfg, &procs::haproxy_config(front, a, &dir, threads))
+    let proxy = Proxy::Haproxy {
+        threads: ctx.args.haproxy_threads.max(1),
+    };
+    procs::write_atomic(&cfg, &proxy.config(front, a, &dir))
         .map_err(BenchError::io("writing the HAProxy config"))?;
-    let master =
-        procs::spawn_haproxy(haproxy, &cfg, front, &ctx.log("haproxy")).map_err(BenchError::Env)?;
-    let mut dep = Some(Deployer::Haproxy(Haproxy {
+    let log = ctx.log("haproxy");
+    let master = procs::spawn_haproxy(haproxy, &cfg, front, &log).map_err(BenchError::Env)?;
+    let mut dep = Some(Deployer::Proxy(ProxySwap {
+        proxy,
         master,
         cfg,
         dir,
+        log,
         port: front,
-        threads,
         app: bins.app.clone(),
         app_log,
         app_ports: [a, b],

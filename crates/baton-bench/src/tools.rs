@@ -1,6 +1,14 @@
-//! baton side by side with the reload each server ships with, on the same
-//! app, the same load and the same machine, in one run:
+//! baton side by side with the deploys people run today, on the same app,
+//! the same load and the same machine, in one run:
 //!
+//! - **the naive deploy** of the Rust example (`SIGTERM` the running app,
+//!   wait for it to exit, start the new one on the same port), and two
+//!   proxies in front of two instances of it, each deploy starting the new
+//!   instance on the other port, pointing the proxy at it, reloading the
+//!   proxy, waiting for its old workers to leave and stopping the old
+//!   instance: **HAProxy's seamless reload** (master-worker, listeners
+//!   passed to the new worker) and **nginx** (`nginx -s reload`); against
+//!   the same app under baton, steered and shared;
 //! - **gunicorn's own reload** (`SIGHUP` to its master: new workers start,
 //!   the old ones finish their requests and exit) against gunicorn under
 //!   baton, steered and shared;
@@ -23,7 +31,9 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 
 use crate::cli::{ServersArgs, ToolsArgs};
-use crate::cutover::{self, BatonDeploy, CommandReload, Deployer, SignalReload};
+use crate::cutover::{
+    self, BatonDeploy, CommandReload, Deployer, Naive, Proxy, ProxySwap, SignalReload,
+};
 use crate::load::{ConnMode, LoadSpec};
 use crate::measure::{self, RunSpec};
 use crate::procs::{self, Bins, Proc};
@@ -32,8 +42,14 @@ use crate::schedule::CutoverPlan;
 use crate::summary::{loadavg, machine, Machine};
 use crate::BenchError;
 
-/// The contenders, in the order they run.
-pub const TOOLS: [&str; 6] = [
+/// The contenders, in the order they run: grouped by app, each group's
+/// baton runs right after the tools they are compared with.
+pub const TOOLS: [&str; 11] = [
+    "naive",
+    "haproxy-reload",
+    "nginx-reload",
+    "baton-rust",
+    "baton-rust-shared",
     "gunicorn-hup",
     "baton-gunicorn",
     "baton-gunicorn-shared",
@@ -81,7 +97,7 @@ fn servers_args(args: &ToolsArgs) -> ServersArgs {
         out: args.out.clone(),
         servers: Vec::new(),
         baton: args.baton.clone(),
-        app: None,
+        app: args.app.clone(),
         venv: args.venv.clone(),
         node: args.node.clone(),
         servers_dir: args.servers_dir.clone(),
@@ -182,6 +198,77 @@ fn setup(
     let log = args.out.join(format!("tools-{name}.log"));
     let dir = crate::servers::servers_dir(sa);
     match tool {
+        "naive" => {
+            let app = procs::sibling("hello", args.app.as_deref()).map_err(Skip)?;
+            let first = start_app(&app, port, &log)?;
+            Ok(Setup {
+                keep: Vec::new(),
+                control: None,
+                teardown: None,
+                deployer: Deployer::Naive(Naive {
+                    app,
+                    port,
+                    log,
+                    current: Some(first),
+                }),
+                sample_pid: None,
+            })
+        }
+        "haproxy-reload" | "nginx-reload" => {
+            let app = procs::sibling("hello", args.app.as_deref()).map_err(Skip)?;
+            let workers = args.proxy_workers.max(1);
+            let found = |given: &Option<PathBuf>, name: &str| {
+                given
+                    .clone()
+                    .or_else(|| procs::on_path(name))
+                    .ok_or_else(|| Skip(format!("{name} is not installed (run benches/setup.sh)")))
+            };
+            let (proxy, program) = if tool == "nginx-reload" {
+                let nginx = found(&args.nginx, "nginx")?;
+                let proxy = Proxy::Nginx {
+                    nginx: nginx.clone(),
+                    workers,
+                };
+                (proxy, nginx)
+            } else {
+                let haproxy = found(&args.haproxy, "haproxy")?;
+                (Proxy::Haproxy { threads: workers }, haproxy)
+            };
+            let free = || procs::free_port().map_err(|e| Skip(format!("no free port: {e}")));
+            let (a, b) = (free()?, free()?);
+            let app_log = args.out.join(format!("tools-{name}-app.log"));
+            let first = start_app(&app, a, &app_log)?;
+            let dir = scratch.join(&name);
+            std::fs::create_dir_all(&dir).map_err(|e| Skip(format!("{}: {e}", dir.display())))?;
+            let cfg = dir.join(format!("{}.conf", proxy.name()));
+            procs::write_atomic(&cfg, &proxy.config(port, a, &dir))
+                .map_err(|e| Skip(format!("writing {}: {e}", cfg.display())))?;
+            let master = match &proxy {
+                Proxy::Haproxy { .. } => procs::spawn_haproxy(&program, &cfg, port, &log),
+                Proxy::Nginx { .. } => procs::spawn_nginx(&program, &cfg, &dir, port, &log),
+            }
+            .map_err(Skip)?;
+            let pid = master.pid();
+            Ok(Setup {
+                keep: Vec::new(),
+                control: None,
+                teardown: None,
+                deployer: Deployer::Proxy(ProxySwap {
+                    proxy,
+                    master,
+                    cfg,
+                    dir,
+                    log,
+                    port,
+                    app,
+                    app_log,
+                    app_ports: [a, b],
+                    apps: [Some(first), None],
+                    active: 0,
+                }),
+                sample_pid: Some(pid),
+            })
+        }
         "gunicorn-hup" => {
             let l = crate::servers::launch("gunicorn", sa).map_err(Skip)?;
             let mut cmd = std::process::Command::new(&l.program);
@@ -266,6 +353,8 @@ fn setup(
         }
         baton_tool => {
             let (server, shared) = match baton_tool {
+                "baton-rust" => ("rust", false),
+                "baton-rust-shared" => ("rust", true),
                 "baton-gunicorn" => ("gunicorn", false),
                 "baton-gunicorn-shared" => ("gunicorn", true),
                 "baton-node" => ("node", false),
@@ -296,6 +385,19 @@ fn setup(
                 sample_pid: Some(pid),
             })
         }
+    }
+}
+
+/// Starts one instance of the example app on `port`, serving.
+fn start_app(app: &std::path::Path, port: u16, log: &std::path::Path) -> Result<Proc, Skip> {
+    let p = procs::spawn_app(app, port, log).map_err(|e| Skip(format!("starting the app: {e}")))?;
+    if procs::wait_accepting(procs::loopback(port), Duration::from_secs(10)) {
+        Ok(p)
+    } else {
+        Err(Skip(format!(
+            "the app did not accept; see {}",
+            log.display()
+        )))
     }
 }
 
@@ -369,7 +471,7 @@ pub fn text(s: &Summary) -> String {
     let m = &s.machine;
     let _ = writeln!(
         out,
-        "baton-bench tools: each server's own reload against baton, {} deploys per run",
+        "baton-bench tools: the deploys people run today against baton, {} deploys per run",
         s.deploys_per_run
     );
     let _ = writeln!(out, "{m}");
@@ -432,9 +534,9 @@ mod tests {
     #[test]
     fn every_contender_runs_by_default_and_an_unknown_one_is_a_usage_error() {
         assert_eq!(args(&[]).tools, TOOLS);
-        let err = run(&args(&["--tools", "pm2-reload,nginx"])).unwrap_err();
+        let err = run(&args(&["--tools", "pm2-reload,envoy"])).unwrap_err();
         assert!(
-            matches!(&err, BenchError::Usage(m) if m.contains("\"nginx\"")),
+            matches!(&err, BenchError::Usage(m) if m.contains("\"envoy\"")),
             "{err}"
         );
     }
