@@ -2,13 +2,18 @@
 // dependencies. Under baton it serves the socket handed over as fd 3
 // (LISTEN_FDS) and is probed over HTTP for readiness; under PM2 (cluster
 // mode, `tools`) it listens on PORT itself. On SIGTERM (baton) or SIGINT
-// (PM2's reload) it stops accepting, closes idle keep-alive connections,
-// lets the requests in flight finish, and exits.
+// (PM2's reload) it drains with the keep-alive pattern of docs/protocol.md:
+// it stops accepting, answers what still comes on open connections with
+// `Connection: close`, closes the connections still idle after a grace of
+// IDLE_GRACE_MS, and exits once every connection is closed.
 'use strict';
 const http = require('node:http');
 
+const IDLE_GRACE_MS = 500;
 const body = `hello from pid ${process.pid}, generation ${process.env.BATON_GENERATION || '?'}\n`;
+let draining = false;
 const server = http.createServer((req, res) => {
+  if (draining) res.setHeader('connection', 'close'); // node closes it after this answer
   res.writeHead(200, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) });
   res.end(body);
 });
@@ -36,9 +41,15 @@ if (process.env.LISTEN_FDS !== undefined) {
   process.exit(2);
 }
 const drain = () => {
+  if (draining) return;
+  draining = true;
   for (const s of extra) s.close();
+  // close() closes idle connections at once (Node >= 19): keep it from
+  // doing so, and close what is still idle once the grace is over.
+  const closeIdle = server.closeIdleConnections.bind(server);
+  server.closeIdleConnections = () => {};
   server.close(() => process.exit(0));
-  server.closeIdleConnections();
+  setTimeout(closeIdle, IDLE_GRACE_MS).unref();
 };
 process.on('SIGTERM', drain);
 process.on('SIGINT', drain);
