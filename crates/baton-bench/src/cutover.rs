@@ -307,7 +307,7 @@ pub enum Deployer {
     /// Start the new app on the other port, point the proxy (HAProxy or
     /// nginx) at it, reload the proxy, wait for its old workers to leave,
     /// stop the old app.
-    Proxy(ProxySwap),
+    Proxy(Box<ProxySwap>),
     /// A control experiment, no deploy at all: start an app instance on a
     /// port nobody loads, wait until it serves, stop it. The same process
     /// start-up and exit a cutover costs the machine, with no traffic moved:

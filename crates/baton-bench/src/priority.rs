@@ -52,6 +52,8 @@ pub struct Run {
     pub retried: u64,
     pub latency_steady: Latency,
     pub latency_cutover: Latency,
+    /// p99 in each stage of the cutover windows ([`report::STAGES`]).
+    pub p99_by_stage_ms: BTreeMap<&'static str, f64>,
     /// p99 in cutover windows / steady p99.
     pub p99_ratio: Option<f64>,
     pub send_lag_p99_ms: (f64, f64),
@@ -280,6 +282,11 @@ fn run_one(
         service_p99_ms: (rep.service.steady.p99_ms, rep.service.cutover.p99_ms),
         latency_steady: rep.latency.steady,
         latency_cutover: rep.latency.cutover,
+        p99_by_stage_ms: rep
+            .latency_by_stage
+            .iter()
+            .map(|(stage, l)| (*stage, l.p99_ms))
+            .collect(),
         requested_to_ready_ms: between("requested", "ready"),
         spawned_to_ready_ms: between("spawned", "ready"),
         start_to_ready_ms: start_to_ready,
@@ -302,7 +309,7 @@ pub fn text(s: &Summary) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:<8} {:<8} {:<10} {:>3} {:>7} {:>6} {:>7} {:>7} {:>9} {:>9} {:>6} {:>17} {:>17} {:>17} {:>6}",
+        "\n{:<8} {:<8} {:<10} {:>3} {:>7} {:>6} {:>7} {:>7} {:>9} {:>9} {:>6} {:>20} {:>17} {:>17} {:>17} {:>6}",
         "priority",
         "traffic",
         "conn",
@@ -314,6 +321,7 @@ pub fn text(s: &Summary) -> String {
         "p99 stdy",
         "p99 cut",
         "ratio",
+        "p99 start/move/exit",
         "req->ready ms",
         "spawn->ready ms",
         "app start->ready",
@@ -322,7 +330,7 @@ pub fn text(s: &Summary) -> String {
     for r in &s.runs {
         let _ = writeln!(
             out,
-            "{:<8} {:<8} {:<10} {:>3} {:>7.0} {:>6} {:>7} {:>7} {:>9.3} {:>9.3} {:>6} {:>17} {:>17} {:>17} {:>6}",
+            "{:<8} {:<8} {:<10} {:>3} {:>7.0} {:>6} {:>7} {:>7} {:>9.3} {:>9.3} {:>6} {:>20} {:>17} {:>17} {:>17} {:>6}",
             r.priority,
             r.traffic,
             r.conn,
@@ -334,6 +342,11 @@ pub fn text(s: &Summary) -> String {
             r.latency_steady.p99_ms,
             r.latency_cutover.p99_ms,
             r.p99_ratio.map_or("-".into(), |x| format!("{x:.2}")),
+            report::STAGES
+                .iter()
+                .map(|st| r.p99_by_stage_ms.get(st).map_or("-".into(), |v| format!("{v:.2}")))
+                .collect::<Vec<_>>()
+                .join("/"),
             report::fmt_stat(&r.requested_to_ready_ms, 2),
             report::fmt_stat(&r.spawned_to_ready_ms, 2),
             report::fmt_stat(&r.start_to_ready_ms, 2),

@@ -133,6 +133,52 @@ impl Split {
     }
 }
 
+/// The stages of a cutover under baton, by its events: `starting` (the
+/// window's start → the candidate active: it starts beside the serving
+/// generation), `moving` (active → the old generation's drain signal:
+/// steered, it still accepts what waits in its socket) and `exiting` (the
+/// drain signal → the old generation gone, and the window's end): where in
+/// a cutover the tail latency comes from, e.g. whether the old
+/// generation's exit is on the clients' critical path.
+pub const STAGES: [&str; 3] = ["starting", "moving", "exiting"];
+
+/// Latency of the successful requests in each [`STAGES`] interval of the
+/// cutovers that have baton's marks (`active`, `draining`); empty for
+/// other deploys.
+fn by_stage(records: &[Record], cutovers: &[Cutover]) -> BTreeMap<&'static str, Latency> {
+    // (from, to, stage), sorted by `from`; a later cutover's padding may
+    // overlap an earlier one's end, and then the later interval wins.
+    let mut spans: Vec<(i64, i64, usize)> = Vec::new();
+    for c in cutovers {
+        let (Some(active), Some(draining)) = (c.phase("active"), c.phase("draining")) else {
+            continue;
+        };
+        let end = c.end_us.max(draining) + PAD_US;
+        spans.push((c.start_us - PAD_US, active, 0));
+        spans.push((active, draining, 1));
+        spans.push((draining, end, 2));
+    }
+    if spans.is_empty() {
+        return BTreeMap::new();
+    }
+    spans.sort_unstable();
+    let mut hists: Vec<Histogram<u64>> = STAGES.iter().map(|_| new_hist()).collect();
+    for r in records.iter().filter(|r| r.failed().is_none()) {
+        let t = i64::from(r.sched_us);
+        let i = spans.partition_point(|&(from, _, _)| from <= t);
+        if let Some(&(_, to, stage)) = i.checked_sub(1).and_then(|i| spans.get(i)) {
+            if t < to {
+                hists[stage].saturating_record(r.latency_us().max(1));
+            }
+        }
+    }
+    STAGES
+        .iter()
+        .zip(&hists)
+        .map(|(name, h)| (*name, latency_of(h)))
+        .collect()
+}
+
 /// Median, 90th percentile and maximum of a set of durations (ms), and
 /// how many there were.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -322,6 +368,10 @@ pub struct RunReport {
     pub rollback_ms: Option<Stat>,
     pub failed_in_windows: u64,
     pub failed_outside_windows: u64,
+    /// Runs under baton: the latency inside the cutover windows, by what
+    /// was happening when the request was scheduled ([`STAGES`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub latency_by_stage: BTreeMap<&'static str, Latency>,
     /// Latency per ms around the cutovers' start, all cutovers together.
     pub profile: Vec<ProfilePoint>,
     pub cutovers: Vec<CutoverReport>,
@@ -500,6 +550,7 @@ pub fn analyze(run: &RunData) -> (RunReport, Split) {
         rollback_ms: rollback_stat(&run.cutovers),
         failed_in_windows: failed_in,
         failed_outside_windows: failed_out,
+        latency_by_stage: by_stage(records, &run.cutovers),
         profile: if run.cutovers.is_empty() {
             Vec::new()
         } else {
@@ -680,6 +731,11 @@ pub fn text(r: &RunReport) -> String {
     } else {
         let _ = writeln!(s, "   steady    {}", fmt_lat(&r.latency.steady));
         let _ = writeln!(s, "   cutovers  {}", fmt_lat(&r.latency.cutover));
+        for stage in STAGES {
+            if let Some(l) = r.latency_by_stage.get(stage) {
+                let _ = writeln!(s, "     {stage:<8}  {}", fmt_lat(l));
+            }
+        }
         let _ = writeln!(
             s,
             "   {} cutovers ({} ok); failures in windows {}, outside {}",
@@ -823,6 +879,33 @@ mod tests {
             ],
             ..Cutover::new(index, start)
         }
+    }
+
+    #[test]
+    fn window_latency_is_split_by_the_stage_of_the_cutover() {
+        // A baton cutover: requested at 1 s, active at 1.01 s, the old
+        // generation told to drain at 1.11 s and gone at 1.12 s.
+        let mut c = cut(0, 1_000_000, 1_120_000);
+        c.mark("active", 1_010_000);
+        c.mark("draining", 1_110_000);
+        let records = [
+            rec(400_000, 9_000, Outcome::Ok),   // steady: in no stage
+            rec(950_000, 1_000, Outcome::Ok),   // padding before: starting
+            rec(1_005_000, 2_000, Outcome::Ok), // starting
+            rec(1_050_000, 3_000, Outcome::Ok), // moving
+            rec(1_115_000, 4_000, Outcome::Ok), // exiting
+            rec(1_200_000, 5_000, Outcome::Ok), // padding after: exiting
+            rec(1_116_000, 80_000, Outcome::Failed(Cause::Refused)), // failed: left out
+            rec(1_300_000, 9_000, Outcome::Ok), // after the window
+        ];
+        let by = by_stage(&records, std::slice::from_ref(&c));
+        // (HDR histograms keep 3 significant digits: the max is rounded.)
+        let max = |stage: &str| (by[stage].count, by[stage].max_ms.round());
+        assert_eq!(max("starting"), (2, 2.0));
+        assert_eq!(max("moving"), (1, 3.0));
+        assert_eq!(max("exiting"), (2, 5.0));
+        // Deploys without baton's marks (naive, a proxy) have no stages.
+        assert!(by_stage(&records, &[cut(0, 1_000_000, 1_120_000)]).is_empty());
     }
 
     #[test]

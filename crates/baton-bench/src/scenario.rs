@@ -1014,7 +1014,7 @@ fn run_haproxy(
         .map_err(BenchError::io("writing the HAProxy config"))?;
     let log = ctx.log("haproxy");
     let master = procs::spawn_haproxy(haproxy, &cfg, front, &log).map_err(BenchError::Env)?;
-    let mut dep = Some(Deployer::Proxy(ProxySwap {
+    let mut dep = Some(Deployer::Proxy(Box::new(ProxySwap {
         proxy,
         master,
         cfg,
@@ -1026,7 +1026,7 @@ fn run_haproxy(
         app_ports: [a, b],
         apps: [Some(first), None],
         active: 0,
-    }));
+    })));
     let mut done = Vec::new();
     let mut tp_ratio = None;
     for &mode in &preset.haproxy_modes {

@@ -956,6 +956,7 @@ mod tests {
             rollback_ms: None,
             failed_in_windows: 0,
             failed_outside_windows: 0,
+            latency_by_stage: BTreeMap::new(),
             profile: Vec::new(),
             cutovers: Vec::new(),
             failures: Vec::new(),

@@ -71,6 +71,11 @@ pub struct Run {
     pub retried: u64,
     pub latency_steady: Latency,
     pub latency_cutover: Latency,
+    /// p99 of every request scheduled in a deploy window, a failed one
+    /// counted at the client's timeout: what a deploy costs its clients,
+    /// which `latency_cutover` (answered requests only) hides for a tool
+    /// that refuses some.
+    pub p99_cutover_with_failures_ms: f64,
     /// A deploy, from its start to its end as the tool defines it.
     pub deploy_ms: Option<Stat>,
 }
@@ -253,7 +258,7 @@ fn setup(
                 keep: Vec::new(),
                 control: None,
                 teardown: None,
-                deployer: Deployer::Proxy(ProxySwap {
+                deployer: Deployer::Proxy(Box::new(ProxySwap {
                     proxy,
                     master,
                     cfg,
@@ -265,7 +270,7 @@ fn setup(
                     app_ports: [a, b],
                     apps: [Some(first), None],
                     active: 0,
-                }),
+                })),
                 sample_pid: Some(pid),
             })
         }
@@ -443,6 +448,19 @@ fn run_one(
     }
     let (data, _) = measured.map_err(|e| Skip(format!("running the load: {e}")))?;
     let (rep, _) = report::analyze(&data);
+    let timeout_us = u64::try_from(args.timeout.as_micros()).unwrap_or(u64::MAX);
+    let with_failures = report::split_by(
+        &data.load.records,
+        &report::windows(&data.cutovers, report::PAD_US),
+        report::WARMUP_US,
+        |r| {
+            Some(if r.failed().is_some() {
+                timeout_us
+            } else {
+                r.latency_us()
+            })
+        },
+    );
     Ok(Run {
         tool: tool.into(),
         conn: conn.name(),
@@ -455,6 +473,7 @@ fn run_one(
         retried: rep.retried,
         latency_steady: rep.latency.steady,
         latency_cutover: rep.latency.cutover,
+        p99_cutover_with_failures_ms: report::latency_of(&with_failures.cutover).p99_ms,
         deploy_ms: rep.phases_ms.get("total").cloned(),
     })
 }
@@ -477,7 +496,7 @@ pub fn text(s: &Summary) -> String {
     let _ = writeln!(out, "{m}");
     let _ = writeln!(
         out,
-        "{:<22} {:<10} {:>8} {:>9} {:>7} {:>8} {:>10} {:>10} {:>16}",
+        "{:<22} {:<10} {:>8} {:>9} {:>7} {:>8} {:>10} {:>10} {:>14} {:>16}",
         "tool",
         "conn",
         "deploys",
@@ -486,12 +505,13 @@ pub fn text(s: &Summary) -> String {
         "retried",
         "p99 steady",
         "p99 deploy",
+        "+failed at TO",
         "deploy ms (med)"
     );
     for r in &s.runs {
         let _ = writeln!(
             out,
-            "{:<22} {:<10} {:>8} {:>9} {:>7} {:>8} {:>10.2} {:>10.2} {:>16}",
+            "{:<22} {:<10} {:>8} {:>9} {:>7} {:>8} {:>10.2} {:>10.2} {:>14.2} {:>16}",
             r.tool,
             r.conn,
             format!("{}/{}", r.deploys_ok, r.deploys),
@@ -500,6 +520,7 @@ pub fn text(s: &Summary) -> String {
             r.retried,
             r.latency_steady.p99_ms,
             r.latency_cutover.p99_ms,
+            r.p99_cutover_with_failures_ms,
             r.deploy_ms
                 .as_ref()
                 .map_or("-".into(), |d| format!("{:.1}", d.median))
@@ -512,6 +533,10 @@ pub fn text(s: &Summary) -> String {
     for k in &s.skipped {
         let _ = writeln!(out, "{:<22} skipped: {}", k.tool, k.why);
     }
+    let _ = writeln!(
+        out,
+        "(p99 deploy: answered requests in deploy windows; +failed at TO: every request there, a failed one counted at the timeout)"
+    );
     out
 }
 
