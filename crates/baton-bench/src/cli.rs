@@ -92,6 +92,9 @@ pub struct ToolsArgs {
     /// Deploys per contender and connection mode
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub deploys: u32,
+    /// Runs of every contender, in turn (the order reversed every other round)
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub rounds: u32,
     /// Time between deploys
     #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "1s")]
     pub interval: Duration,

@@ -62,6 +62,7 @@ pub const TOOLS: [&str; 11] = [
 pub struct Run {
     pub tool: String,
     pub conn: &'static str,
+    pub round: u32,
     pub rate: f64,
     pub deploys: usize,
     pub deploys_ok: usize,
@@ -76,6 +77,10 @@ pub struct Run {
     /// which `latency_cutover` (answered requests only) hides for a tool
     /// that refuses some.
     pub p99_cutover_with_failures_ms: f64,
+    /// The load generator's own lag (scheduled → sent), p99 steady and in
+    /// deploy windows: where it is as high as the latency, the client was
+    /// short of CPU, not the server slow.
+    pub send_lag_p99_ms: (f64, f64),
     /// A deploy, from its start to its end as the tool defines it.
     pub deploy_ms: Option<Stat>,
 }
@@ -86,12 +91,91 @@ pub struct Skipped {
     pub why: String,
 }
 
+/// A figure over the rounds: the median resists a round that something
+/// else on the machine disturbed; `min` and `max` show the spread.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Spread {
+    fn of(v: Vec<f64>) -> Option<Spread> {
+        let min = v.iter().copied().reduce(f64::min)?;
+        let st = report::stat(v)?;
+        Some(Spread {
+            median: st.median,
+            min,
+            max: st.max,
+            n: st.n,
+        })
+    }
+}
+
+/// One contender in one connection mode over every round: the counts
+/// summed, each latency figure's [`Spread`] over the rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Contender {
+    pub tool: String,
+    pub conn: &'static str,
+    pub rounds: usize,
+    pub deploys: usize,
+    pub deploys_ok: usize,
+    pub requests: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub p99_steady_ms: Option<Spread>,
+    pub p99_deploy_ms: Option<Spread>,
+    pub p99_deploy_with_failures_ms: Option<Spread>,
+    /// The rounds' median deploy times.
+    pub deploy_ms: Option<Spread>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub machine: Machine,
     pub deploys_per_run: u32,
+    pub rounds: u32,
+    pub contenders: Vec<Contender>,
     pub runs: Vec<Run>,
     pub skipped: Vec<Skipped>,
+}
+
+/// The runs of each contender and mode, in the order they first ran.
+fn contenders(runs: &[Run]) -> Vec<Contender> {
+    let mut keys: Vec<(&str, &'static str)> = Vec::new();
+    for r in runs {
+        if !keys.contains(&(r.tool.as_str(), r.conn)) {
+            keys.push((r.tool.as_str(), r.conn));
+        }
+    }
+    keys.into_iter()
+        .map(|(tool, conn)| {
+            let of: Vec<&Run> = runs
+                .iter()
+                .filter(|r| r.tool == tool && r.conn == conn)
+                .collect();
+            let over = |f: &dyn Fn(&Run) -> Option<f64>| {
+                Spread::of(of.iter().filter_map(|r| f(r)).collect())
+            };
+            Contender {
+                tool: tool.into(),
+                conn,
+                rounds: of.len(),
+                deploys: of.iter().map(|r| r.deploys).sum(),
+                deploys_ok: of.iter().map(|r| r.deploys_ok).sum(),
+                requests: of.iter().map(|r| r.requests).sum(),
+                failed: of.iter().map(|r| r.failed).sum(),
+                retried: of.iter().map(|r| r.retried).sum(),
+                p99_steady_ms: over(&|r| Some(r.latency_steady.p99_ms)),
+                p99_deploy_ms: over(&|r| Some(r.latency_cutover.p99_ms)),
+                p99_deploy_with_failures_ms: over(&|r| Some(r.p99_cutover_with_failures_ms)),
+                deploy_ms: over(&|r| r.deploy_ms.as_ref().map(|d| d.median)),
+            }
+        })
+        .collect()
 }
 
 /// The [`ServersArgs`] the shared launch code reads.
@@ -135,9 +219,9 @@ fn pm2(args: &ToolsArgs) -> Result<PathBuf, String> {
 }
 
 pub fn run(args: &ToolsArgs) -> Result<Summary, BenchError> {
-    if args.deploys == 0 || !args.rate.is_finite() || args.rate <= 0.0 {
+    if args.deploys == 0 || args.rounds == 0 || !args.rate.is_finite() || args.rate <= 0.0 {
         return Err(BenchError::Usage(
-            "--deploys and --rate must be more than zero".into(),
+            "--deploys, --rounds and --rate must be more than zero".into(),
         ));
     }
     if let Some(bad) = args.tools.iter().find(|t| !TOOLS.contains(&t.as_str())) {
@@ -153,18 +237,32 @@ pub fn run(args: &ToolsArgs) -> Result<Summary, BenchError> {
     let sa = servers_args(args);
     let mut m = machine();
     m.loadavg_start = loadavg();
-    let (mut runs, mut skipped) = (Vec::new(), Vec::new());
-    for tool in TOOLS.iter().filter(|t| args.tools.iter().any(|a| a == *t)) {
-        for &conn in &args.modes {
-            match run_one(args, &sa, &baton, &scratch.0, tool, conn) {
-                Ok(r) => runs.push(r),
-                Err(Skip(why)) => {
-                    eprintln!("baton-bench: skipping {tool}: {why}");
-                    skipped.push(Skipped {
-                        tool: (*tool).into(),
-                        why,
-                    });
-                    break;
+    let (mut runs, mut skipped) = (Vec::new(), Vec::<Skipped>::new());
+    for round in 1..=args.rounds {
+        // Every other round in reverse, so that drift on a shared machine
+        // hits each contender alike.
+        let mut order: Vec<&str> = TOOLS
+            .into_iter()
+            .filter(|t| args.tools.iter().any(|a| a == t))
+            .collect();
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for tool in order {
+            if skipped.iter().any(|k| k.tool == tool) {
+                continue;
+            }
+            for &conn in &args.modes {
+                match run_one(args, &sa, &baton, &scratch.0, tool, conn) {
+                    Ok(r) => runs.push(Run { round, ..r }),
+                    Err(Skip(why)) => {
+                        eprintln!("baton-bench: skipping {tool}: {why}");
+                        skipped.push(Skipped {
+                            tool: tool.into(),
+                            why,
+                        });
+                        break;
+                    }
                 }
             }
         }
@@ -173,6 +271,8 @@ pub fn run(args: &ToolsArgs) -> Result<Summary, BenchError> {
     Ok(Summary {
         machine: m,
         deploys_per_run: args.deploys,
+        rounds: args.rounds,
+        contenders: contenders(&runs),
         runs,
         skipped,
     })
@@ -464,6 +564,7 @@ fn run_one(
     Ok(Run {
         tool: tool.into(),
         conn: conn.name(),
+        round: 0,
         rate: args.rate,
         deploys: rep.cutover_count,
         deploys_ok: rep.cutovers_ok,
@@ -474,6 +575,7 @@ fn run_one(
         latency_steady: rep.latency.steady,
         latency_cutover: rep.latency.cutover,
         p99_cutover_with_failures_ms: report::latency_of(&with_failures.cutover).p99_ms,
+        send_lag_p99_ms: (rep.send_lag.steady.p99_ms, rep.send_lag.cutover.p99_ms),
         deploy_ms: rep.phases_ms.get("total").cloned(),
     })
 }
@@ -490,15 +592,16 @@ pub fn text(s: &Summary) -> String {
     let m = &s.machine;
     let _ = writeln!(
         out,
-        "baton-bench tools: the deploys people run today against baton, {} deploys per run",
-        s.deploys_per_run
+        "baton-bench tools: the deploys people run today against baton, {} deploys per run, {} round(s)",
+        s.deploys_per_run, s.rounds
     );
     let _ = writeln!(out, "{m}");
     let _ = writeln!(
         out,
-        "{:<22} {:<10} {:>8} {:>9} {:>7} {:>8} {:>10} {:>10} {:>14} {:>16}",
+        "{:<22} {:<10} {:>3} {:>8} {:>9} {:>7} {:>8} {:>10} {:>10} {:>14} {:>16}",
         "tool",
         "conn",
+        "rnd",
         "deploys",
         "requests",
         "failed",
@@ -511,9 +614,10 @@ pub fn text(s: &Summary) -> String {
     for r in &s.runs {
         let _ = writeln!(
             out,
-            "{:<22} {:<10} {:>8} {:>9} {:>7} {:>8} {:>10.2} {:>10.2} {:>14.2} {:>16}",
+            "{:<22} {:<10} {:>3} {:>8} {:>9} {:>7} {:>8} {:>10.2} {:>10.2} {:>14.2} {:>16}",
             r.tool,
             r.conn,
+            r.round,
             format!("{}/{}", r.deploys_ok, r.deploys),
             r.requests,
             r.failed,
@@ -532,6 +636,44 @@ pub fn text(s: &Summary) -> String {
     }
     for k in &s.skipped {
         let _ = writeln!(out, "{:<22} skipped: {}", k.tool, k.why);
+    }
+    let _ = writeln!(
+        out,
+        "\nover the rounds: counts summed; latencies (ms) the median of the rounds' values, [lowest, highest]"
+    );
+    let _ = writeln!(
+        out,
+        "{:<22} {:<10} {:>9} {:>7} {:>8} {:>18} {:>18} {:>20} {:>10}",
+        "tool",
+        "conn",
+        "deploys",
+        "failed",
+        "retried",
+        "p99 steady",
+        "p99 deploy",
+        "+failed at TO",
+        "deploy ms"
+    );
+    let cell = |st: &Option<Spread>| match st {
+        Some(st) => format!("{:.2} [{:.2}, {:.2}]", st.median, st.min, st.max),
+        None => "-".into(),
+    };
+    for c in &s.contenders {
+        let _ = writeln!(
+            out,
+            "{:<22} {:<10} {:>9} {:>7} {:>8} {:>18} {:>18} {:>20} {:>10}",
+            c.tool,
+            c.conn,
+            format!("{}/{}", c.deploys_ok, c.deploys),
+            c.failed,
+            c.retried,
+            cell(&c.p99_steady_ms),
+            cell(&c.p99_deploy_ms),
+            cell(&c.p99_deploy_with_failures_ms),
+            c.deploy_ms
+                .as_ref()
+                .map_or("-".into(), |d| format!("{:.1}", d.median))
+        );
     }
     let _ = writeln!(
         out,
@@ -574,6 +716,8 @@ mod tests {
             complete(&Summary {
                 machine: machine(),
                 deploys_per_run: 1,
+                rounds: 1,
+                contenders: Vec::new(),
                 runs: Vec::new(),
                 skipped: (0..skipped)
                     .map(|_| Skipped {
@@ -585,5 +729,55 @@ mod tests {
         };
         assert!(complete_with(0));
         assert!(!complete_with(1));
+    }
+
+    fn a_run(tool: &str, round: u32, failed: u64, p99_deploy: f64) -> Run {
+        let lat = |p99_ms| Latency {
+            p99_ms,
+            ..Latency::default()
+        };
+        Run {
+            tool: tool.into(),
+            conn: "close",
+            round,
+            rate: 500.0,
+            deploys: 20,
+            deploys_ok: 20,
+            requests: 10_000,
+            failed,
+            failed_by_cause: BTreeMap::new(),
+            retried: 0,
+            latency_steady: lat(1.0),
+            latency_cutover: lat(p99_deploy),
+            p99_cutover_with_failures_ms: p99_deploy,
+            send_lag_p99_ms: (0.1, 0.1),
+            deploy_ms: None,
+        }
+    }
+
+    #[test]
+    fn contenders_sum_counts_and_take_the_median_of_the_rounds() {
+        let runs = [
+            a_run("naive", 1, 3, 2.0),
+            a_run("baton-rust", 1, 0, 1.0),
+            a_run("baton-rust", 2, 0, 9.0), // a disturbed round
+            a_run("naive", 2, 4, 1.5),
+            a_run("baton-rust", 3, 0, 1.2),
+            a_run("naive", 3, 5, 3.0),
+        ];
+        let c = contenders(&runs);
+        let names: Vec<&str> = c.iter().map(|c| c.tool.as_str()).collect();
+        assert_eq!(
+            names,
+            ["naive", "baton-rust"],
+            "in the order they first ran"
+        );
+        assert_eq!((c[0].rounds, c[0].failed, c[0].requests), (3, 12, 30_000));
+        let baton = c[1].p99_deploy_ms.unwrap();
+        assert_eq!(
+            (baton.median, baton.min, baton.max, baton.n),
+            (1.2, 1.0, 9.0, 3)
+        );
+        assert!(c[1].deploy_ms.is_none(), "no round had a deploy time");
     }
 }
