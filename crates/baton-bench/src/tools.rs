@@ -81,6 +81,10 @@ pub struct Run {
     /// deploy windows: where it is as high as the latency, the client was
     /// short of CPU, not the server slow.
     pub send_lag_p99_ms: (f64, f64),
+    /// Under baton: p99 in each stage of the deploy windows
+    /// ([`report::STAGES`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub p99_by_stage_ms: BTreeMap<&'static str, f64>,
     /// A deploy, from its start to its end as the tool defines it.
     pub deploy_ms: Option<Stat>,
 }
@@ -576,6 +580,11 @@ fn run_one(
         latency_cutover: rep.latency.cutover,
         p99_cutover_with_failures_ms: report::latency_of(&with_failures.cutover).p99_ms,
         send_lag_p99_ms: (rep.send_lag.steady.p99_ms, rep.send_lag.cutover.p99_ms),
+        p99_by_stage_ms: rep
+            .latency_by_stage
+            .iter()
+            .map(|(stage, l)| (*stage, l.p99_ms))
+            .collect(),
         deploy_ms: rep.phases_ms.get("total").cloned(),
     })
 }
@@ -751,6 +760,7 @@ mod tests {
             latency_cutover: lat(p99_deploy),
             p99_cutover_with_failures_ms: p99_deploy,
             send_lag_p99_ms: (0.1, 0.1),
+            p99_by_stage_ms: BTreeMap::new(),
             deploy_ms: None,
         }
     }
