@@ -89,11 +89,13 @@ pub struct ToolsArgs {
     /// Where app.py and server.js are [default: benches/servers in the source tree]
     #[arg(long, value_name = "DIR")]
     pub servers_dir: Option<PathBuf>,
-    /// Deploys per contender and connection mode
-    #[arg(long, value_name = "N", default_value_t = 20)]
+    /// Deploys per contender, connection mode and round
+    #[arg(long, value_name = "N", default_value_t = 12)]
     pub deploys: u32,
-    /// Runs of every contender, in turn (the order reversed every other round)
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Runs of every contender, in turn (the order reversed every other
+    /// round); the summary takes the median over them, because a single
+    /// run's p99 moves with whatever else the machine does
+    #[arg(long, value_name = "N", default_value_t = 5)]
     pub rounds: u32,
     /// Time between deploys
     #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "1s")]

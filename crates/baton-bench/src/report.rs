@@ -172,9 +172,12 @@ fn by_stage(records: &[Record], cutovers: &[Cutover]) -> BTreeMap<&'static str, 
             }
         }
     }
+    // A stage no request fell in (with shared sockets the drain signal
+    // follows activation at once: `moving` is empty) has no latency.
     STAGES
         .iter()
         .zip(&hists)
+        .filter(|(_, h)| !h.is_empty())
         .map(|(name, h)| (*name, latency_of(h)))
         .collect()
 }
@@ -904,6 +907,9 @@ mod tests {
         assert_eq!(max("starting"), (2, 2.0));
         assert_eq!(max("moving"), (1, 3.0));
         assert_eq!(max("exiting"), (2, 5.0));
+        // With no request in a stage, it has no figure (rather than 0 ms).
+        let by = by_stage(&records[..3], std::slice::from_ref(&c));
+        assert_eq!(by.keys().copied().collect::<Vec<_>>(), ["starting"]);
         // Deploys without baton's marks (naive, a proxy) have no stages.
         assert!(by_stage(&records, &[cut(0, 1_000_000, 1_120_000)]).is_empty());
     }
