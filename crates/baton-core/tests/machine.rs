@@ -587,3 +587,42 @@ fn a_restart_request_recycles_the_active_generation() {
     assert_eq!(d.tick_at(100), ["spawn 1"]);
     assert_eq!(d.m.spec(g(1)).unwrap().release, release("v1"));
 }
+
+/// The old generation's exit is off the critical path: the upgrade
+/// succeeds at activation, before the old generation has exited, and the
+/// next upgrade starts, and moves the traffic, while two older
+/// generations are still draining.
+#[test]
+fn no_upgrade_waits_for_an_old_generation_to_exit() {
+    let mut d = Driver::serving();
+    d.upgrade("v2", Readiness::Notify);
+    d.spawned(2, 200);
+    let fx = d.ready(200);
+    assert!(fx.contains(&"1 draining 100".to_owned()), "{fx:?}");
+    assert!(fx.contains(&"2 succeeded".to_owned()), "{fx:?}");
+    assert!(d.m.upgrade().is_none(), "done although 1 still runs");
+    // No exit of generation 1 yet: the next upgrade goes ahead anyway.
+    assert_eq!(
+        d.upgrade("v3", Readiness::Notify),
+        ["3 requested Control", "spawn 3", "reply upgrading 3"]
+    );
+    d.spawned(3, 300);
+    let fx = d.ready(300);
+    assert!(fx.contains(&"traffic 3".to_owned()), "{fx:?}");
+    assert!(fx.contains(&"3 succeeded".to_owned()), "{fx:?}");
+    assert!(
+        matches!(d.phase(1), Phase::Draining { .. }),
+        "{:?}",
+        d.phase(1)
+    );
+    assert!(
+        matches!(d.phase(2), Phase::Draining { .. }),
+        "{:?}",
+        d.phase(2)
+    );
+    assert_eq!(d.m.traffic().active, Some(g(3)));
+    // The exits, when they come, only finish the old generations.
+    assert_eq!(d.exited(100, 0), ["1 exited 100", "release 100"]);
+    assert_eq!(d.exited(200, 0), ["2 exited 200", "release 200"]);
+    assert_eq!(d.m.traffic().active, Some(g(3)));
+}
