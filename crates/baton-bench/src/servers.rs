@@ -154,13 +154,6 @@ pub(crate) fn venv(args: &ServersArgs) -> Option<PathBuf> {
     Some(exe.parent()?.parent()?.join("bench-venv"))
 }
 
-/// `name` in `PATH`.
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 pub(crate) fn launch(server: &str, args: &ServersArgs) -> Result<Launch, String> {
     let dir = servers_dir(args);
     let dir_s = dir.to_string_lossy().into_owned();
@@ -215,7 +208,7 @@ pub(crate) fn launch(server: &str, args: &ServersArgs) -> Result<Launch, String>
         "node" => {
             let node = match &args.node {
                 Some(p) => p.clone(),
-                None => on_path("node").ok_or("node is not installed (apt-get install nodejs)")?,
+                None => procs::on_path("node").ok_or("node is not installed (apt-get install nodejs)")?,
             };
             Launch {
                 program: node,
