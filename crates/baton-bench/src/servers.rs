@@ -208,7 +208,8 @@ pub(crate) fn launch(server: &str, args: &ServersArgs) -> Result<Launch, String>
         "node" => {
             let node = match &args.node {
                 Some(p) => p.clone(),
-                None => procs::on_path("node").ok_or("node is not installed (apt-get install nodejs)")?,
+                None => procs::on_path("node")
+                    .ok_or("node is not installed (apt-get install nodejs)")?,
             };
             Launch {
                 program: node,
