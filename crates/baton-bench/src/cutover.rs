@@ -556,7 +556,7 @@ impl CommandReload {
 pub enum Proxy {
     /// HAProxy in master-worker mode: `SIGUSR2` to the master; the new
     /// worker takes the listeners over the stats socket (seamless reload).
-    Haproxy { threads: usize },
+    Haproxy { haproxy: PathBuf, threads: usize },
     /// nginx: `nginx -s reload` (its master starts new workers on the
     /// listeners it holds and retires the old ones gracefully).
     Nginx { nginx: PathBuf, workers: usize },
@@ -573,8 +573,16 @@ impl Proxy {
     /// The configuration: listen on `port`, send everything to `app_port`.
     pub fn config(&self, port: u16, app_port: u16, dir: &Path) -> String {
         match self {
-            Proxy::Haproxy { threads } => procs::haproxy_config(port, app_port, dir, *threads),
+            Proxy::Haproxy { threads, .. } => procs::haproxy_config(port, app_port, dir, *threads),
             Proxy::Nginx { workers, .. } => procs::nginx_config(port, app_port, dir, *workers),
+        }
+    }
+
+    /// Starts the proxy's master on `cfg`, listening on `port`.
+    fn spawn(&self, cfg: &Path, dir: &Path, port: u16, log: &Path) -> Result<Proc, String> {
+        match self {
+            Proxy::Haproxy { haproxy, .. } => procs::spawn_haproxy(haproxy, cfg, port, log),
+            Proxy::Nginx { nginx, .. } => procs::spawn_nginx(nginx, cfg, dir, port, log),
         }
     }
 
@@ -614,6 +622,47 @@ pub struct ProxySwap {
 }
 
 impl ProxySwap {
+    /// Starts the first app instance on `app_ports[0]` and, once it
+    /// accepts, the proxy in front of it on `port`, with its configuration,
+    /// pid file and temp files in `dir` (created).
+    pub fn start(
+        proxy: Proxy,
+        app: PathBuf,
+        app_log: PathBuf,
+        port: u16,
+        app_ports: [u16; 2],
+        dir: PathBuf,
+        log: PathBuf,
+    ) -> Result<ProxySwap, String> {
+        let first = procs::spawn_app(&app, app_ports[0], &app_log)
+            .map_err(|e| format!("starting the app: {e}"))?;
+        if !procs::wait_accepting(procs::loopback(app_ports[0]), Duration::from_secs(10)) {
+            return Err(format!(
+                "the app behind {} did not accept; see {}",
+                proxy.name(),
+                app_log.display()
+            ));
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let cfg = dir.join(format!("{}.conf", proxy.name()));
+        procs::write_atomic(&cfg, &proxy.config(port, app_ports[0], &dir))
+            .map_err(|e| format!("writing {}: {e}", cfg.display()))?;
+        let master = proxy.spawn(&cfg, &dir, port, &log)?;
+        Ok(ProxySwap {
+            proxy,
+            master,
+            cfg,
+            dir,
+            log,
+            port,
+            app,
+            app_log,
+            app_ports,
+            apps: [Some(first), None],
+            active: 0,
+        })
+    }
+
     fn cutover(&mut self, index: u32, clock: &Clock) -> Cutover {
         let now = || clock.now_us() as i64;
         let mut c = Cutover::new(index, now());

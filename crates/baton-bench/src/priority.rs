@@ -282,11 +282,7 @@ fn run_one(
         service_p99_ms: (rep.service.steady.p99_ms, rep.service.cutover.p99_ms),
         latency_steady: rep.latency.steady,
         latency_cutover: rep.latency.cutover,
-        p99_by_stage_ms: rep
-            .latency_by_stage
-            .iter()
-            .map(|(stage, l)| (*stage, l.p99_ms))
-            .collect(),
+        p99_by_stage_ms: rep.p99_by_stage(),
         requested_to_ready_ms: between("requested", "ready"),
         spawned_to_ready_ms: between("spawned", "ready"),
         start_to_ready_ms: start_to_ready,

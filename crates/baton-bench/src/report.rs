@@ -392,6 +392,16 @@ pub struct RunReport {
     pub other_cpu_pct: Option<f64>,
 }
 
+impl RunReport {
+    /// p99 (ms) of each stage of the cutover windows that has requests.
+    pub fn p99_by_stage(&self) -> BTreeMap<&'static str, f64> {
+        self.latency_by_stage
+            .iter()
+            .map(|(stage, l)| (*stage, l.p99_ms))
+            .collect()
+    }
+}
+
 pub fn by_cause(records: &[Record]) -> BTreeMap<&'static str, u64> {
     let mut m: BTreeMap<&'static str, u64> = Cause::ALL.iter().map(|c| (c.name(), 0)).collect();
     for c in records.iter().filter_map(Record::failed) {

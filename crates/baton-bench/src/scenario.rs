@@ -996,37 +996,21 @@ fn run_haproxy(
 ) -> Result<(Vec<Done>, Option<f64>), BenchError> {
     let port = || procs::free_port().map_err(BenchError::io("finding a free port"));
     let (front, a, b) = (port()?, port()?, port()?);
-    let app_log = ctx.log("haproxy-app");
-    let first: Proc =
-        procs::spawn_app(&bins.app, a, &app_log).map_err(BenchError::io("starting the app"))?;
-    if !procs::wait_accepting(procs::loopback(a), Duration::from_secs(10)) {
-        return Err(BenchError::Env(
-            "the app behind HAProxy did not start".into(),
-        ));
-    }
-    let dir = scratch.join("haproxy");
-    std::fs::create_dir_all(&dir).map_err(BenchError::io("creating the HAProxy directory"))?;
-    let cfg = dir.join("haproxy.cfg");
     let proxy = Proxy::Haproxy {
+        haproxy: haproxy.to_owned(),
         threads: ctx.args.haproxy_threads.max(1),
     };
-    procs::write_atomic(&cfg, &proxy.config(front, a, &dir))
-        .map_err(BenchError::io("writing the HAProxy config"))?;
-    let log = ctx.log("haproxy");
-    let master = procs::spawn_haproxy(haproxy, &cfg, front, &log).map_err(BenchError::Env)?;
-    let mut dep = Some(Deployer::Proxy(Box::new(ProxySwap {
+    let swap = ProxySwap::start(
         proxy,
-        master,
-        cfg,
-        dir,
-        log,
-        port: front,
-        app: bins.app.clone(),
-        app_log,
-        app_ports: [a, b],
-        apps: [Some(first), None],
-        active: 0,
-    })));
+        bins.app.clone(),
+        ctx.log("haproxy-app"),
+        front,
+        [a, b],
+        scratch.join("haproxy"),
+        ctx.log("haproxy"),
+    )
+    .map_err(BenchError::Env)?;
+    let mut dep = Some(Deployer::Proxy(Box::new(swap)));
     let mut done = Vec::new();
     let mut tp_ratio = None;
     for &mode in &preset.haproxy_modes {

@@ -332,49 +332,36 @@ fn setup(
                     .or_else(|| procs::on_path(name))
                     .ok_or_else(|| Skip(format!("{name} is not installed (run benches/setup.sh)")))
             };
-            let (proxy, program) = if tool == "nginx-reload" {
-                let nginx = found(&args.nginx, "nginx")?;
-                let proxy = Proxy::Nginx {
-                    nginx: nginx.clone(),
+            let proxy = if tool == "nginx-reload" {
+                Proxy::Nginx {
+                    nginx: found(&args.nginx, "nginx")?,
                     workers,
-                };
-                (proxy, nginx)
+                }
             } else {
-                let haproxy = found(&args.haproxy, "haproxy")?;
-                (Proxy::Haproxy { threads: workers }, haproxy)
+                Proxy::Haproxy {
+                    haproxy: found(&args.haproxy, "haproxy")?,
+                    threads: workers,
+                }
             };
             let free = || procs::free_port().map_err(|e| Skip(format!("no free port: {e}")));
-            let (a, b) = (free()?, free()?);
+            let app_ports = [free()?, free()?];
             let app_log = args.out.join(format!("tools-{name}-app.log"));
-            let first = start_app(&app, a, &app_log)?;
-            let dir = scratch.join(&name);
-            std::fs::create_dir_all(&dir).map_err(|e| Skip(format!("{}: {e}", dir.display())))?;
-            let cfg = dir.join(format!("{}.conf", proxy.name()));
-            procs::write_atomic(&cfg, &proxy.config(port, a, &dir))
-                .map_err(|e| Skip(format!("writing {}: {e}", cfg.display())))?;
-            let master = match &proxy {
-                Proxy::Haproxy { .. } => procs::spawn_haproxy(&program, &cfg, port, &log),
-                Proxy::Nginx { .. } => procs::spawn_nginx(&program, &cfg, &dir, port, &log),
-            }
+            let swap = ProxySwap::start(
+                proxy,
+                app,
+                app_log,
+                port,
+                app_ports,
+                scratch.join(&name),
+                log,
+            )
             .map_err(Skip)?;
-            let pid = master.pid();
+            let pid = swap.master.pid();
             Ok(Setup {
                 keep: Vec::new(),
                 control: None,
                 teardown: None,
-                deployer: Deployer::Proxy(Box::new(ProxySwap {
-                    proxy,
-                    master,
-                    cfg,
-                    dir,
-                    log,
-                    port,
-                    app,
-                    app_log,
-                    app_ports: [a, b],
-                    apps: [Some(first), None],
-                    active: 0,
-                })),
+                deployer: Deployer::Proxy(Box::new(swap)),
                 sample_pid: Some(pid),
             })
         }
@@ -580,11 +567,7 @@ fn run_one(
         latency_cutover: rep.latency.cutover,
         p99_cutover_with_failures_ms: report::latency_of(&with_failures.cutover).p99_ms,
         send_lag_p99_ms: (rep.send_lag.steady.p99_ms, rep.send_lag.cutover.p99_ms),
-        p99_by_stage_ms: rep
-            .latency_by_stage
-            .iter()
-            .map(|(stage, l)| (*stage, l.p99_ms))
-            .collect(),
+        p99_by_stage_ms: rep.p99_by_stage(),
         deploy_ms: rep.phases_ms.get("total").cloned(),
     })
 }
